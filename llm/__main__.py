@@ -1,0 +1,5 @@
+"""`python -m llm` is the `llmray` command."""
+
+from llm.cli import main
+
+raise SystemExit(main())

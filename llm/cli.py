@@ -1,0 +1,137 @@
+"""`llmray` / `python -m llm`: one subcommand per stage plus validate, plan, config-schema.
+
+Every command takes `[CONFIG] [KEY=VALUE ...]`: a cluster file (default `cluster/local.yaml`) and
+dotted overrides of its `metadata.llm` section. Knobs live in the config tree, not in flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llm.config import LoadedConfig, PipelineConfig, load_config
+from llm.errors import ConfigError, LLMRayError
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    handler: Callable[[argparse.Namespace, LoadedConfig | None], int]
+    needs_config: bool = True
+    stage: bool = False
+
+
+def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    config = None
+    overrides = []
+    for i, a in enumerate(args):
+        if i == 0 and "=" not in a:
+            config = a
+        elif "=" in a:
+            overrides.append(a)
+        else:
+            raise ConfigError(f"unexpected argument {a!r}: expected [CONFIG] [KEY=VALUE ...]")
+    return config, overrides
+
+
+def cmd_validate(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
+    assert loaded is not None
+    on = [s for s in ("data", "pretrain", "sweep", "finetune", "compress", "serve") if getattr(loaded.llm, s).enabled]
+    print(f"{loaded.path}: valid (Ray cluster config and metadata.llm); run {loaded.llm.run!r}, stages: {', '.join(on)}")
+    return 0
+
+
+def cmd_plan(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
+    from llm.plan import build_plan, format_plan
+    from llm.sizing import check_live, derive
+
+    assert loaded is not None
+    sizing = derive(loaded)
+    plan = build_plan(loaded, sizing)
+    if ns.live:
+        from llm.raycluster import connect
+
+        connect(loaded.llm)
+        plan["shortfall"] = check_live(sizing)
+    print(json.dumps(plan, indent=2, default=str) if ns.json else format_plan(plan))
+    if ns.live and not ns.json:
+        print("\n".join(["live cluster: enough resources"] if not plan["shortfall"]
+                        else ["live cluster shortfall:", *("  " + m for m in plan["shortfall"])]))
+    return 0
+
+
+def cmd_schema(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
+    print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def _print_result(result) -> None:  # noqa: ANN001
+    if result.skipped:
+        print(f"{result.stage}: skipped, its manifest matches the config and inputs ({result.path}); --force reruns")
+
+
+def cmd_stage(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
+    from llm.pipeline import run_stage
+
+    assert loaded is not None
+    _print_result(run_stage(loaded.llm, ns.command, force=ns.force))
+    return 0
+
+
+def cmd_run(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
+    from llm.pipeline import run_pipeline
+
+    assert loaded is not None
+    for result in run_pipeline(loaded.llm, force=ns.force):
+        _print_result(result)
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command("run every enabled stage in order (the quickstart)", cmd_run, stage=True),
+    "data": Command("data stage: read, clean, dedup, tokenizer, tokenize and pack, SFT", cmd_stage, stage=True),
+    "pretrain": Command("pretrain on Ray Train + DeepSpeed ZeRO", cmd_stage, stage=True),
+    "validate": Command("validate a cluster file (both halves); exit 2 on a config error", cmd_validate),
+    "plan": Command("derived sizing per stage, the run's arithmetic and a time estimate", cmd_plan),
+    "config-schema": Command("print the JSON Schema of metadata.llm", cmd_schema, needs_config=False),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if command.needs_config:
+            p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
+                           help="cluster file (default cluster/local.yaml) and dotted overrides")
+        if command.stage:
+            p.add_argument("--force", action="store_true", help="rerun even when the manifest matches")
+        if name == "plan":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+            p.add_argument("--live", action="store_true", help="connect to Ray and check resources now")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    command = COMMANDS[ns.command]
+    try:
+        loaded = None
+        if command.needs_config:
+            path, overrides = _split_config_and_overrides(ns.args)
+            loaded = load_config(path, overrides)
+        return command.handler(ns, loaded)
+    except LLMRayError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

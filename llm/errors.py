@@ -1,0 +1,21 @@
+"""Errors a user can act on: one line, naming the file, key or record."""
+
+from __future__ import annotations
+
+
+class LLMRayError(Exception):
+    """Base of every error this package raises on purpose; the CLI prints it as one line."""
+
+    exit_code = 1
+
+
+class ConfigError(LLMRayError):
+    """A config problem: `metadata.llm.<key>: <problem> in <file>`. The CLI exits 2."""
+
+    exit_code = 2
+
+
+class StageInputError(LLMRayError):
+    """A stage's input is missing or incomplete (no manifest): run the stage that makes it first."""
+
+    exit_code = 3

@@ -1,0 +1,85 @@
+"""Hardware peaks for MFU: datasheet bf16 dense peaks on GPUs, a measured matmul peak on CPU."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in TFLOP/s.
+GPU_PEAK_TFLOPS: dict[str, float] = {
+    "B200": 2250.0,
+    "H200": 989.0,
+    "H100": 989.0,  # SXM; the PCIe card is 756
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "V100": 125.0,  # fp16; V100 has no bf16
+}
+
+# EC2 instance family -> GPU model, longest prefix first.
+INSTANCE_GPU: dict[str, str] = {
+    "p5en.": "H200",
+    "p5e.": "H200",
+    "p5.": "H100",
+    "p4de.": "A100",
+    "p4d.": "A100",
+    "g6e.": "L40S",
+    "g6.": "L4",
+    "g5.": "A10G",
+    "p3.": "V100",
+}
+
+
+def gpu_model_of_instance(instance_type: str | None) -> str | None:
+    """`p5.48xlarge` -> `H100`; None when unknown."""
+    if not instance_type:
+        return None
+    for prefix in sorted(INSTANCE_GPU, key=len, reverse=True):
+        if instance_type.startswith(prefix):
+            return INSTANCE_GPU[prefix]
+    return None
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """Peak FLOP/s of a GPU named like `NVIDIA H100 80GB HBM3` or `H100`; None when unknown."""
+    upper = name.upper()
+    for model in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+        if model in upper:
+            if model == "H100" and "PCIE" in upper:
+                return 756e12
+            return GPU_PEAK_TFLOPS[model] * 1e12
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_peak_flops(dtype_name: str = "float32", size: int = 1024, seconds: float = 0.5) -> float:
+    """Measured matmul FLOP/s of this process's CPU threads (the best of a few timed runs).
+
+    CPUs have no honest datasheet peak across SKUs and thread counts, so MFU on CPU is against what a
+    large matmul actually reaches here, in the dtype the model computes in.
+    """
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        dt = time.perf_counter() - t0
+        best = max(best, 2 * size**3 / dt)
+    return best
+
+
+def device_peak_flops(device: object, dtype_name: str = "bfloat16") -> float | None:
+    """Peak FLOP/s for a torch device: datasheet on CUDA, measured on CPU."""
+    import torch
+
+    dev = torch.device(device)  # type: ignore[call-overload]
+    if dev.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(dev))
+    return cpu_peak_flops(dtype_name)

@@ -1,0 +1,116 @@
+"""Reading a cluster file: YAML, dotted overrides, Ray's own schema, the typed `metadata.llm` half."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from llm.config import LLM_PREFIX, LoadedConfig, PipelineConfig
+from llm.errors import ConfigError
+
+
+def load(path: Path, overrides: list[str]) -> LoadedConfig:
+    """Load `path`, apply `overrides` (`pretrain.max_steps=200`), validate both halves, cross-check."""
+    where = _display(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {where}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {where}: {e}") from None
+    try:
+        cluster = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"invalid YAML{at}: {getattr(e, 'problem', e)} in {where}") from None
+    if not isinstance(cluster, dict):
+        raise ConfigError(f"top level must be a mapping (a Ray cluster file) in {where}")
+    llm = (cluster.get("metadata") or {}).get("llm")
+    if not isinstance(llm, dict):
+        raise ConfigError(f"{LLM_PREFIX}: missing (the pipeline lives under metadata.llm) in {where}")
+    llm = copy.deepcopy(llm)
+    for item in overrides:
+        apply_override(llm, item, where)
+    validate_ray_half(cluster, where)
+    try:
+        cfg = PipelineConfig.model_validate(llm)
+    except ValidationError as e:
+        raise ConfigError(f"{_describe(e)} in {where}") from None
+    cfg.storage = _resolve_storage(cfg.storage)
+    loaded = LoadedConfig(path=path, cluster=cluster, llm=cfg)
+    from llm.sizing import cross_check
+
+    problems = cross_check(loaded)
+    if problems:
+        raise ConfigError(f"{problems[0]} in {where}")
+    return loaded
+
+
+def apply_override(tree: dict[str, Any], item: str, where: str = "the command line") -> None:
+    """Set `a.b.c=value` in `tree`; the value is parsed as YAML (so `3`, `true`, `[a, b]` keep their type)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if key.startswith(LLM_PREFIX + "."):
+        key = key[len(LLM_PREFIX) + 1 :]
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE such as pretrain.max_steps=200")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            dotted = ".".join(parts[: i + 1])
+            raise ConfigError(f"{LLM_PREFIX}.{dotted}: is a value, not a section (override {item!r}) for {where}")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_ray_half(cluster: dict[str, Any], where: str) -> None:
+    """The same check `ray up` runs: Ray's `prepare_config`, then its JSON-schema `validate_config`."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    try:
+        validate_config(prepare_config(copy.deepcopy(cluster)))
+    except Exception as e:  # jsonschema.ValidationError, ValueError, or Ray's cli_logger.abort
+        path = ".".join(str(p) for p in getattr(e, "absolute_path", []) or [])
+        message = getattr(e, "message", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path + ': ' if path else ''}Ray cluster config: {message} in {where}") from None
+
+
+def _describe(e: ValidationError) -> str:
+    """The first pydantic error as `metadata.llm.<dotted key>: <problem> (got <value>)`."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    key = f"{LLM_PREFIX}.{loc}" if loc else LLM_PREFIX
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or err["type"].startswith("value_error") else f" (got {got!r})"
+    more = len(e.errors()) - 1
+    return f"{key}: {msg}{shown}" + (f" [+{more} more]" if more else "")
+
+
+def _resolve_storage(storage: str) -> str:
+    if "://" in storage:
+        return storage
+    return str(Path(os.path.expanduser(storage)).resolve())
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
