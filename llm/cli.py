@@ -39,8 +39,8 @@ def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]
 
 def cmd_validate(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
     assert loaded is not None
-    on = [s for s in ("data", "pretrain", "sweep", "finetune", "compress", "serve") if getattr(loaded.llm, s).enabled]
-    print(f"{loaded.path}: valid (Ray cluster config and metadata.llm); run {loaded.llm.run!r}, stages: {', '.join(on)}")
+    stages = ", ".join(loaded.llm.enabled_stages())
+    print(f"{loaded.path}: valid (Ray cluster config and metadata.llm); run {loaded.llm.run!r}, stages: {stages}")
     return 0
 
 

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from llm.errors import ConfigError
 
 LLM_PREFIX = "metadata.llm"
+STAGE_SECTIONS = ("data", "pretrain", "sweep", "finetune", "compress", "serve")
+"""The pipeline's stage sections, in run order."""
 
 
 class Section(BaseModel):
@@ -387,6 +389,10 @@ class PipelineConfig(Section):
                 f"pretrain.model.context ({self.pretrain.model.context}) must be >= data.seq_len ({self.data.seq_len})"
             )
         return self
+
+    def enabled_stages(self) -> list[str]:
+        """Names of the stage sections with `enabled: true`, in pipeline order."""
+        return [name for name in STAGE_SECTIONS if getattr(self, name).enabled]
 
     def stage_dir(self, stage: str) -> str:
         """`<storage>/<run>/<stage>`: the only place a stage writes."""

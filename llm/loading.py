@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,20 @@ from pydantic import ValidationError
 
 from llm.config import LLM_PREFIX, LoadedConfig, PipelineConfig
 from llm.errors import ConfigError
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# pydantic's wording -> the terse form of a config error
+_WORDING = [
+    (re.compile(r"^Input should be greater than or equal to "), "must be >= "),
+    (re.compile(r"^Input should be greater than "), "must be > "),
+    (re.compile(r"^Input should be less than or equal to "), "must be <= "),
+    (re.compile(r"^Input should be less than "), "must be < "),
+    (re.compile(r"^Input should be a valid integer.*"), "must be an integer"),
+    (re.compile(r"^Input should be a valid number.*"), "must be a number"),
+    (re.compile(r"^Input should be a valid boolean.*"), "must be true or false"),
+    (re.compile(r"^Input should be "), "must be "),
+    (re.compile(r"^String should match pattern "), "must match "),
+]
 
 
 def load(path: Path, overrides: list[str]) -> LoadedConfig:
@@ -64,6 +79,8 @@ def apply_override(tree: dict[str, Any], item: str, where: str = "the command li
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # PyYAML (YAML 1.1) reads 1e-3 as a string
     node = tree
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -97,6 +114,10 @@ def _describe(e: ValidationError) -> str:
     if err["type"] == "missing":
         return f"{key}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
+    for pattern, replacement in _WORDING:
+        if pattern.search(msg):
+            msg = pattern.sub(replacement, msg)
+            break
     got = err.get("input")
     shown = "" if isinstance(got, dict) or err["type"].startswith("value_error") else f" (got {got!r})"
     more = len(e.errors()) - 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm.config import LoadedConfig, ModelConfig
+from llm.config import STAGE_SECTIONS, LoadedConfig, ModelConfig
 from llm.hardware import GPU_PEAK_TFLOPS
 from llm.sizing import Sizing, derive
 
@@ -71,7 +71,7 @@ def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None) -> dict[str, 
         "config": str(loaded.path),
         "run": cfg.run,
         "storage": cfg.storage,
-        "stages": {s: getattr(cfg, s).enabled for s in ("data", "pretrain", "sweep", "finetune", "compress", "serve")},
+        "stages": {s: getattr(cfg, s).enabled for s in STAGE_SECTIONS},
         "sizing": sizing.as_dict(),
         "pretrain": arithmetic,
         "estimate": estimate,

@@ -1,0 +1,111 @@
+"""The stage contract: a manifest written last and atomically; torn or missing means not done."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from llm.errors import StageInputError
+from llm.manifest import MANIFEST, is_done, manifest_hash, read_manifest, write_manifest
+from llm.stage import config_hash, execute, input_dir
+
+from .conftest import tiny_config
+
+
+def _write_files(folder: Path) -> None:
+    (folder / "a.txt").write_text("alpha")
+    (folder / "sub").mkdir(exist_ok=True)
+    (folder / "sub" / "b.bin").write_bytes(b"\x00" * 1000)
+
+
+def test_manifest_roundtrip(tmp_path: Path) -> None:
+    _write_files(tmp_path)
+    m = write_manifest(tmp_path, "data", "abc", {"x": "1"}, {"docs": 3})
+    assert set(m.files) == {"a.txt", "sub/b.bin"}
+    assert m.files["sub/b.bin"]["size"] == 1000
+    back = read_manifest(tmp_path, verify=True)
+    assert back is not None and back.metrics == {"docs": 3} and back.config_hash == "abc"
+    assert is_done(tmp_path, "abc", {"x": "1"})
+    assert not is_done(tmp_path, "abd", {"x": "1"})
+    assert not is_done(tmp_path, "abc", {"x": "2"})
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(MANIFEST)] == [MANIFEST]
+
+
+def test_torn_or_stale_manifest_is_not_done(tmp_path: Path) -> None:
+    _write_files(tmp_path)
+    write_manifest(tmp_path, "data", "abc", {}, {})
+    text = (tmp_path / MANIFEST).read_text()
+    (tmp_path / MANIFEST).write_text(text[: len(text) // 2])  # torn
+    assert read_manifest(tmp_path) is None and not is_done(tmp_path, "abc", {})
+    write_manifest(tmp_path, "data", "abc", {}, {})
+    (tmp_path / "a.txt").write_text("changed!")  # a listed file changed size
+    assert read_manifest(tmp_path) is None
+    (tmp_path / "a.txt").write_text("alphx")  # same size, other bytes: only a verify catches it
+    assert read_manifest(tmp_path) is not None and read_manifest(tmp_path, verify=True) is None
+
+
+def _slow_commit(folder: str) -> None:
+    """Write many files, then the manifest; the parent kills this process mid-way."""
+    f = Path(folder)
+    for i in range(10_000):
+        (f / f"part-{i}.bin").write_bytes(os.urandom(1024))
+        time.sleep(0.001)
+    write_manifest(f, "data", "h", {}, {})
+
+
+def test_interrupted_write_leaves_no_manifest(tmp_path: Path) -> None:
+    proc = mp.get_context("fork").Process(target=_slow_commit, args=(str(tmp_path),))
+    proc.start()
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert any(tmp_path.glob("part-*.bin"))
+    assert not (tmp_path / MANIFEST).exists()
+    assert read_manifest(tmp_path) is None and not is_done(tmp_path, "h", {})
+
+
+def test_execute_skips_when_done_and_reruns_on_change(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path).llm
+    calls = []
+
+    def body(folder: Path) -> dict:
+        calls.append(folder)
+        (folder / "out.txt").write_text(str(len(calls)))
+        return {"n": len(calls)}
+
+    first = execute(cfg, "data", body, sections=("data",))
+    assert not first.skipped and first.metrics["n"] == 1
+    again = execute(cfg, "data", body, sections=("data",))
+    assert again.skipped and again.metrics["n"] == 1 and len(calls) == 1
+    forced = execute(cfg, "data", body, sections=("data",), force=True)
+    assert not forced.skipped and len(calls) == 2
+    changed = tiny_config(tmp_path, "data.min_chars=1").llm
+    assert config_hash(changed, "data") != config_hash(cfg, "data")
+    assert not execute(changed, "data", body, sections=("data",)).skipped and len(calls) == 3
+
+    # A downstream stage records its input's manifest hash; a rerun upstream invalidates it.
+    down = execute(changed, "pretrain", lambda f: {}, sections=("pretrain",), inputs=("data",))
+    manifest = json.loads((Path(down.path) / MANIFEST).read_text())
+    assert manifest["inputs"] == {"data": manifest_hash(input_dir(changed, "data"))}
+    assert execute(changed, "pretrain", lambda f: {}, sections=("pretrain",), inputs=("data",)).skipped
+    execute(changed, "data", body, sections=("data",), force=True)
+    assert not execute(changed, "pretrain", lambda f: {}, sections=("pretrain",), inputs=("data",)).skipped
+
+
+def test_failed_body_leaves_folder_uncommitted(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path).llm
+
+    def boom(folder: Path) -> dict:
+        (folder / "half.txt").write_text("x")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        execute(cfg, "data", boom, sections=("data",))
+    with pytest.raises(StageInputError, match=r"no complete data output.*llmray data"):
+        input_dir(cfg, "data")
