@@ -64,7 +64,12 @@ def cmd_plan(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
 
 
 def cmd_schema(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
-    print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+    if ns.markdown:
+        from llm.configdoc import config_reference
+
+        print(config_reference())
+    else:
+        print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
     return 0
 
 
@@ -110,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="cluster file (default cluster/local.yaml) and dotted overrides")
         if command.stage:
             p.add_argument("--force", action="store_true", help="rerun even when the manifest matches")
+        if name == "config-schema":
+            p.add_argument("--markdown", action="store_true", help="the config reference table instead")
         if name == "plan":
             p.add_argument("--json", action="store_true", help="machine-readable output")
             p.add_argument("--live", action="store_true", help="connect to Ray and check resources now")

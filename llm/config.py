@@ -363,8 +363,8 @@ class PipelineConfig(Section):
     run: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Run name: the folder under `storage` that holds every stage's outputs."""
     storage: str
-    """Local path or URI (s3://, gs://) under which `<run>/<stage>/` folders are written. A relative path
-    is resolved against the config file's folder."""
+    """Local path or URI (s3://, gs://) under which `<run>/<stage>/` folders are written. `~` expands; a
+    relative path is resolved against the working directory."""
     ray: RayConfig = Field(default_factory=RayConfig)
     """How stages reach Ray."""
     plan: PlanConfig = Field(default_factory=PlanConfig)

@@ -78,3 +78,11 @@ def test_jobs_are_thin() -> None:
     for job in (ROOT / "jobs").glob("*.py"):
         code = [line for line in job.read_text().splitlines() if line.strip() and not line.startswith("#")]
         assert len(code) <= 15, job
+
+
+def test_readme_config_reference_is_current() -> None:
+    from llm.configdoc import config_reference, embedded_reference
+
+    readme = (ROOT / "README.md").read_text()
+    assert embedded_reference(readme) == config_reference(), "run: python -m llm.configdoc"
+    assert "python -m pytest -q" in readme and "llmray run" in readme
