@@ -66,7 +66,7 @@ class PiiConfig(Section):
     enabled: bool = True
     """Redact PII at all."""
     kinds: list[Literal["email", "phone", "ip", "card"]] = Field(
-        default_factory=lambda: ["email", "phone", "ip", "card"]
+        default=["email", "phone", "ip", "card"]  # pydantic copies mutable defaults per instance
     )
     """Which kinds to redact. Card numbers are redacted only when they pass the Luhn check."""
 
