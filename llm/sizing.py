@@ -206,3 +206,15 @@ def check_live(sizing: Sizing) -> list[str]:
             missing.append(f"{stage}: {train.workers} GPUs asked, cluster has {gpus:g} now "
                            f"(the autoscaler adds worker nodes up to {sizing.cluster_gpus:g} GPUs on demand)")
     return missing
+
+
+def live_train_sizing(cfg: PipelineConfig, override: SizingOverride) -> TrainSizing:
+    """Train sizing from the connected Ray cluster's alive nodes, for a stage that holds only a
+    `PipelineConfig` (the CLI passes `loaded.llm`); the stage's `sizing` overrides win as in `derive`."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    shapes = [NodeShape(n.get("NodeID", "node")[:8], float(n["Resources"].get("CPU", 0)),
+                        float(n["Resources"].get("GPU", 0)), 1) for n in nodes]
+    return _train_sizing(ClusterShape(shapes or [NodeShape("local", float(cfg.ray.num_cpus or 1), 0.0, 1)],
+                                      local=True), override)

@@ -1,0 +1,1 @@
+"""Training: model building, the one train loop, DeepSpeed config, LR schedules, checkpoints, export."""

@@ -1,0 +1,98 @@
+"""Training metrics: MFU, the live progress line, `metrics.jsonl`, optional TensorBoard and MLflow."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from llm.errors import ConfigError
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, world_size: int, peak_flops_per_device: float | None) -> float:
+    """Model FLOPs utilization: achieved training FLOP/s over the devices' peak (0 when the peak is unknown)."""
+    if not peak_flops_per_device:
+        return 0.0
+    return flops_per_token * tokens_per_s / (peak_flops_per_device * world_size)
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class MetricsLog:
+    """Rank 0's sinks: a JSON line per step, the live line every `log_every` steps, TensorBoard, MLflow.
+
+    On resume, records after the restored step are dropped first, so the file reads as one clean run.
+    """
+
+    def __init__(self, out_dir: str | Path | None, max_steps: int, log_every: int, resumed_step: int = 0,
+                 tensorboard: bool = False, mlflow_uri: str | None = None, name: str = "pretrain") -> None:
+        self.max_steps, self.log_every, self.name = max_steps, log_every, name
+        self.path = Path(out_dir) / "metrics.jsonl" if out_dir else None
+        self._ema: float | None = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            keep = []
+            if self.path.exists():
+                keep = [ln for ln in self.path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln).get("step", 0) <= resumed_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        self._tb = None
+        if tensorboard and out_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(f"metadata.llm.{name}.tensorboard: needs the `tensorboard` package "
+                                  "(pip install 'llmray[tracking]')") from None
+            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resumed_step + 1)
+        self._mlflow = None
+        if mlflow_uri:
+            try:
+                import mlflow
+            except ImportError:
+                raise ConfigError(f"metadata.llm.{name}.mlflow_uri: needs the `mlflow` package "
+                                  "(pip install 'llmray[tracking]')") from None
+            mlflow.set_tracking_uri(mlflow_uri)
+            mlflow.set_experiment(f"llmray-{name}")
+            mlflow.start_run()
+            self._mlflow = mlflow
+        self._t0 = time.perf_counter()
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Record one step; prints the live line on `log_every` steps, evaluations and the last step."""
+        step = int(record["step"])
+        dt = record.get("step_time_s")
+        if dt:
+            self._ema = dt if self._ema is None else 0.9 * self._ema + 0.1 * dt
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(f"{self.name}/{k}", v, step)
+        if self._mlflow is not None:
+            self._mlflow.log_metrics(numeric, step=step)
+        if step % self.log_every == 0 or step == self.max_steps or "val_loss" in record:
+            print(self.line(record), flush=True)
+
+    def line(self, r: dict[str, Any]) -> str:
+        """`[pretrain] step 50/200 loss 5.1234 lr 2.91e-03 gnorm 1.02 tok/s 12.3k MFU 3.1% ETA 1m20s`."""
+        eta = (self.max_steps - r["step"]) * (self._ema or 0.0)
+        parts = [f"[{self.name}] step {r['step']}/{self.max_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
+        if r.get("grad_norm") is not None:
+            parts.append(f"gnorm {r['grad_norm']:.3g}")
+        parts += [f"tok/s {r['tokens_per_s'] / 1e3:.1f}k", f"MFU {100 * r['mfu']:.1f}%"]
+        if "val_loss" in r:
+            parts.append(f"val {r['val_loss']:.4f} ppl {r['val_ppl']:.1f}")
+        parts.append(f"ETA {fmt_seconds(eta)}")
+        return " ".join(parts)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._mlflow is not None:
+            self._mlflow.end_run()

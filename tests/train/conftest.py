@@ -1,0 +1,81 @@
+"""Fixtures for training tests: a committed data-stage folder built here (not by llm/data).
+
+A tiny byte-level BPE trained with `tokenizers` on Python's own help topics, saved as a
+`PreTrainedTokenizerFast`, and packed `input_ids` parquet shards (train and val), committed with the
+data manifest so `llm.stage.input_dir` accepts it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llm.config import LoadedConfig
+from llm.manifest import write_manifest
+from llm.stage import config_hash, local_dir
+from tests.conftest import tiny_config
+
+SEQ_LEN = 32
+VOCAB = 384
+
+
+def _corpus() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def build_data_stage(loaded: LoadedConfig, train_rows: int = 256, val_rows: int = 64) -> Path:
+    """Write and commit `<storage>/<run>/data/` for `loaded`'s config; returns the folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = loaded.llm
+    seq_len = cfg.data.seq_len
+    folder = local_dir(cfg.stage_dir("data"))
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = _corpus()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
+    fast.save_pretrained(str(folder / "tokenizer"))
+    eos = fast.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream += fast(text)["input_ids"] + [eos]
+        if len(stream) >= (train_rows + val_rows) * seq_len:
+            break
+    rows = np.array(stream[: (train_rows + val_rows) * seq_len], dtype=np.int32).reshape(-1, seq_len)
+    assert len(rows) == train_rows + val_rows, "corpus too small for the fixture"
+    for split, block, shards in (("train", rows[:train_rows], 2), ("val", rows[train_rows:], 1)):
+        (folder / "packed" / split).mkdir(parents=True, exist_ok=True)
+        for i, part in enumerate(np.array_split(block, shards)):
+            col = pa.array(list(part), type=pa.list_(pa.int32()))
+            pq.write_table(pa.table({"input_ids": col}), folder / "packed" / split / f"part-{i:05d}.parquet")
+    write_manifest(folder, "data", config_hash(cfg, "data"), {}, {"train_rows": train_rows, "val_rows": val_rows})
+    return folder
+
+
+def train_config(tmp_path: Path, *overrides: str) -> LoadedConfig:
+    """cluster/local.yaml scaled down for tests: tiny llama, seq 32, few steps, 2 workers x 1 CPU."""
+    return tiny_config(
+        tmp_path, f"data.seq_len={SEQ_LEN}", "pretrain.model.context=32", "pretrain.max_steps=6",
+        "pretrain.micro_batch_size=4", "pretrain.checkpoint_every=3", "pretrain.eval_every=3",
+        "pretrain.eval_batches=2", "pretrain.log_every=1", "pretrain.lr.warmup_steps=2",
+        "pretrain.lr.peak=3e-3", "pretrain.max_failures=0", *overrides,
+    )
+
+
+@pytest.fixture
+def data_stage(tmp_path: Path) -> Path:
+    """A committed data folder for the default test config under `tmp_path`."""
+    return build_data_stage(train_config(tmp_path))
