@@ -19,3 +19,10 @@ class StageInputError(LLMRayError):
     """A stage's input is missing or incomplete (no manifest): run the stage that makes it first."""
 
     exit_code = 3
+
+
+class DataError(LLMRayError):
+    """Bad data-stage input that stops the stage before any work: a source that matches nothing, an
+    unknown file type, a tokenizer directory that does not load. Per-record problems are counted instead."""
+
+    exit_code = 4

@@ -1,0 +1,174 @@
+"""Read one source file into document rows, never crashing and never holding more than a bounded line.
+
+Every row has `text`, `source` (`file` or `file:line`), `reason` (empty when the row is a document to keep
+going with, else why it is dropped) and `utf8_errors` (bytes replaced). Problems become rows too, so that
+the driver counts them from the same table: `bad_json`, `missing_field`, `empty_file`, `read_error`,
+`too_long`. A `.txt` file is one document; a `.jsonl` line is one; a parquet row is one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import zlib
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from llm.data.sources import SourceFile
+
+BATCH_ROWS = 256
+_CHUNK = 1 << 20
+_FFFD = "\ufffd".encode()
+
+
+def row(text: str, source: str, reason: str = "", utf8_errors: int = 0) -> dict[str, Any]:
+    return {"text": text, "source": source, "reason": reason, "utf8_errors": utf8_errors}
+
+
+def decode(data: bytes) -> tuple[str, int]:
+    """UTF-8 text and the number of invalid sequences replaced by U+FFFD (genuine U+FFFD not counted)."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        return text, text.count("\ufffd") - data.count(_FFFD)
+
+
+def open_binary(src: SourceFile) -> BinaryIO:
+    """A binary stream of the file, decompressed when it is `.gz`; local paths and URIs alike."""
+    if "://" in src.path and not src.path.startswith("file://"):
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(src.path)
+        raw: BinaryIO = fs.open_input_stream(path)  # type: ignore[assignment]
+    else:
+        raw = open(src.path.removeprefix("file://"), "rb")  # noqa: SIM115 - closed by the caller
+    return gzip.GzipFile(fileobj=raw, mode="rb") if src.gz else raw  # type: ignore[return-value]
+
+
+def bounded_lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, bytes without the newline) per line, or None for a line longer than
+    `max_bytes`: the rest of such a line is skipped in 1 MiB chunks, so a 100 MB line costs 1 MiB."""
+    lineno = 0
+    while True:
+        line = f.readline(max_bytes + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            while (rest := f.readline(_CHUNK)) and not rest.endswith(b"\n"):
+                pass
+            yield lineno, None
+            continue
+        yield lineno, line.rstrip(b"\r\n")
+
+
+def _txt(src: SourceFile, f: BinaryIO, max_bytes: int) -> Iterator[dict[str, Any]]:
+    data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        while f.read(_CHUNK):  # drain, so a truncated .gz still reports its error
+            pass
+        yield row("", src.path, "too_long")
+        return
+    if not data:
+        yield row("", src.path, "empty_file")
+        return
+    text, bad = decode(data)
+    yield row(text, src.path, "", bad)
+
+
+def _jsonl(src: SourceFile, f: BinaryIO, max_bytes: int, field: str) -> Iterator[dict[str, Any]]:
+    empty = True
+    for lineno, line in bounded_lines(f, max_bytes):
+        empty = False
+        where = f"{src.path}:{lineno}"
+        if line is None:
+            yield row("", where, "too_long")
+            continue
+        if not line.strip():
+            continue
+        text, bad = decode(line)
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield row(f"{e.msg} at column {e.colno}", where, "bad_json", bad)
+            continue
+        value = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            yield row(f"no string field {field!r}", where, "missing_field", bad)
+            continue
+        yield row(value, where, "", bad)
+    if empty:
+        yield row("", src.path, "empty_file")
+
+
+def _parquet(src: SourceFile, f: BinaryIO, field: str, max_chars: int) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f if not src.gz else io.BytesIO(f.read()))
+    if field not in pf.schema_arrow.names:
+        yield row(f"no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})", src.path, "read_error")
+        return
+    n = 0
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field]):
+        for value in batch.column(0).to_pylist():
+            n += 1
+            where = f"{src.path}:{n}"
+            if not isinstance(value, str):
+                yield row("", where, "missing_field")
+            elif len(value) > max_chars:
+                yield row("", where, "too_long")
+            else:
+                yield row(value, where)
+    if n == 0:
+        yield row("", src.path, "empty_file")
+
+
+def _builtin(src: SourceFile) -> Iterator[dict[str, Any]]:
+    from llm.data import builtin
+
+    if src.kind == "builtin-topics":
+        for key, text in builtin.topics():
+            yield row(text, key)
+    elif (doc := builtin.module_document(src.path)) is not None:
+        yield row(doc[1], doc[0])
+
+
+def read_rows(src: SourceFile, *, text_field: str, max_chars: int) -> Iterator[dict[str, Any]]:
+    """Every row of one source. Errors while reading (a truncated `.gz`, an unreadable file) end this file
+    with a `read_error` row naming it; rows read before the error are kept."""
+    if src.kind.startswith("builtin"):
+        yield from _builtin(src)
+        return
+    max_bytes = 4 * max_chars  # UTF-8 needs at most 4 bytes per character
+    try:
+        with open_binary(src) as f:
+            if src.kind == "txt":
+                yield from _txt(src, f, max_bytes)
+            elif src.kind == "jsonl":
+                yield from _jsonl(src, f, max_bytes, text_field)
+            else:
+                yield from _parquet(src, f, text_field, max_chars)
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        # gzip raises EOFError on a truncated stream, BadGzipFile (OSError) on garbage, pyarrow ArrowInvalid
+        # (ValueError) on a broken parquet footer.
+        yield row(f"{type(e).__name__}: {e}", src.path, "read_error")
+
+
+def read_batches(batch: dict[str, Any], *, text_field: str, max_chars: int) -> Iterator[dict[str, list]]:
+    """Ray Data generator UDF: one input row per file (`path`, `kind`, `gz`) to batches of document rows."""
+    for path, kind, gz in zip(batch["path"], batch["kind"], batch["gz"], strict=True):
+        out: list[dict[str, Any]] = []
+        for r in read_rows(SourceFile(str(path), str(kind), bool(gz)), text_field=text_field, max_chars=max_chars):
+            out.append(r)
+            if len(out) >= BATCH_ROWS:
+                yield columns(out)
+                out = []
+        if out:
+            yield columns(out)
+
+
+def columns(rows: list[dict[str, Any]]) -> dict[str, list]:
+    """Rows to a column batch."""
+    return {k: [r[k] for r in rows] for k in ("text", "source", "reason", "utf8_errors")}

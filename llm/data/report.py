@@ -1,0 +1,33 @@
+"""The data stage's one-screen summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def summary(m: dict[str, Any], path: str) -> str:
+    """Documents in, out per drop reason, duplicates, tokens, bytes per token, shards, wall time."""
+    lines = [f"data: {path}",
+             f"  documents in        {m['documents_in']:>12,}",
+             f"  after filters       {m['documents_kept_after_filters']:>12,}"]
+    for reason, n in m["dropped"].items():
+        lines.append(f"    dropped {reason:<16}{n:>9,}")
+    if any(m["pii_redacted"].values()):
+        lines.append("  pii redacted        " + ", ".join(f"{k} {v:,}" for k, v in m["pii_redacted"].items() if v))
+    if m["utf8_replacements"]:
+        lines.append(f"  invalid utf-8       {m['utf8_replacements']:>12,} replaced")
+    lines += [f"  exact duplicates    {m['exact_duplicates']:>12,}",
+              f"  fuzzy duplicates    {m['fuzzy_duplicates']:>12,} in {m['fuzzy_clusters']:,} clusters",
+              f"  documents out       {m['documents_out']:>12,}",
+              f"  tokens train / val  {m['tokens_train']:>12,} / {m['tokens_val']:,}",
+              f"  sequences train/val {m['sequences_train']:>12,} / {m['sequences_val']:,} of {m['seq_len']} tokens"
+              f" ({m['remainder_tokens_dropped']:,} remainder tokens dropped)",
+              f"  bytes per token     {m['bytes_per_token']:>12}",
+              f"  vocab size          {m['vocab_size']:>12,}",
+              f"  shards              {m['shards']:>12,}"]
+    if m.get("sft"):
+        s = m["sft"]
+        lines.append(f"  sft examples        {s.get('train', 0):>12,} train / {s.get('val', 0):,} val"
+                     f" ({s.get('truncated', 0):,} truncated)")
+    lines.append(f"  wall time           {m['wall_seconds']:>11.1f}s")
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""Resolve `data.sources` into a list of files to read, before any Ray work starts.
+
+A source is a local path or glob, an `s3://` / `gs://` URI (globs allowed, listed through pyarrow's
+filesystems, the same layer Ray's readers use), or a built-in corpus name (`builtin:...`). A source that
+matches nothing is a `DataError` that names it: a typo should not produce an empty, "successful" run.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+from dataclasses import dataclass
+
+from llm.errors import DataError
+
+BUILTINS = ("builtin:python-docs", "builtin:python-sft")
+SUFFIXES = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".json": "jsonl",
+            ".ndjson": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One unit of reading: a file (local or URI) or one piece of a built-in corpus."""
+
+    path: str
+    kind: str  # txt | jsonl | parquet | builtin-docs | builtin-topics | builtin-sft
+    gz: bool = False
+
+
+def file_kind(path: str) -> tuple[str, bool]:
+    """The format of a file from its name, and whether it is gzip-compressed."""
+    name = path.lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[:-3]
+    for suffix, kind in SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind, gz
+    raise DataError(f"{path}: unknown file type (expected .txt, .jsonl, .parquet, optionally .gz)")
+
+
+def _expand_uri(source: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    scheme, _, rest = source.partition("://")
+    if not any(ch in rest for ch in "*?["):
+        fs, path = pafs.FileSystem.from_uri(source)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [source]
+        if info.type == pafs.FileType.NotFound:
+            return []
+        pattern, base = path.rstrip("/") + "/*", path
+    else:
+        base = rest.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
+        fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{base}")
+        pattern = rest
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return sorted(f"{scheme}://{i.path}" for i in infos
+                  if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern))
+
+
+def _expand_local(source: str) -> list[str]:
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, "**", "*")
+    matches = glob.glob(path, recursive=True)
+    return sorted(m for m in matches if os.path.isfile(m))
+
+
+def resolve(sources: list[str], *, builtin_ok: tuple[str, ...] = BUILTINS) -> list[SourceFile]:
+    """Every file the sources name, in a stable order.
+
+    Raises:
+        DataError: a source matches nothing, or names an unknown built-in or file type.
+    """
+    from llm.data import builtin
+
+    if not sources:
+        raise DataError("data.sources is empty: name at least one path, glob, URI or builtin:python-docs")
+    out: list[SourceFile] = []
+    for source in sources:
+        if source.startswith("builtin:"):
+            if source not in builtin_ok:
+                raise DataError(f"{source}: unknown built-in corpus (known: {', '.join(builtin_ok)})")
+            out.extend(builtin.units(source))
+            continue
+        paths = _expand_uri(source) if "://" in source and not source.startswith("file://") \
+            else _expand_local(source.removeprefix("file://"))
+        if not paths:
+            raise DataError(f"{source}: matches no file")
+        for p in paths:
+            kind, gz = file_kind(p)
+            out.append(SourceFile(p, kind, gz))
+    return out

@@ -1,0 +1,83 @@
+"""The tokenizer: a byte-level BPE trained with Hugging Face `tokenizers`, or a local one, saved under
+`data/tokenizer/` so that `transformers.AutoTokenizer.from_pretrained` loads it with a chat template.
+
+Special tokens: `<|endoftext|>` (document separator and eos), `<|pad|>`, and the chat roles
+`<|system|>`, `<|user|>`, `<|assistant|>` closed by `<|end|>`. Byte-level means no unknown token ever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from llm.errors import DataError
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+ROLES = ("system", "user", "assistant")
+END = "<|end|>"
+SPECIAL = [EOS, PAD, *(f"<|{r}|>" for r in ROLES), END]
+
+# Each message is `<|role|>\ncontent<|end|>\n`; the generation prompt opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: Path, *, vocab_size: int, min_frequency: int) -> Any:
+    """Train a byte-level BPE on `texts` and save it (with its chat template) into `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=SPECIAL[2:], model_max_length=1 << 30)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def copy_tokenizer(path: str, out_dir: Path) -> Any:
+    """Load a local tokenizer directory, complete what the pipeline needs (pad, chat template), save it."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.tokenizer.path {path!r}: does not load with AutoTokenizer ({e})") from e
+    if not getattr(tok, "is_fast", False):
+        raise DataError(f"data.tokenizer.path {path!r}: a fast (tokenizers-backed) tokenizer is needed")
+    if tok.eos_token is None:
+        raise DataError(f"data.tokenizer.path {path!r}: has no eos token to separate documents")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # padding is masked out, so reusing eos is safe
+    if not tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def load_tokenizer(data_dir: str | Path) -> Any:
+    """The data stage's tokenizer (`<data_dir>/tokenizer`, or a tokenizer folder itself), for other stages."""
+    from transformers import AutoTokenizer
+
+    folder = Path(data_dir)
+    if (folder / "tokenizer").is_dir():
+        folder = folder / "tokenizer"
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def fast_tokenizer(folder: str | Path) -> Any:
+    """The raw `tokenizers.Tokenizer` of a saved folder: what workers use for batched encoding."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
