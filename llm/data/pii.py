@@ -14,8 +14,8 @@ IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0
 CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
 # +country, (area), separators; at least 10 digits in total so dates and versions are left alone, and not
 # part of a longer digit group (a card number that failed Luhn is not a phone number).
-PHONE = re.compile(r"(?<![\w.])(?<!\d[ -])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
-                   r"\d{3,4}[ .-]\d{3,4}(?![\w.]|[ -]\d)")
+PHONE = re.compile(r"(?<!\w)(?<!\d\.)(?<!\d[ -])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
+                   r"\d{3,4}[ .-]\d{3,4}(?!\w|[. -]\d)")
 
 KINDS = ("email", "card", "ip", "phone")  # order matters: cards before phones, whose pattern they match
 

@@ -187,6 +187,9 @@ def _path_groups(paths: list[str], cpus: int) -> list[list[str]]:
 
 def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
     """Run the data stage (skipped when its manifest matches `cfg.data`), then print its summary."""
+    sources.resolve(cfg.data.sources)  # a source that matches nothing fails here, before the old output is cleared
+    if cfg.data.sft.sources:
+        sources.resolve(cfg.data.sft.sources)
     result = execute(cfg, "data", lambda folder: _body(cfg, folder), sections=("data",), force=force)
     if not result.skipped:
         print(report.summary(result.metrics, result.path))

