@@ -1,0 +1,147 @@
+"""Data-stage benchmarks, measured side by side in one run on the built-in corpus (not a pass/fail test).
+
+    python bench/data.py
+
+1. Tokenize + pack throughput per CPU of the stage's Ray Data operator / single-process `tokenizers`
+   `encode_batch` throughput on the same text (goal >= 0.85).
+2. MinHash signatures per second per CPU / `datasketch` MinHash (`update_batch`) on the same documents with
+   the same `num_perm` and shingles (goal >= 3).
+3. Near-duplicate pair recall and precision of MinHash-LSH (through Ray Data) against exact Jaccard on a
+   corpus with planted near-duplicates, threshold 0.8 (goals 0.95 and 0.9).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: "per CPU" means one core
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from llm.data import dedup, minhash, pack  # noqa: E402
+from llm.data.clean import content_hash, stable_id  # noqa: E402
+from llm.data.filters import normalize  # noqa: E402
+from llm.data.read import read_rows  # noqa: E402
+from llm.data.sources import resolve  # noqa: E402
+from llm.data.tokenizer import fast_tokenizer, train_tokenizer  # noqa: E402
+
+CPUS = 2  # Ray gets exactly the cores, so per-CPU figures divide by what really ran
+
+
+def corpus() -> list[str]:
+    docs = [normalize(r["text"]) for src in resolve(["builtin:python-docs"])
+            for r in read_rows(src, text_field="text", max_chars=10**6)]
+    return [d for d in docs if len(d) >= 200]
+
+
+def bench_tokenize(docs: list[str], tmp: Path) -> None:
+    import ray
+
+    tok_dir = tmp / "tok"
+    train_tokenizer(docs, tok_dir, vocab_size=4096, min_frequency=2)
+    texts = docs * 2
+    tok = fast_tokenizer(tok_dir)
+    tok.encode_batch(texts[:50], add_special_tokens=False)
+    t0 = time.perf_counter()
+    n_base = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    base = n_base / (time.perf_counter() - t0)
+
+    paths = []
+    for i in range(4 * CPUS):  # cleaned-file layout, as the stage's clean step writes it
+        part = texts[i::4 * CPUS]
+        paths.append(str(tmp / f"clean-{i}.parquet"))
+        pq.write_table(pa.table({"text": part, "reason": [""] * len(part),
+                                 "doc_id": [stable_id(f"{i}:{j}") for j in range(len(part))],
+                                 "content_hash": [content_hash(t) for t in part]}), paths[-1])
+    ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}})
+    groups = [paths[i::CPUS] for i in range(CPUS)]
+
+    def run_stage(out: str) -> tuple[float, int]:
+        ds = ray.data.from_items([{"unit": i, "paths": "\n".join(g)} for i, g in enumerate(groups)],
+                                 override_num_blocks=len(groups))
+        kwargs = {"tokenizer_dir": str(tok_dir), "out_dir": out, "seq_len": 512, "val_fraction": 0.02,
+                  "rows_per_shard": 4096, "drop_ids": np.zeros(0, np.int64)}
+        t = time.perf_counter()
+        rows = ds.map_batches(pack.pack_unit, batch_size=1, num_cpus=1, fn_kwargs=kwargs,
+                              batch_format="pandas").take_all()
+        return time.perf_counter() - t, sum(r["tokens_train"] + r["tokens_val"] - r["docs_train"] - r["docs_val"]
+                                            for r in rows)
+
+    run_stage(str(tmp / "warm"))  # worker processes started and imports done: steady-state throughput
+    seconds, n_stage = run_stage(str(tmp / "packed"))
+    per_cpu = n_stage / seconds / CPUS
+    print(f"tokenize+pack: stage {per_cpu:,.0f} tokens/s/CPU ({CPUS} CPUs, {n_stage:,} tokens) vs encode_batch "
+          f"{base:,.0f} tokens/s (1 CPU) -> ratio {per_cpu / base:.2f} (goal >= 0.85)")
+
+
+def bench_minhash(docs: list[str]) -> None:
+    from datasketch import MinHash
+
+    num_perm, ngram = 128, 5
+    sample = docs[:300]
+    t0 = time.perf_counter()
+    for i in range(0, len(sample), 256):
+        minhash.signatures(sample[i:i + 256], num_perm=num_perm, ngram=ngram, seed=1)
+    ours = len(sample) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for d in sample:
+        w = d.lower().split()
+        m = MinHash(num_perm=num_perm)
+        m.update_batch([" ".join(w[i:i + ngram]).encode() for i in range(max(len(w) - ngram + 1, 1))])
+    theirs = len(sample) / (time.perf_counter() - t0)
+    print(f"minhash: {ours:,.0f} docs/s/CPU vs datasketch {theirs:,.0f} docs/s/CPU -> ratio {ours / theirs:.2f} "
+          f"(goal >= 3; num_perm {num_perm}, {ngram}-word shingles, 1 process each)")
+
+
+def shingle_set(text: str, n: int = 5) -> set[str]:
+    w = text.lower().split()
+    return {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)} or {" ".join(w)}
+
+
+def bench_recall(docs: list[str]) -> None:
+    import ray
+
+    rng = random.Random(0)
+    base = [d for d in docs if len(d.split()) >= 100][:300]
+    texts = list(base)
+    for d in base[:150]:  # planted variants: light edits (duplicates) and heavy ones (not duplicates)
+        words = d.split()
+        for rate in (0.003, 0.01, 0.06):
+            texts.append(" ".join(w if rng.random() > rate else rng.choice(words) for w in words))
+    sets = [shingle_set(t) for t in texts]
+    index: dict[str, list[int]] = {}
+    for i, s in enumerate(sets):
+        for sh in s:
+            index.setdefault(sh, []).append(i)
+    sharing = {(a, b) for ids in index.values() if len(ids) < 200 for k, a in enumerate(ids) for b in ids[k + 1:]}
+    truth = {(a, b) for a, b in sharing if len(sets[a] & sets[b]) / len(sets[a] | sets[b]) >= 0.8}
+
+    sig = minhash.signatures(texts, num_perm=128, ngram=5, seed=42)
+    ds = ray.data.from_items([{"doc_id": i, "sig": s} for i, s in enumerate(sig)])
+    found = {tuple(p) for p in dedup.candidate_pairs(ds, threshold=0.8, num_perm=128).tolist()}
+    hit = len(found & truth)
+    print(f"near-duplicate pairs (threshold 0.8, {len(texts)} docs, {len(truth)} true pairs, {len(found)} found): "
+          f"recall {hit / max(len(truth), 1):.3f} (goal >= 0.95), precision {hit / max(len(found), 1):.3f} "
+          f"(goal >= 0.9)")
+
+
+def main() -> None:
+    docs = corpus()
+    print(f"built-in corpus: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} M characters")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_minhash(docs)
+        bench_tokenize(docs, Path(tmp))
+        bench_recall(docs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The data stage end to end on a real local Ray: planted duplicates, bad files, PII, packing, SFT, manifest."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from llm.data import dedup, minhash
+from llm.data.stage import run
+from llm.data.tokenizer import load_tokenizer
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.ray
+
+WORDS = ("river mountain garden window letter summer winter morning evening silver golden quiet gentle "
+         "forest meadow harbor village castle bridge market street lantern candle mirror shadow thunder "
+         "whisper journey traveler painter teacher student doctor farmer sailor keeper").split()
+
+
+def prose(rng: random.Random, n: int = 120) -> str:
+    sentences = []
+    while sum(len(s.split()) for s in sentences) < n:
+        sentences.append(" ".join(rng.choices(WORDS, k=rng.randint(6, 12))).capitalize() + ".")
+    return " ".join(sentences)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(7)
+    root = tmp_path_factory.mktemp("corpus")
+    docs = [prose(rng) for _ in range(40)]
+    base = docs[0]
+    words = base.split()
+    near = " ".join(w if i != 60 else "lighthouse" for i, w in enumerate(words))  # one word changed: J ~ 0.96
+    exact = "  " + base.upper() + "\n"  # same normalized content as docs[0]
+    pii = docs[1] + " Contact the keeper at keeper@harbor.example or 415-555-2671."
+    good = [{"text": d} for d in [*docs[2:], near, pii]]
+    with open(root / "good.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in good))
+        f.write('{"text": "broken json\n')  # malformed line: dropped with file:line
+    (root / "base.txt").write_text(base)
+    (root / "exact.txt").write_text(exact)
+    (root / "empty.txt").write_text("")
+    (root / "utf8.jsonl").write_bytes(b'{"text": "' + prose(rng).encode() + b' caf\xff"}\n')
+    (root / "long.jsonl").write_text(json.dumps({"text": "x" * 20_000}) + "\n" + json.dumps({"text": prose(rng)}))
+    blob = gzip.compress("".join(json.dumps({"text": prose(rng)}) + "\n" for _ in range(200)).encode())
+    (root / "cut.jsonl.gz").write_bytes(blob[: len(blob) // 2])
+    (root / "sft").mkdir()
+    sft = root / "sft" / "chat.jsonl"
+    sft.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Name a river."}, {"role": "assistant",
+                                                                                 "content": "The Nile."}]}) + "\n"
+        + "".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n" for i in range(30))
+        + "not json\n")
+    return root, {"base": base, "near": near, "distinct": docs[2:]}
+
+
+def test_fuzzy_pairs_through_ray_data(ray_session):
+    rng = random.Random(1)
+    texts = [prose(rng, 200) for _ in range(30)]
+    texts.append(texts[3] + " lantern")  # near-duplicate of 3 (id 30)
+    texts.append(texts[3].replace("river", "harbor", 1))  # near-duplicate of 3 (id 31)
+    sig = minhash.signatures(texts, num_perm=128, ngram=5, seed=42)
+    ds = ray_session.data.from_items([{"doc_id": i, "sig": s} for i, s in enumerate(sig)])
+    drop, clusters, pairs = dedup.fuzzy_duplicates(ds, threshold=0.8, num_perm=128)
+    assert drop.tolist() == [30, 31] and clusters == 1 and pairs == 3
+
+
+def test_stage_end_to_end(ray_session, corpus, tmp_path, capsys):
+    root, texts = corpus
+    overrides = [f"data.sources=[{root}/*.txt, {root}/*.jsonl, {root}/*.jsonl.gz]",
+                 f"data.sft.sources=[{root}/sft/*.jsonl]",
+                 "data.min_chars=50", "data.max_chars=5000", "data.seq_len=16", "data.val_fraction=0.2",
+                 "data.tokenizer.vocab_size=320", "data.keep_dropped=true", "data.sft.val_fraction=0.2"]
+    cfg = tiny_config(tmp_path, *overrides).llm
+    result = run(cfg)
+    m = result.metrics
+    assert not result.skipped
+    assert "documents in" in capsys.readouterr().out
+    d = m["dropped"]
+    assert (d["bad_json"], d["empty_file"], d["read_error"], d["too_long"]) == (1, 1, 1, 1), d
+    assert m["utf8_replacements"] == 1
+    assert (m["exact_duplicates"], m["fuzzy_duplicates"], m["fuzzy_clusters"]) == (1, 1, 1), m
+    assert m["pii_redacted"]["email"] == 1 and m["pii_redacted"]["phone"] == 1
+    assert m["documents_out"] == m["documents_kept_after_filters"] - 2
+
+    folder = result.path
+    tok = load_tokenizer(folder)
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token is not None and tok.chat_template
+    tokens_written = 0
+    decoded = ""
+    for split in ("train", "val"):
+        shards = sorted(glob.glob(f"{folder}/data/packed/{split}/*.parquet".replace("/data/data", "/data")))
+        assert shards, split
+        for shard in shards:
+            ids = np.array(pq.read_table(shard).column("input_ids").to_pylist())
+            assert ids.shape[1] == 16 and ids.max() < len(tok) and ids.min() >= 0
+            tokens_written += ids.size
+            decoded += tok.decode(ids.ravel())
+    # No token lost: everything tokenized is in a shard except the counted per-unit remainders.
+    assert tokens_written + m["remainder_tokens_dropped"] == m["tokens_train"] + m["tokens_val"]
+    # No document duplicated; the exact and the near duplicate of `base` survive once between them.
+    for doc in texts["distinct"]:
+        assert decoded.count(doc[:120]) == 1
+    # base, its upper-case copy (exact) and its one-word edit (fuzzy): one survivor among the three
+    assert decoded.lower().count(texts["base"][:200].lower()) == 1
+    assert "<EMAIL>" in decoded and "keeper@harbor.example" not in decoded
+
+    dropped = pq.read_table(glob.glob(f"{folder}/dropped/*.parquet")).to_pylist()
+    bad = next(r for r in dropped if r["reason"] == "bad_json")
+    assert bad["source"].endswith("good.jsonl:41")  # 38 docs, the near duplicate, the PII doc, then the broken line
+    assert any(r["reason"] == "read_error" and r["source"].endswith("cut.jsonl.gz") for r in dropped)
+
+    sft_rows = pq.read_table(glob.glob(f"{folder}/sft/*/*.parquet")).to_pylist()
+    assert len(sft_rows) == 31 and m["sft"]["dropped_bad_json"] == 1
+    assert glob.glob(f"{folder}/sft/val/*.parquet")
+    nile = next(r for r in sft_rows if "Nile" in tok.decode(r["input_ids"]))
+    assert tok.decode([x for x in nile["labels"] if x != -100]) == "The Nile.<|end|>\n"
+
+    stats = json.loads(open(f"{folder}/stats.json").read())
+    assert stats["exact_duplicates"] == 1 and stats["seq_len"] == 16
+
+    again = run(cfg)
+    assert again.skipped
+    changed = run(tiny_config(tmp_path, *overrides, "data.seq_len=24").llm)
+    assert not changed.skipped and changed.metrics["seq_len"] == 24
