@@ -33,7 +33,8 @@ def stack_ids(batch: dict[str, Any]) -> Any:
 
 
 def ray_datasets(data_dir: str | Path) -> dict[str, Any]:
-    """Lazy, order-preserving Ray datasets over the train and val shards (val only when it has shards)."""
+    """Lazy Ray datasets over the train and val shards (val only when it has shards). Under Ray Train the
+    order is kept by the trainer's `DataConfig(execution_options=...)`, which replaces these options."""
     import ray.data
 
     out = {}

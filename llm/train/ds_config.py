@@ -130,7 +130,8 @@ def validate(cfg: dict[str, Any], override: dict[str, Any], world_size: int, sta
         if flag:
             enabled.append(key)
     if len(enabled) > 1:
-        fail(enabled[-1], f"{' and '.join(enabled)} are both enabled; choose one precision")
+        culprit = next((k for k in enabled if k in override), enabled[-1])
+        fail(culprit, f"{' and '.join(enabled)} are both enabled; choose one precision")
     zero = cfg.get("zero_optimization", {})
     if not isinstance(zero, dict):
         fail("zero_optimization", f"must be a mapping (got {zero!r})")

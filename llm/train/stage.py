@@ -56,6 +56,7 @@ def loop_spec(cfg: PipelineConfig, folder: Path, data: Path, **extra: Any) -> Lo
         tokenizer_dir=str(data / "tokenizer"),
         out_dir=str(folder),
         stage="pretrain",
+        val_files=shard_files(data, "val"),
         **extra,
     )
 
@@ -89,12 +90,22 @@ def fit(cfg: PipelineConfig, folder: Path, sizing: Any = None, **extra: Any) -> 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=pre.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=pre.max_failures),
         ),
-        datasets=ray_datasets(data),
+        datasets={"train": ray_datasets(data)["train"]},
         # Every worker reads the whole ordered stream and keeps its rank's rows (llm.train.data).
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_ordered()),
     )
     result = trainer.fit()
     return dict(result.metrics or {})
+
+
+def _ordered() -> Any:
+    """Ray Train's ingest options with `preserve_order`: Train replaces each dataset's own options, and
+    the data position in a checkpoint means something only if every run reads the same order."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _fit_local(cfg: PipelineConfig, folder: Path, data: Path, **extra: Any) -> dict[str, Any]:

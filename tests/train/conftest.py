@@ -7,6 +7,7 @@ data manifest so `llm.stage.input_dir` accepts it.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,27 @@ def _corpus() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
+_BUILT: dict[tuple[int, int, int], Path] = {}
+
+
 def build_data_stage(loaded: LoadedConfig, train_rows: int = 256, val_rows: int = 64) -> Path:
-    """Write and commit `<storage>/<run>/data/` for `loaded`'s config; returns the folder."""
+    """Write and commit `<storage>/<run>/data/` for `loaded`'s config; returns the folder.
+
+    Built once per process and copied afterwards: BPE training breaks frequency ties in hash order, so
+    two builds can differ, and runs compared with each other must read the very same tokens.
+    """
+    cfg = loaded.llm
+    folder = local_dir(cfg.stage_dir("data"))
+    key = (cfg.data.seq_len, train_rows, val_rows)
+    if key in _BUILT:
+        shutil.copytree(_BUILT[key], folder, dirs_exist_ok=True)
+        write_manifest(folder, "data", config_hash(cfg, "data"), {}, {"train_rows": train_rows, "val_rows": val_rows})
+        return folder
+    _BUILT[key] = _build(loaded, train_rows, val_rows)
+    return _BUILT[key]
+
+
+def _build(loaded: LoadedConfig, train_rows: int, val_rows: int) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
