@@ -62,7 +62,7 @@ def bench_tokenize(docs: list[str], tmp: Path) -> None:
                                  "doc_id": [stable_id(f"{i}:{j}") for j in range(len(part))],
                                  "content_hash": [content_hash(t) for t in part]}), paths[-1])
     ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}})
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     groups = [paths[i::CPUS] for i in range(CPUS)]
 
     def run_stage(out: str) -> tuple[float, int]:

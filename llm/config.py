@@ -228,6 +228,9 @@ class SizingOverride(Section):
     """CPUs each worker reserves; fractional values leave room for Ray Data on small machines."""
     use_gpu: bool | None = None
     """Train on GPUs; default: whenever the cluster has them."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers: PACK fills a node first (fastest collectives); STRICT_SPREAD puts
+    each worker on its own node."""
 
 
 class TrainConfig(Section):

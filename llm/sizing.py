@@ -56,13 +56,15 @@ class TrainSizing:
     workers: int
     cpus_per_worker: float
     use_gpu: bool
+    placement_strategy: str = "PACK"
 
     def scaling_config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `ray.train.ScalingConfig`."""
         resources: dict[str, float] = {"CPU": self.cpus_per_worker}
         if self.use_gpu:
             resources["GPU"] = 1
-        return {"num_workers": self.workers, "use_gpu": self.use_gpu, "resources_per_worker": resources}
+        return {"num_workers": self.workers, "use_gpu": self.use_gpu, "resources_per_worker": resources,
+                "placement_strategy": self.placement_strategy}
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ def _train_sizing(shape: ClusterShape, override: SizingOverride) -> TrainSizing:
         workers=override.workers if override.workers is not None else workers,
         cpus_per_worker=override.cpus_per_worker if override.cpus_per_worker is not None else cpus,
         use_gpu=bool(use_gpu),
+        placement_strategy=override.placement_strategy,
     )
 
 

@@ -7,6 +7,7 @@ committed ones (with a whole manifest) are ever read.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -17,6 +18,17 @@ from typing import Any
 from llm.config import PipelineConfig
 from llm.errors import StageInputError
 from llm.manifest import MANIFEST, canonical_hash, is_done, manifest_hash, read_manifest, write_manifest
+
+# Written when a stage's body starts, removed before the manifest: which config a partial folder is for.
+ATTEMPT = "_ATTEMPT.json"
+
+
+def _read_attempt(folder: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads((folder / ATTEMPT).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass
@@ -73,8 +85,8 @@ def execute(
         sections: config sections whose values change the outputs (hashed into the manifest).
         inputs: earlier stages read; their manifest hashes are recorded and compared.
         force: rerun even when the manifest matches.
-        keep_partial: keep an uncommitted folder's contents (a training stage resumes from them);
-            otherwise an incomplete folder is cleared before the body runs.
+        keep_partial: keep an uncommitted folder's contents when it was started for the same config
+            and inputs (a training stage resumes from them); otherwise the folder is cleared first.
     """
     folder = local_dir(cfg.stage_dir(stage))
     input_hashes = {name: manifest_hash(input_dir(cfg, name)) or "" for name in inputs}
@@ -82,14 +94,20 @@ def execute(
     if not force and is_done(folder, digest, input_hashes):
         manifest = read_manifest(folder)
         return StageResult(stage, str(folder), skipped=True, metrics=manifest.metrics if manifest else {})
+    attempt = {"config_hash": digest, "inputs": input_hashes}
     if folder.exists():
+        # A partial folder is resumed only when it was started for this very config and these inputs;
+        # a committed folder for another config, or a partial one of another attempt, starts over.
+        resumable = keep_partial and not (folder / MANIFEST).exists() and _read_attempt(folder) == attempt
         (folder / MANIFEST).unlink(missing_ok=True)  # uncommit first: a crash below leaves it incomplete
-        if not keep_partial:
+        if not resumable:
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / ATTEMPT).write_text(json.dumps(attempt, sort_keys=True))
     t0 = time.perf_counter()
     metrics = body(folder)
     seconds = time.perf_counter() - t0
     metrics = {**metrics, "seconds": round(seconds, 3)}
+    (folder / ATTEMPT).unlink(missing_ok=True)
     write_manifest(folder, stage, digest, input_hashes, metrics)
     return StageResult(stage, str(folder), skipped=False, metrics=metrics, seconds=seconds)

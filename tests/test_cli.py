@@ -61,7 +61,8 @@ def test_plan_json_train_workers_equal_gpus(capsys: pytest.CaptureFixture[str]) 
 def test_plan_local_is_cpu_sized(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", str(LOCAL_YAML), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["sizing"]["pretrain"] == {"workers": 2, "cpus_per_worker": 1.0, "use_gpu": False}
+    assert plan["sizing"]["pretrain"] == {"workers": 2, "cpus_per_worker": 1.0, "use_gpu": False,
+                                         "placement_strategy": "PACK"}
     assert plan["estimate"] is None
     assert main(["plan", str(LOCAL_YAML)]) == 0
     assert "2 CPU workers x 1 CPU" in capsys.readouterr().out

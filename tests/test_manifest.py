@@ -109,3 +109,34 @@ def test_failed_body_leaves_folder_uncommitted(tmp_path: Path) -> None:
         execute(cfg, "data", boom, sections=("data",))
     with pytest.raises(StageInputError, match=r"no complete data output.*llmray data"):
         input_dir(cfg, "data")
+
+
+def test_partial_folder_resumed_only_by_the_same_attempt(tmp_path: Path) -> None:
+    """A training stage keeps an interrupted folder to resume from it, but never one started (or
+    finished) for another config: that would continue someone else's run."""
+    cfg = tiny_config(tmp_path).llm
+    seen: list[bool] = []
+
+    def crash(folder: Path) -> dict:
+        (folder / "ckpt").write_text("step 3")
+        raise RuntimeError("interrupted")
+
+    def resume(folder: Path) -> dict:
+        seen.append((folder / "ckpt").exists())
+        (folder / "ckpt").write_text("step 6")
+        return {}
+
+    with pytest.raises(RuntimeError):
+        execute(cfg, "pretrain", crash, sections=("pretrain",), keep_partial=True)
+    execute(cfg, "pretrain", resume, sections=("pretrain",), keep_partial=True)
+    assert seen == [True]  # same config: resumed from the partial folder
+    assert not list(Path(cfg.stage_dir("pretrain")).glob("_ATTEMPT*"))  # the marker is not committed
+
+    changed = tiny_config(tmp_path, "pretrain.max_steps=7").llm
+    execute(changed, "pretrain", resume, sections=("pretrain",), keep_partial=True)
+    assert seen == [True, False]  # a folder committed for another config starts over
+
+    with pytest.raises(RuntimeError):
+        execute(cfg, "pretrain", crash, sections=("pretrain",), keep_partial=True)
+    execute(changed, "pretrain", resume, sections=("pretrain",), keep_partial=True)
+    assert seen == [True, False, False]  # a partial folder of another config starts over too

@@ -20,13 +20,16 @@ def test_gpu_cluster_sizing() -> None:
     assert s.sweep_concurrent_trials == 16 and s.sweep_trial.workers == 1
     assert (s.serve_min_replicas, s.serve_max_replicas) == (1, 4)
     assert s.pretrain.scaling_config_kwargs() == {
-        "num_workers": 16, "use_gpu": True, "resources_per_worker": {"CPU": 12.0, "GPU": 1}}
+        "num_workers": 16, "use_gpu": True, "resources_per_worker": {"CPU": 12.0, "GPU": 1},
+        "placement_strategy": "PACK"}
 
 
 def test_stage_overrides_win() -> None:
     s = derive(load_config(ROOT / "cluster" / "config.yaml", [
-        "pretrain.sizing.workers=8", "pretrain.global_batch_size=512", "data.parallelism=7"]))
+        "pretrain.sizing.workers=8", "pretrain.global_batch_size=512", "data.parallelism=7",
+        "pretrain.sizing.placement_strategy=STRICT_SPREAD"]))
     assert s.pretrain.workers == 8 and s.data_parallelism == 7
+    assert s.pretrain.scaling_config_kwargs()["placement_strategy"] == "STRICT_SPREAD"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -298,7 +298,8 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
         ranks.mkdir(parents=True, exist_ok=True)
         (ranks / f"rank{rt.rank}.json").write_text(json.dumps(
             {"rank": rt.rank, "world_size": rt.world_size, "node": rt.node, "step": state["step"],
-             "tokens": state["tokens"], "resumed_at": resumed_at}))
+             "tokens": state["tokens"], "resumed_at": resumed_at,
+             "threads": torch.get_num_threads()}))
     if spec.export and spec.out_dir:
         from llm.train.export import export_model
 

@@ -63,12 +63,8 @@ def loop_spec(cfg: PipelineConfig, folder: Path, data: Path, **extra: Any) -> Lo
 
 def fit(cfg: PipelineConfig, folder: Path, sizing: Any = None, **extra: Any) -> dict[str, Any]:
     """Run (or resume) Ray Train into `folder`; returns the final metrics."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from llm.raycluster import connect
     from llm.train.data import ray_datasets
-    from llm.train.loop import train_loop_per_worker
 
     data = input_dir(cfg, "data")
     if not shard_files(data, "train"):
@@ -80,22 +76,35 @@ def fit(cfg: PipelineConfig, folder: Path, sizing: Any = None, **extra: Any) -> 
     ds_config.build(pre, sizing.workers)  # a bad `pretrain.deepspeed` fails here, before any worker starts
     spec = loop_spec(cfg, folder, data, **extra)
     connect(cfg)
-    trainer = TorchTrainer(
+    trainer = build_trainer(spec, sizing.scaling_config_kwargs(), folder, ray_datasets(data)["train"],
+                            keep_checkpoints=pre.keep_checkpoints, max_failures=pre.max_failures)
+    result = trainer.fit()
+    return dict(result.metrics or {})
+
+
+def build_trainer(spec: LoopSpec, scaling: dict[str, Any], folder: Path, train_ds: Any, keep_checkpoints: int,
+                  max_failures: int) -> Any:
+    """The `TorchTrainer` that runs the one loop: Ray Train's run folder is `<folder>/ray`, so a rerun into
+    the same folder restores it; `train_ds` streams in order to every worker."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from llm.train.loop import train_loop_per_worker
+
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.to_dict(),
-        scaling_config=ray.train.ScalingConfig(**sizing.scaling_config_kwargs()),
+        scaling_config=ray.train.ScalingConfig(**scaling),
         run_config=ray.train.RunConfig(
             name=RAY_RUN_NAME,
             storage_path=str(folder.resolve()),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=pre.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=pre.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
-        datasets={"train": ray_datasets(data)["train"]},
+        datasets={"train": train_ds},
         # Every worker reads the whole ordered stream and keeps its rank's rows (llm.train.data).
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_ordered()),
     )
-    result = trainer.fit()
-    return dict(result.metrics or {})
 
 
 def _ordered() -> Any:
