@@ -26,7 +26,7 @@ def _corpus(root: Path) -> Path:
 def test_run_data_then_pretrain_then_skip(ray_session, tmp_path: Path) -> None:
     source = _corpus(tmp_path)
     cfg = tiny_config(
-        tmp_path, f"data.sources=[{source}]", "data.sft.enabled=false", "data.seq_len=32",
+        tmp_path, f"data.sources=[{source}]", "data.sft.sources=[]", "data.seq_len=32",
         "data.tokenizer.vocab_size=384", "pretrain.model.context=32", "pretrain.max_steps=4",
         "pretrain.micro_batch_size=2", "pretrain.checkpoint_every=2", "pretrain.eval_every=2",
         "pretrain.eval_batches=1", "pretrain.log_every=1", "pretrain.lr.warmup_steps=1",
