@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +33,7 @@ from llm.data.clean import content_hash, stable_id  # noqa: E402
 from llm.data.filters import normalize  # noqa: E402
 from llm.data.read import read_rows  # noqa: E402
 from llm.data.sources import resolve  # noqa: E402
+from llm.data.stage import map_units  # noqa: E402
 from llm.data.tokenizer import fast_tokenizer, train_tokenizer  # noqa: E402
 
 CPUS = 2  # Ray gets exactly the cores, so per-CPU figures divide by what really ran
@@ -47,12 +50,8 @@ def bench_tokenize(docs: list[str], tmp: Path) -> None:
 
     tok_dir = tmp / "tok"
     train_tokenizer(docs, tok_dir, vocab_size=4096, min_frequency=2)
-    texts = docs * 2
-    tok = fast_tokenizer(tok_dir)
-    tok.encode_batch(texts[:50], add_special_tokens=False)
-    t0 = time.perf_counter()
-    n_base = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
-    base = n_base / (time.perf_counter() - t0)
+    texts = docs * 8  # ~4.6 M tokens, so Ray Data's fixed cost per job (~0.2 s) amortizes as on real corpora
+    base_before = encode_rate(tok_dir, texts)
 
     paths = []
     for i in range(4 * CPUS):  # cleaned-file layout, as the stage's clean step writes it
@@ -66,21 +65,37 @@ def bench_tokenize(docs: list[str], tmp: Path) -> None:
     groups = [paths[i::CPUS] for i in range(CPUS)]
 
     def run_stage(out: str) -> tuple[float, int]:
-        ds = ray.data.from_items([{"unit": i, "paths": "\n".join(g)} for i, g in enumerate(groups)],
-                                 override_num_blocks=len(groups))
+        items = [{"unit": i, "paths": "\n".join(g)} for i, g in enumerate(groups)]
         kwargs = {"tokenizer_dir": str(tok_dir), "out_dir": out, "seq_len": 512, "val_fraction": 0.02,
                   "rows_per_shard": 4096, "drop_ids": np.zeros(0, np.int64)}
         t = time.perf_counter()
-        rows = ds.map_batches(pack.pack_unit, batch_size=1, num_cpus=1, fn_kwargs=kwargs,
-                              batch_format="pandas").take_all()
+        rows = map_units(items, pack.pack_unit, kwargs)  # the stage's own unit runner
         return time.perf_counter() - t, sum(r["tokens_train"] + r["tokens_val"] - r["docs_train"] - r["docs_val"]
                                             for r in rows)
 
     run_stage(str(tmp / "warm"))  # worker processes started and imports done: steady-state throughput
     seconds, n_stage = run_stage(str(tmp / "packed"))
+    ray.shutdown()
     per_cpu = n_stage / seconds / CPUS
+    base = (base_before + encode_rate(tok_dir, texts)) / 2  # before and after: drift hits both sides alike
     print(f"tokenize+pack: stage {per_cpu:,.0f} tokens/s/CPU ({CPUS} CPUs, {n_stage:,} tokens) vs encode_batch "
-          f"{base:,.0f} tokens/s (1 CPU) -> ratio {per_cpu / base:.2f} (goal >= 0.85)")
+          f"{base:,.0f} tokens/s (1 process, other cores idle) -> ratio {per_cpu / base:.2f} (goal >= 0.85)")
+    # The same encode_batch in one process per CPU, all at once: what the cores themselves give when all
+    # are busy (shared caches and memory bandwidth), so the stage's own overhead shows apart from that.
+    with mp.get_context("spawn").Pool(CPUS) as pool:
+        rates = pool.starmap(encode_rate, [(tok_dir, texts[i::CPUS]) for i in range(CPUS)])
+    busy = sum(rates) / CPUS
+    print(f"tokenize+pack: encode_batch with all {CPUS} CPUs busy {busy:,.0f} tokens/s/CPU "
+          f"({busy / base:.2f} of one idle-machine process) -> stage / same-load baseline {per_cpu / busy:.2f}")
+
+
+def encode_rate(tok_dir: Path, texts: list[str]) -> float:
+    """Tokens per second of single-threaded `tokenizers` `encode_batch` on `texts`, after a warm-up."""
+    tok = fast_tokenizer(tok_dir)
+    tok.encode_batch(texts[:50], add_special_tokens=False)
+    t0 = time.perf_counter()
+    n = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    return n / (time.perf_counter() - t0)
 
 
 def bench_minhash(docs: list[str]) -> None:
@@ -88,17 +103,27 @@ def bench_minhash(docs: list[str]) -> None:
 
     num_perm, ngram = 128, 5
     sample = docs[:300]
-    t0 = time.perf_counter()
-    for i in range(0, len(sample), 256):
-        minhash.signatures(sample[i:i + 256], num_perm=num_perm, ngram=ngram, seed=1)
-    ours = len(sample) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for d in sample:
-        w = d.lower().split()
-        m = MinHash(num_perm=num_perm)
-        m.update_batch([" ".join(w[i:i + ngram]).encode() for i in range(max(len(w) - ngram + 1, 1))])
-    theirs = len(sample) / (time.perf_counter() - t0)
-    print(f"minhash: {ours:,.0f} docs/s/CPU vs datasketch {theirs:,.0f} docs/s/CPU -> ratio {ours / theirs:.2f} "
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        for i in range(0, len(sample), 256):
+            minhash.signatures(sample[i:i + 256], num_perm=num_perm, ngram=ngram, seed=1)
+        return len(sample) / (time.perf_counter() - t0)
+
+    def theirs() -> float:
+        t0 = time.perf_counter()
+        for d in sample:
+            w = d.lower().split()
+            m = MinHash(num_perm=num_perm)
+            m.update_batch([" ".join(w[i:i + ngram]).encode() for i in range(max(len(w) - ngram + 1, 1))])
+        return len(sample) / (time.perf_counter() - t0)
+
+    # Alternated three times, medians: drift on a shared machine hits both sides alike.
+    rounds = [(ours(), theirs()) for _ in range(3)]
+    ours_rate = statistics.median(r[0] for r in rounds)
+    theirs_rate = statistics.median(r[1] for r in rounds)
+    print(f"minhash: {ours_rate:,.0f} docs/s/CPU vs datasketch {theirs_rate:,.0f} docs/s/CPU -> ratio "
+          f"{ours_rate / theirs_rate:.2f} "
           f"(goal >= 3; num_perm {num_perm}, {ngram}-word shingles, 1 process each)")
 
 
@@ -110,6 +135,8 @@ def shingle_set(text: str, n: int = 5) -> set[str]:
 def bench_recall(docs: list[str]) -> None:
     import ray
 
+    if not ray.is_initialized():
+        ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
     rng = random.Random(0)
     base = [d for d in docs if len(d.split()) >= 100][:300]
     texts = list(base)

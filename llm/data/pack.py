@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 _DOCS_PER_ENCODE = 256
@@ -108,14 +109,15 @@ def pack_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, seq_le
     for path in str(batch["paths"][0]).split("\n"):
         pf = pq.ParquetFile(path)
         for rb in pf.iter_batches(batch_size=_DOCS_PER_ENCODE, columns=["text", "reason", "doc_id", "content_hash"]):
-            reason = rb.column("reason").to_numpy(zero_copy_only=False)
-            ids = rb.column("doc_id").to_numpy()
-            keep = (reason == "") & ~np.isin(ids, drop)
+            keep = pc.equal(rb.column("reason"), "").to_numpy(zero_copy_only=False)
+            if len(drop):
+                keep &= ~np.isin(rb.column("doc_id").to_numpy(), drop)
             if not keep.any():
                 continue
-            texts = [t for t, k in zip(rb.column("text").to_pylist(), keep, strict=True) if k]
+            text = rb.column("text").filter(pa.array(keep))
+            texts = text.to_pylist()
             val = is_val(rb.column("content_hash").to_numpy()[keep], val_fraction)
-            text_bytes += sum(len(t.encode("utf-8")) for t in texts)
+            text_bytes += int(pc.sum(pc.binary_length(text.cast(pa.binary()))).as_py() or 0)
             encoded = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
             for side, split in zip((False, True), splits, strict=True):
                 split.add([e for e, v in zip(encoded, val, strict=True) if v == side])

@@ -50,12 +50,26 @@ def _setup_ray(cfg: PipelineConfig) -> int:
     return cfg.data.parallelism or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _map_units(items: list[dict[str, Any]], fn: Any, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-    import ray
+def map_units(items: list[dict[str, Any]], fn: Any, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run `fn` on every work unit (one row each) as Ray Data tasks of one CPU; returns their result rows.
 
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    out = ds.map_batches(fn, batch_size=1, fn_kwargs=kwargs, num_cpus=1, batch_format="pandas")
-    return out.take_all()
+    A unit job is a single operator, so Ray Data's per-operator resource reservation has nothing to
+    protect here, while its budget starts at zero CPUs and grows only as the first tasks report: with
+    as many units as CPUs it ran them one after another (measured: 2 units on 2 CPUs took twice as long).
+    It is turned off for these jobs only; multi-operator pipelines (dedup, training ingest) keep it.
+    """
+    import ray
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    reservation = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        out = ds.map_batches(fn, batch_size=1, fn_kwargs=kwargs, num_cpus=1, batch_format="pandas")
+        return out.take_all()
+    finally:
+        ctx.op_resource_reservation_enabled = reservation
 
 
 def _clean_stats(paths: list[str]) -> tuple[dict[str, int], dict[str, int], int, dict[str, Any]]:
@@ -130,7 +144,7 @@ def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
 
     groups = units(files, max(4 * cpus, len(files) // 64))
-    cleaned = _map_units(_unit_items(groups), clean.clean_unit, {"cfg": dc, "out_dir": str(work)})
+    cleaned = map_units(_unit_items(groups), clean.clean_unit, {"cfg": dc, "out_dir": str(work)})
     paths = [r["path"] for r in sorted(cleaned, key=lambda r: r["unit"])]
     reasons, pii, utf8, index = _clean_stats(paths)
     if dc.keep_dropped:
@@ -147,14 +161,14 @@ def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
     import ray
 
     drop_ref = ray.put(drop)
-    packed = _map_units([{"unit": i, "paths": "\n".join(g)} for i, g in enumerate(_path_groups(paths, cpus))],
+    packed = map_units([{"unit": i, "paths": "\n".join(g)} for i, g in enumerate(_path_groups(paths, cpus))],
                         pack.pack_unit,
                         {"tokenizer_dir": str(tok_dir), "out_dir": str(folder / "packed"), "seq_len": dc.seq_len,
                          "val_fraction": dc.val_fraction, "rows_per_shard": dc.rows_per_shard, "drop_ids": drop_ref})
     sft_counts: dict[str, int] = {}
     if sft_files:
         items = _unit_items(units(sft_files, max(cpus, len(sft_files) // 64)))
-        for r in _map_units(items, sft.sft_unit, {"tokenizer_dir": str(tok_dir), "out_dir": str(folder / "sft"),
+        for r in map_units(items, sft.sft_unit, {"tokenizer_dir": str(tok_dir), "out_dir": str(folder / "sft"),
                                                   "max_len": dc.sft.max_len, "val_fraction": dc.sft.val_fraction}):
             for k, v in json.loads(r["counts"]).items():
                 sft_counts[k] = sft_counts.get(k, 0) + v
