@@ -75,8 +75,8 @@ class RayRuntime:
 
         from llm.train.data import parquet_batches, stack_ids
 
-        if split == "val" and self.val_files:
-            return parquet_batches(self.val_files, rows)
+        if split == "val":  # read directly, never through Ray Data (see `evaluate`); none: no evaluation
+            return parquet_batches(self.val_files, rows) if self.val_files else iter(())
         shard = ray.train.get_dataset_shard(split)
         if shard is None:
             return iter(())

@@ -84,3 +84,13 @@ def test_build_model_and_flops_match_the_plan(arch):
     assert a.config.vocab_size == 384 and a.config.num_hidden_layers == 2
     assert all((p - q).abs().max() == 0 for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert flops_per_token(a, 32) == plan_flops(m, 384, 32)
+
+
+def test_no_val_shards_means_no_evaluation_not_a_crash() -> None:
+    """A data stage with `val_fraction: 0` has no val shards; the Ray worker must not ask Ray Train for a
+    `val` dataset it was never given (Ray 2.60 raises KeyError for that)."""
+    from llm.train.loop import RayRuntime
+
+    rt = RayRuntime.__new__(RayRuntime)  # no Ray Train context needed for the val path
+    rt.val_files = []
+    assert list(rt.batches("val", 4)) == []
