@@ -1,6 +1,6 @@
 """Training overhead, measured side by side in one run (not a pass/fail test).
 
-    python bench/train.py [--steps 20] [--threads 2]
+    python bench/train.py [--steps 15] [--threads N]
 
 Step time of the one loop under Ray Train + DeepSpeed (1 worker, ZeRO-2, bf16, reading packed parquet
 shards through Ray Data) / a plain PyTorch loop on the same model, batch, threads and precision (bf16
@@ -33,9 +33,9 @@ from llm.hardware import cpu_peak_flops  # noqa: E402
 from llm.train.metrics import mfu  # noqa: E402
 from llm.train.model import build_model, flops_per_token  # noqa: E402
 
-VOCAB, SEQ, MICRO = 4096, 256, 8
-MODEL = ModelConfig(arch="llama", n_layers=4, d_model=256, n_heads=4, context=SEQ)
-WARMUP = 5
+VOCAB, SEQ, MICRO = 4096, 128, 8  # ~8 GFLOP a step: a few seconds in bf16 on a 2-core CPU
+MODEL = ModelConfig(arch="llama", n_layers=4, d_model=128, n_heads=4, context=SEQ)
+WARMUP = 3
 
 
 def train_config(steps: int) -> TrainConfig:
@@ -68,7 +68,7 @@ def plain_loop(steps: int, threads: int) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        float(loss)
+        float(loss.detach())
         times.append(time.perf_counter() - t0)
     return times[WARMUP:]
 
@@ -105,8 +105,11 @@ def ray_loop(steps: int, threads: int, tmp: Path) -> tuple[list[float], int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=15)
+    # Default: every core but one, which Ray's own processes (raylet, GCS, the Train controller, Data's
+    # executor) need on any node; a worker whose threads hold every core stalls on their slices of CPU.
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="compute threads of both loops (default: cores - 1)")
     args = ap.parse_args()
 
     import torch
@@ -116,7 +119,7 @@ def main() -> None:
     peak = cpu_peak_flops("bfloat16")
     tokens = MICRO * SEQ
     print(f"model: llama {MODEL.n_layers} layers x {MODEL.d_model}, vocab {VOCAB}, seq {SEQ}, micro {MICRO}, "
-          f"bf16; {fpt * tokens / 1e9:.1f} GFLOP per step; {args.threads} threads; "
+          f"bf16; {fpt * tokens / 1e9:.1f} GFLOP per step; {args.threads} thread(s) of {os.cpu_count()} cores; "
           f"peak (measured bf16 matmul): {peak / 1e9:.0f} GFLOP/s", flush=True)
     before = statistics.median(plain_loop(args.steps, args.threads))
     print(f"plain PyTorch (before): {before:.3f} s/step", flush=True)
