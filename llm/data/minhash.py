@@ -132,8 +132,8 @@ def lsh_params(threshold: float, num_perm: int, fn_weight: float = 0.95) -> tupl
     for bands in range(1, num_perm + 1):
         for rows in range(1, num_perm // bands + 1):
             p = 1.0 - (1.0 - s ** rows) ** bands
-            fp = np.trapezoid(np.where(s <= threshold, p, 0.0), s)
-            fn = np.trapezoid(np.where(s > threshold, 1.0 - p, 0.0), s)
+            fp = float(np.trapezoid(np.where(s <= threshold, p, 0.0), s))
+            fn = float(np.trapezoid(np.where(s > threshold, 1.0 - p, 0.0), s))
             if (err := (1 - fn_weight) * fp + fn_weight * fn) < best_err:
                 best, best_err = (bands, rows), err
     return best

@@ -123,8 +123,9 @@ def pack_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, seq_le
                 split.add([e for e, v in zip(encoded, val, strict=True) if v == side])
     for split in splits:
         split.close()
-    train, val = splits
-    return {"unit": [unit], "docs_train": [train.docs], "docs_val": [val.docs], "tokens_train": [train.tokens],
-            "tokens_val": [val.tokens], "rows_train": [train.rows], "rows_val": [val.rows],
-            "remainder_tokens": [len(train.carry) + len(val.carry)], "text_bytes": [text_bytes],
-            "shards": [len(train.shards) + len(val.shards)]}
+    train_split, val_split = splits
+    return {"unit": [unit], "docs_train": [train_split.docs], "docs_val": [val_split.docs],
+            "tokens_train": [train_split.tokens], "tokens_val": [val_split.tokens],
+            "rows_train": [train_split.rows], "rows_val": [val_split.rows],
+            "remainder_tokens": [len(train_split.carry) + len(val_split.carry)], "text_bytes": [text_bytes],
+            "shards": [len(train_split.shards) + len(val_split.shards)]}

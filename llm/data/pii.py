@@ -7,6 +7,7 @@ string. Card numbers are redacted only when their digits pass the Luhn check, so
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b")
@@ -44,7 +45,7 @@ _RULES = {"email": (EMAIL, lambda m: "<EMAIL>"), "card": (CARD, _card), "ip": (I
           "phone": (PHONE, _phone)}
 
 
-def redact(text: str, kinds: list[str] | tuple[str, ...] = KINDS) -> tuple[str, dict[str, int]]:
+def redact(text: str, kinds: Sequence[str] = KINDS) -> tuple[str, dict[str, int]]:
     """Text with PII replaced by placeholders, and the number of replacements per kind."""
     counts: dict[str, int] = {}
     for kind in KINDS:

@@ -41,7 +41,7 @@ def open_binary(src: SourceFile) -> BinaryIO:
         import pyarrow.fs as pafs
 
         fs, path = pafs.FileSystem.from_uri(src.path)
-        raw: BinaryIO = fs.open_input_stream(path)  # type: ignore[assignment]
+        raw: BinaryIO = fs.open_input_stream(path)
     else:
         raw = open(src.path.removeprefix("file://"), "rb")  # noqa: SIM115 - closed by the caller
     return gzip.GzipFile(fileobj=raw, mode="rb") if src.gz else raw  # type: ignore[return-value]

@@ -127,7 +127,7 @@ def _dedup(cfg: PipelineConfig, paths: list[str], index: dict[str, Any]) -> tupl
     drop = exact
     if d.fuzzy.enabled and len(index["ids"]) - len(exact) > 1:
         ds = ray.data.read_parquet(paths, columns=["doc_id", "reason", "sig"])
-        ds = ds.map_batches(dedup.kept_rows, fn_kwargs={"drop": exact}, batch_format="numpy")
+        ds = ds.map_batches(dedup.kept_rows, fn_kwargs={"drop": exact}, batch_format="numpy")  # type: ignore[arg-type]
         fuzzy, clusters, pairs = dedup.fuzzy_duplicates(ds, threshold=d.fuzzy.threshold, num_perm=d.fuzzy.num_perm)
         stats.update(fuzzy_duplicates=len(fuzzy), fuzzy_clusters=clusters, fuzzy_pairs=pairs)
         drop = np.union1d(exact, fuzzy)

@@ -104,7 +104,8 @@ class LocalRuntime:
 
         self.rank, self.world_size, self.node = 0, 1, "local"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self._batches, self.checkpoint_dir, self.reports = batches, checkpoint_dir, []
+        self._batches, self.checkpoint_dir = batches, checkpoint_dir
+        self.reports: list[dict[str, Any]] = []
         for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
                            ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)
@@ -240,6 +241,7 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
         if folder:
             state = ckpt.load(engine, folder, rt.rank)
     resumed_at = state["step"]
+    peak: float | None
     if spec.peak_flops is not None:
         peak = spec.peak_flops
     else:

@@ -17,7 +17,7 @@ def hf_config(model: ModelConfig, vocab_size: int, bos_id: int | None = None, eo
     """The `transformers` config object a `ModelConfig` describes."""
     from transformers import GPT2Config, LlamaConfig
 
-    ids = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+    ids: dict[str, Any] = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
     if model.arch == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size, n_positions=model.context, n_embd=model.d_model, n_layer=model.n_layers,
