@@ -12,7 +12,8 @@ from collections.abc import Sequence
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b")
 # 13-19 digits, optionally grouped by single spaces or dashes.
-CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
+# Not the digits of a decimal fraction or of a longer number: 0.09999999999999995 passes Luhn.
+CARD = re.compile(r"(?<![\d.])\b\d(?:[ -]?\d){12,18}\b(?!\.\d)")
 # +country, (area), separators; at least 10 digits in total so dates and versions are left alone, and not
 # part of a longer digit group (a card number that failed Luhn is not a phone number).
 PHONE = re.compile(r"(?<!\w)(?<!\d\.)(?<!\d[ -])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"

@@ -30,3 +30,10 @@ def test_only_selected_kinds():
     out, counts = redact("a@b.co at 8.8.8.8", kinds=["ip"])
     assert out == "a@b.co at <IP>"
     assert counts == {"ip": 1}
+
+
+def test_decimal_digits_are_not_a_card() -> None:
+    """0.09999999999999995 (from Python's own docs) has 17 digits that pass Luhn; it is a float, not a card."""
+    text = "1.00 % 0.1 gives 0.09999999999999995 instead of 0.0; 4111111111111111.5 is a float too."
+    assert redact(text, ["card"]) == (text, {"card": 0})
+    assert redact("card 4111111111111111.", ["card"])[0] == "card <CARD>."
