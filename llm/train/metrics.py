@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,16 @@ class MetricsLog:
             mlflow.start_run()
             self._mlflow = mlflow
         self._t0 = time.perf_counter()
+        self._logged = 0
 
     def log(self, record: dict[str, Any]) -> None:
         """Record one step; prints the live line on `log_every` steps, evaluations and the last step."""
         step = int(record["step"])
         dt = record.get("step_time_s")
-        if dt:
-            self._ema = dt if self._ema is None else 0.9 * self._ema + 0.1 * dt
+        self._logged += 1
+        if dt:  # the first step of a process carries its start-up (data pipeline, JIT): the second restarts the mean
+            fresh = self._ema is None or self._logged == 2
+            self._ema = dt if fresh else 0.9 * self._ema + 0.1 * dt
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -77,7 +81,10 @@ class MetricsLog:
         if self._mlflow is not None:
             self._mlflow.log_metrics(numeric, step=step)
         if step % self.log_every == 0 or step == self.max_steps or "val_loss" in record:
-            print(self.line(record), flush=True)
+            # Written, not printed: Ray Train V2 patches `print` in workers to tee into its logger as well,
+            # and both copies reached the driver. One write to stdout is forwarded once.
+            sys.stdout.write(self.line(record) + "\n")
+            sys.stdout.flush()
 
     def line(self, r: dict[str, Any]) -> str:
         """`[pretrain] step 50/200 loss 5.1234 lr 2.91e-03 gnorm 1.02 tok/s 12.3k MFU 3.1% ETA 1m20s`."""

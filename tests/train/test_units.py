@@ -94,3 +94,23 @@ def test_no_val_shards_means_no_evaluation_not_a_crash() -> None:
     rt = RayRuntime.__new__(RayRuntime)  # no Ray Train context needed for the val path
     rt.val_files = []
     assert list(rt.batches("val", 4)) == []
+
+
+def test_metrics_log_eta_ignores_startup_and_resume_trims(tmp_path, capsys) -> None:
+    """The first step of a process carries start-up time; the ETA must not inherit it. On resume the
+    records after the restored step are dropped, so metrics.jsonl reads as one run."""
+    import json
+
+    from llm.train.metrics import MetricsLog
+
+    rec = {"loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1e3, "mfu": 0.1}
+    log = MetricsLog(tmp_path, max_steps=10, log_every=1)
+    for step, dt in ((1, 40.0), (2, 1.0), (3, 1.0), (4, 1.0)):
+        log.log({"step": step, "step_time_s": dt, **rec})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("[pretrain] step 1/10")
+    assert lines[0].endswith("ETA 6m00s") and lines[3].endswith("ETA 0m06s")
+    resumed = MetricsLog(tmp_path, max_steps=10, log_every=1, resumed_step=2)
+    resumed.log({"step": 3, "step_time_s": 30.0, **rec})
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
