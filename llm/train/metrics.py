@@ -69,8 +69,8 @@ class MetricsLog:
         dt = record.get("step_time_s")
         self._logged += 1
         if dt:  # the first step of a process carries its start-up (data pipeline, JIT): the second restarts the mean
-            fresh = self._ema is None or self._logged == 2
-            self._ema = dt if fresh else 0.9 * self._ema + 0.1 * dt
+            prev = self._ema
+            self._ema = dt if prev is None or self._logged == 2 else 0.9 * prev + 0.1 * dt
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
