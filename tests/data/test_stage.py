@@ -72,6 +72,30 @@ def test_fuzzy_pairs_through_ray_data(ray_session):
     assert drop.tolist() == [30, 31] and clusters == 1 and pairs == 3
 
 
+def _busy_unit(batch):
+    import os
+    import time
+
+    start = time.time()
+    while time.time() - start < 1.5:
+        pass
+    return {"unit": batch["unit"], "start": [start], "end": [time.time()], "pid": [os.getpid()]}
+
+
+def test_units_run_concurrently(ray_session):
+    """As many units as CPUs must run side by side: Ray Data's per-operator reservation starts its budget at
+    zero CPUs and ran them one after another (`map_units` turns it off for unit jobs only)."""
+    from ray.data import DataContext
+
+    from llm.data.stage import map_units
+
+    rows = map_units([{"unit": i} for i in range(2)], _busy_unit, {})
+    assert sorted(r["unit"] for r in rows) == [0, 1] and len({r["pid"] for r in rows}) == 2
+    first, second = sorted(rows, key=lambda r: r["start"])
+    assert second["start"] < first["end"], "the two units ran one after another"
+    assert DataContext.get_current().op_resource_reservation_enabled  # restored for other pipelines
+
+
 def test_stage_end_to_end(ray_session, corpus, tmp_path, capsys):
     root, texts = corpus
     overrides = [f"data.sources=[{root}/*.txt, {root}/*.jsonl, {root}/*.jsonl.gz]",
