@@ -84,7 +84,7 @@ def execute(
         body: writes the stage's outputs into the folder and returns its metrics.
         sections: config sections whose values change the outputs (hashed into the manifest).
         inputs: earlier stages read; their manifest hashes are recorded and compared.
-        force: rerun even when the manifest matches.
+        force: rerun even when the manifest matches, and start over even from a resumable folder.
         keep_partial: keep an uncommitted folder's contents when it was started for the same config
             and inputs (a training stage resumes from them); otherwise the folder is cleared first.
     """
@@ -98,7 +98,8 @@ def execute(
     if folder.exists():
         # A partial folder is resumed only when it was started for this very config and these inputs;
         # a committed folder for another config, or a partial one of another attempt, starts over.
-        resumable = keep_partial and not (folder / MANIFEST).exists() and _read_attempt(folder) == attempt
+        resumable = (keep_partial and not force and not (folder / MANIFEST).exists()
+                     and _read_attempt(folder) == attempt)
         (folder / MANIFEST).unlink(missing_ok=True)  # uncommit first: a crash below leaves it incomplete
         if not resumable:
             shutil.rmtree(folder)

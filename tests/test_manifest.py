@@ -140,3 +140,8 @@ def test_partial_folder_resumed_only_by_the_same_attempt(tmp_path: Path) -> None
         execute(cfg, "pretrain", crash, sections=("pretrain",), keep_partial=True)
     execute(changed, "pretrain", resume, sections=("pretrain",), keep_partial=True)
     assert seen == [True, False, False]  # a partial folder of another config starts over too
+
+    with pytest.raises(RuntimeError):
+        execute(cfg, "pretrain", crash, sections=("pretrain",), keep_partial=True)
+    execute(cfg, "pretrain", resume, sections=("pretrain",), keep_partial=True, force=True)
+    assert seen == [True, False, False, False]  # force starts over even from a resumable folder

@@ -9,13 +9,12 @@ after an interruption continues from the last checkpoint; `--force` clears the f
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from llm.config import PipelineConfig
 from llm.errors import ConfigError
-from llm.stage import StageResult, execute, input_dir, local_dir
+from llm.stage import StageResult, execute, input_dir
 from llm.train import ds_config
 from llm.train.data import shard_files
 from llm.train.loop import LoopSpec
@@ -147,9 +146,6 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
         force: start over even when a finished or interrupted run exists.
         **extra: `LoopSpec` fields for tests and callers (e.g. `fail_at_step`).
     """
-    if force:
-        shutil.rmtree(local_dir(cfg.stage_dir("pretrain")), ignore_errors=True)
-
     def body(folder: Path) -> dict[str, Any]:
         metrics = fit(cfg, folder, **extra)
         summary = _summary(folder, metrics)
@@ -160,5 +156,5 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
         print(f"{line}\n  model: {folder / 'model'}\n  metrics: {folder / 'metrics.jsonl'}", flush=True)
         return summary
 
-    return execute(cfg, "pretrain", body, sections=("data", "pretrain"), inputs=("data",), force=False,
+    return execute(cfg, "pretrain", body, sections=("data", "pretrain"), inputs=("data",), force=force,
                    keep_partial=True)
