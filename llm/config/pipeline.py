@@ -1,0 +1,86 @@
+"""The root of the config tree: `PipelineConfig` (the `metadata.llm` section) and how stages reach Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llm.config.base import STAGE_SECTIONS, Section
+from llm.config.compress import CompressConfig
+from llm.config.data import DataConfig
+from llm.config.serve import ServeConfig
+from llm.config.sweep import SweepConfig
+from llm.config.train import FinetuneConfig, PretrainConfig
+
+
+class RayConfig(Section):
+    """How a stage reaches Ray."""
+
+    address: str | None = None
+    """Cluster address; default: `RAY_ADDRESS`, else a running local cluster, else start one."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs of a Ray started by the stage itself. More than the cores (Ray's testing tip) so that
+    Train workers do not starve Ray Data's read tasks on small machines."""
+
+
+class PlanConfig(Section):
+    """Assumptions of `llmray plan`'s time estimate."""
+
+    mfu: float = Field(0.4, gt=0, le=1)
+    """Model FLOPs utilization assumed for the wall-time estimate."""
+    gpu: str | None = None
+    """GPU model for the peak FLOP/s (e.g. H100, A100); default: from the worker's instance type."""
+
+
+class PipelineConfig(Section):
+    """The whole pipeline: `metadata.llm` of a Ray cluster file."""
+
+    run: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Run name: the folder under `storage` that holds every stage's outputs."""
+    storage: str
+    """Local path or URI (s3://, gs://) under which `<run>/<stage>/` folders are written. `~` expands; a
+    relative path is resolved against the working directory."""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """How stages reach Ray."""
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    """Assumptions of `llmray plan`."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Data stage."""
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    """Pretraining stage."""
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    """Learning-rate sweep stage."""
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    """Fine-tuning stage."""
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    """Compression stage."""
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    """Serving stage."""
+
+    @model_validator(mode="after")
+    def _context_fits(self) -> PipelineConfig:
+        if self.pretrain.model.path is None and self.pretrain.model.context < self.data.seq_len:
+            raise ValueError(
+                f"pretrain.model.context ({self.pretrain.model.context}) must be >= data.seq_len ({self.data.seq_len})"
+            )
+        return self
+
+    def enabled_stages(self) -> list[str]:
+        """Names of the stage sections with `enabled: true`, in pipeline order."""
+        return [name for name in STAGE_SECTIONS if getattr(self, name).enabled]
+
+    def stage_dir(self, stage: str) -> str:
+        """`<storage>/<run>/<stage>`: the only place a stage writes."""
+        return f"{self.storage.rstrip('/')}/{self.run}/{stage}"
+
+
+class LoadedConfig(BaseModel):
+    """A validated cluster file: the pipeline config plus the Ray half it came with."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    path: Path
+    cluster: dict[str, Any]
+    llm: PipelineConfig

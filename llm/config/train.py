@@ -1,0 +1,157 @@
+"""The training sections: the one train loop's knobs, shared by pretraining and fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from llm.config.base import Section
+
+
+class ModelConfig(Section):
+    """A Hugging Face causal LM built from a config, or loaded from a local directory."""
+
+    path: str | None = None
+    """A local directory that `AutoModelForCausalLM.from_pretrained` loads; when set, the fields below are
+    ignored. Nothing is downloaded."""
+    arch: Literal["llama", "gpt2"] = "llama"
+    """Architecture family. llama (nn.Linear everywhere) quantizes better than gpt2 (Conv1D)."""
+    n_layers: int = Field(2, ge=1)
+    """Transformer blocks."""
+    d_model: int = Field(64, ge=8)
+    """Hidden width."""
+    n_heads: int = Field(4, ge=1)
+    """Attention heads; must divide `d_model`."""
+    n_kv_heads: int | None = Field(None, ge=1)
+    """Key/value heads for grouped-query attention (llama only); default: `n_heads`."""
+    d_ff: int | None = Field(None, ge=8)
+    """MLP width; default 4 x d_model for gpt2, 8/3 x d_model rounded up to 64 for llama."""
+    context: int = Field(512, ge=8)
+    """Maximum positions; at least `data.seq_len`."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on attention and residuals."""
+    tie_embeddings: bool = True
+    """Share input and output embeddings."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        return self
+
+    def ff_width(self) -> int:
+        """The MLP width actually used."""
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.arch == "gpt2":
+            return 4 * self.d_model
+        return -(-int(8 * self.d_model / 3) // 64) * 64
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule, shared by every training stage."""
+
+    kind: Literal["cosine", "linear", "constant", "wsd", "inverse_sqrt"] = "cosine"
+    """cosine/linear decay to the floor, constant after warmup, warmup-stable-decay, inverse square root."""
+    peak: float = Field(3e-4, gt=0)
+    """Peak learning rate, reached at the end of warmup."""
+    warmup_steps: int = Field(100, ge=0)
+    """Linear warmup from 0 to `peak`."""
+    floor: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of `peak` (cosine, linear, wsd)."""
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """wsd only: the last fraction of steps that decays to the floor."""
+
+
+class SizingOverride(Section):
+    """Per-stage overrides of what is derived from the cluster's node types."""
+
+    workers: int | None = Field(None, ge=0)
+    """Ray Train workers (0 runs the loop in the driver); default: one per GPU, else derived from CPUs."""
+    cpus_per_worker: float | None = Field(None, gt=0)
+    """CPUs each worker reserves; fractional values leave room for Ray Data on small machines."""
+    use_gpu: bool | None = None
+    """Train on GPUs; default: whenever the cluster has them."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement of the workers: PACK fills a node first (fastest collectives); STRICT_SPREAD puts
+    each worker on its own node."""
+
+
+class TrainConfig(Section):
+    """Fields shared by pretraining and fine-tuning: the one train loop's knobs."""
+
+    enabled: bool = True
+    """Run this stage in `llmray run`."""
+    max_steps: int = Field(1000, ge=1)
+    """Optimizer steps."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per worker per forward pass."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro batches accumulated per optimizer step."""
+    global_batch_size: int | None = Field(None, ge=1)
+    """Optional cross-check: must equal micro_batch_size x grad_accum x workers."""
+    lr: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay (not applied to biases and norms)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this (0 disables)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    offload_optimizer: bool = False
+    """ZeRO CPU offload of optimizer state (stage >= 1)."""
+    offload_params: bool = False
+    """ZeRO CPU offload of parameters (stage 3 only)."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Mixed precision; fp16 uses dynamic loss scaling."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+    """Raw DeepSpeed config merged last over the generated one; still validated."""
+    checkpoint_every: int = Field(200, ge=1)
+    """Save a DeepSpeed checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept by Ray Train."""
+    eval_every: int = Field(200, ge=1)
+    """Validation loss every this many steps (and at the end)."""
+    eval_batches: int = Field(20, ge=1)
+    """Validation batches per evaluation."""
+    log_every: int = Field(10, ge=1)
+    """Metrics line every this many steps."""
+    max_failures: int = Field(2, ge=-1)
+    """Ray Train FailureConfig.max_failures: worker-group restarts from the last checkpoint."""
+    seed: int = 1337
+    """Seed of model init, data order and dropout."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files."""
+    mlflow_uri: str | None = None
+    """Also log to this MLflow tracking URI."""
+    sizing: SizingOverride = Field(default_factory=SizingOverride)
+    """Overrides of the cluster-derived worker sizing."""
+
+    @model_validator(mode="after")
+    def _offload(self) -> TrainConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class PretrainConfig(TrainConfig):
+    """Pretraining a causal LM on the data stage's packed sequences."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model to build (or load from a local directory)."""
+
+
+class FinetuneConfig(TrainConfig):
+    """Fine-tuning (full or LoRA) on the data stage's SFT examples. Grown by the fine-tuning issue."""
+
+    enabled: bool = False
+    """Run this stage in `llmray run`."""
