@@ -1,0 +1,135 @@
+"""The Serve application: one deployment (`LLMServer`) whose replicas each hold the models and a
+continuous-batching engine per model, behind the OpenAI-compatible FastAPI app.
+
+`build_app` is the import path `serve run serve/local.yaml` / `serve deploy serve/config.yaml` call with
+`args: {config, overrides}`; `build_application` is what `llmray serve` deploys. Both read the one
+cluster config, so the YAML files only name which config to read (and the options derived from it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from llm.config import LoadedConfig, PipelineConfig, ServeConfig, load_config
+from llm.errors import ConfigError
+
+APP_NAME = "llm"
+DEPLOYMENT = "LLMServer"
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress()
+class LLMServer:
+    """A replica: loads every model once, then serves them through one FastAPI app."""
+
+    def __init__(self, models: dict[str, str], serve_cfg: dict[str, Any], key_sha256: str | None) -> None:
+        import torch
+
+        from llm.compress.load import load_model
+        from llm.serve.engine import Engine
+        from llm.serve.metrics import request_recorder
+        from llm.serve.service import Service
+
+        cfg = ServeConfig.model_validate(serve_cfg)
+        torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_replica)))
+        device = "cuda" if cfg.gpus_per_replica and torch.cuda.is_available() else "cpu"
+        engines = {name: Engine(load_model(path, device), cfg.max_batch_size, on_finish=request_recorder(name))
+                   for name, path in models.items()}
+        self.service = Service(engines, cfg, key_sha256)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from llm.serve.routes import create_app
+
+        return create_app(self.service)
+
+    async def check_health(self) -> None:
+        """Serve's health check: a real one-token generation per model (raises when the model cannot)."""
+        await self.service.check()
+
+
+def model_dirs(cfg: PipelineConfig) -> dict[str, str]:
+    """Served model name -> directory: `serve.model` (or the chosen variant) plus `serve.models`."""
+    from llm.compress.load import chosen_model_dir, model_format
+
+    main = Path(cfg.serve.model).expanduser() if cfg.serve.model else chosen_model_dir(cfg)
+    dirs = {cfg.serve.name or cfg.run: main, **{k: Path(v).expanduser() for k, v in cfg.serve.models.items()}}
+    for name, path in dirs.items():
+        if not path.is_dir():
+            key = "serve.model" if path == main else f"serve.models.{name}"
+            raise ConfigError(f"metadata.llm.{key}: model directory {str(path)!r} not found")
+        model_format(path)
+    return {name: str(path.resolve()) for name, path in dirs.items()}
+
+
+def replica_bounds(cfg: ServeConfig, cpus: float, gpus: float) -> tuple[int, int]:
+    """(min, max) replicas: the config's, else 1 and one per GPU (per replica's CPUs on CPU clusters)."""
+    per = cfg.gpus_per_replica or 0
+    default_max = int(gpus // per) if per and gpus else int(cpus // max(cfg.cpus_per_replica, 2.0))
+    low = cfg.min_replicas if cfg.min_replicas is not None else 1
+    high = cfg.max_replicas or max(1, low, default_max)
+    return low, max(low, high)
+
+
+def deployment_options(cfg: ServeConfig, cpus: float, gpus: float) -> dict[str, Any]:
+    """The deployment's Serve options (the same in `serve/*.yaml` and in what `llmray serve` deploys)."""
+    low, high = replica_bounds(cfg, cpus, gpus)
+    actor: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica}
+    if cfg.gpus_per_replica:
+        actor["num_gpus"] = cfg.gpus_per_replica
+    return {
+        "max_ongoing_requests": cfg.ongoing_limit(),
+        "max_queued_requests": cfg.max_queued_requests,
+        "autoscaling_config": {"min_replicas": low, "max_replicas": high,
+                               "target_ongoing_requests": cfg.target_ongoing_requests},
+        "ray_actor_options": actor,
+        "health_check_period_s": cfg.health_check_period_s,
+        "health_check_timeout_s": 60.0,
+    }
+
+
+def http_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's proxy options: bind address, port, request timeout."""
+    return {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s}
+
+
+def api_key_digest(cfg: ServeConfig) -> str | None:
+    """SHA-256 of the key in `serve.api_key_env` (replicas never see the key), or None when auth is off."""
+    from llm.serve.service import key_digest
+
+    if cfg.api_key_env is None:
+        return None
+    key = os.environ.get(cfg.api_key_env, "").strip()
+    if not key:
+        raise ConfigError(f"metadata.llm.serve.api_key_env: environment variable {cfg.api_key_env} is not set "
+                          "(or empty) where the app is built")
+    return key_digest(key)
+
+
+def build_application(cfg: PipelineConfig, cpus: float, gpus: float) -> Application:
+    """The Serve application for a config, sized for a cluster with `cpus` and `gpus`."""
+    if cfg.serve.engine == "vllm":
+        from llm.serve.vllm import build_vllm_app
+
+        return build_vllm_app(cfg, model_dirs(cfg), deployment_options(cfg.serve, cpus, gpus))
+    options = deployment_options(cfg.serve, cpus, gpus)
+    deployment: Any = LLMServer  # a serve.Deployment; the decorator's type is lost to mypy
+    return deployment.options(**options).bind(model_dirs(cfg), cfg.serve.model_dump(mode="json"),
+                                             api_key_digest(cfg.serve))
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve's application builder: `args` are `config` (a cluster file) and `overrides` (dotted keys)."""
+    from llm.sizing import derive
+
+    unknown = set(args) - {"config", "overrides"}
+    if unknown:
+        raise ConfigError(f"serve app args: unknown {sorted(unknown)}; expected config and overrides")
+    loaded: LoadedConfig = load_config(args.get("config"), list(args.get("overrides") or []))
+    sizing = derive(loaded)
+    return build_application(loaded.llm, sizing.cluster_cpus, sizing.cluster_gpus)

@@ -1,0 +1,95 @@
+"""The running batch of continuous batching: a left-padded KV cache shared by every sequence in flight.
+
+Rows join after their own prefill (their caches are left-padded to a common length and concatenated),
+decode together one token per forward pass, and leave when done. Left padding keeps every row's newest
+token in the last column, so one decode step is one `(rows, 1)` forward for the whole batch; the
+attention mask hides the padding and explicit position ids keep each row's positions its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]  # F.pad lists dims from the last backwards
+    return F.pad(t, pad)
+
+
+class PaddedBatch:
+    """KV cache, attention mask and positions of the rows decoding together."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.device = next(model.parameters()).device
+
+    @property
+    def rows(self) -> int:
+        return int(self.mask.shape[0])
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> tuple[torch.Tensor, list[Any]]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True)
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return out.logits.float(), layers
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+        """Run new prompts (left-padded together), append them as rows; returns logits `(new, len, vocab)`.
+
+        Logits at padded positions are garbage; a row's real positions are its last `len(prompt)` ones.
+        """
+        length = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], dtype=torch.long)
+        mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits, kv = self._forward(ids, mask, positions, None)
+        self._append(kv, mask)
+        return logits
+
+    def _append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        if not self.rows:
+            self.kv, self.mask = kv, mask
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        self.kv = [(torch.cat([_left_pad(k0, length, 2), _left_pad(k1, length, 2)]),
+                    torch.cat([_left_pad(v0, length, 2), _left_pad(v1, length, 2)]))
+                   for (k0, v0), (k1, v1) in zip(self.kv, kv, strict=True)]
+        self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
+
+    @torch.inference_mode()
+    def decode(self, last_tokens: list[int]) -> torch.Tensor:
+        """Feed each row's newest token; returns next-token logits `(rows, vocab)`."""
+        ids = torch.tensor(last_tokens, dtype=torch.long)[:, None]
+        positions = self.mask.sum(1, keepdim=True)  # real tokens so far = this token's position
+        mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
+        logits, self.kv = self._forward(ids, mask, positions, self.kv)
+        self.mask = mask
+        return logits[:, -1]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order), then drop columns that are padding in every row left."""
+        if len(rows) == self.rows:
+            return
+        if not rows:
+            self.kv, self.mask = [], torch.zeros(0, 0, dtype=torch.long)
+            return
+        index = torch.tensor(rows, dtype=torch.long)
+        mask = self.mask.index_select(0, index)
+        start = int((mask.sum(0) > 0).nonzero()[0])  # first column some remaining row attends to
+        self.mask = mask[:, start:]
+        dev_index = index.to(self.device)
+        self.kv = [(k.index_select(0, dev_index)[:, :, start:], v.index_select(0, dev_index)[:, :, start:])
+                   for k, v in self.kv]

@@ -1,0 +1,102 @@
+"""The serve stage: deploy the chosen model on Ray Serve and record the endpoint.
+
+On a cluster the application stays up after the command (Serve's controller is detached; `serve status`
+shows it). Where the command started Ray itself, Ray ends with the process, so the command keeps the
+endpoint up in the foreground until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from llm.config import PipelineConfig
+from llm.stage import StageResult, execute
+
+ENDPOINT = "endpoint.json"
+
+
+def _started_ray_here() -> bool:
+    """Whether this process started the Ray it is connected to (its node is a head, not a connection)."""
+    from ray._private import worker  # private: Ray offers no public "did I start this cluster" call
+
+    node = getattr(worker, "_global_node", None)
+    return bool(node is not None and getattr(node, "head", False))
+
+
+def base_url(cfg: PipelineConfig) -> str:
+    """The URL clients use (`0.0.0.0` binds everywhere; locally it is reached on 127.0.0.1)."""
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    return f"http://{host}:{cfg.serve.port}/v1"
+
+
+def curl_example(cfg: PipelineConfig, model: str) -> str:
+    """A ready-to-paste request against the endpoint."""
+    auth = f' -H "Authorization: Bearer ${cfg.serve.api_key_env}"' if cfg.serve.api_key_env else ""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32})
+    return f"curl -s {base_url(cfg)}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+
+
+def deploy(cfg: PipelineConfig) -> dict[str, Any]:
+    """Deploy (or update) the application on the connected Ray; returns what was deployed."""
+    import ray
+    from ray import serve
+
+    from llm.serve.app import APP_NAME, build_application, http_options, model_dirs
+
+    resources = ray.cluster_resources()
+    app = build_application(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+    serve.start(http_options=http_options(cfg.serve))
+    t0 = time.perf_counter()
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    models = model_dirs(cfg)
+    return {"url": base_url(cfg), "models": models, "engine": cfg.serve.engine,
+            "ready_s": round(time.perf_counter() - t0, 3)}
+
+
+def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
+    """Serve the chosen model (or `serve.model`) behind the OpenAI-compatible API.
+
+    Always deploys: serving is a state of the cluster, not a file, so a matching manifest cannot prove
+    the endpoint is up. `force` is accepted for the stage contract. The manifest records the endpoint.
+    """
+    from llm.raycluster import connect
+    from llm.serve.app import model_dirs
+    from llm.serve.vllm import require_vllm
+
+    del force
+    if cfg.serve.engine == "vllm":
+        require_vllm()
+    models = model_dirs(cfg)  # a missing model is a config error before Ray starts
+    print(f"serve: {', '.join(f'{k} <- {v}' for k, v in models.items())}", flush=True)
+    connect(cfg, log_to_driver=False)  # per-request logs stay in Serve's replica logs
+    started_here = _started_ray_here()
+
+    def body(folder: Path) -> dict[str, Any]:
+        info = deploy(cfg)
+        (folder / ENDPOINT).write_text(json.dumps(info, indent=2))
+        return info
+
+    result = execute(cfg, "serve", body, sections=("serve",), force=True)
+    name = next(iter(models))
+    print(f"serve: ready in {result.metrics['ready_s']:.1f}s at {base_url(cfg)} (models: {', '.join(models)})\n"
+          f"  {curl_example(cfg, name)}", flush=True)
+    if cfg.serve.foreground if cfg.serve.foreground is not None else started_here:
+        _hold()
+    return result
+
+
+def _hold() -> None:
+    """Keep this process (and the Ray it started) alive until Ctrl-C, then shut Serve down."""
+    from ray import serve
+
+    print("serve: running in the foreground; Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("serve: shutting down", flush=True)
+    finally:
+        serve.shutdown()

@@ -1,0 +1,42 @@
+"""Fixtures for serving tests: a tiny 2-layer, 64-wide Llama with a BPE tokenizer trained here on Python's
+help topics, saved with `save_pretrained` once per session (no network, no model hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+VOCAB = 384
+CONTEXT = 128
+
+
+def build_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """Train a byte-level BPE, build a tiny llama from `ModelConfig`, save both to `folder`."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llm.config import ModelConfig
+    from llm.train.model import build_model
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([topics[k] for k in sorted(topics)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
+    spec = ModelConfig(arch="llama", n_layers=2, d_model=64, n_heads=4, context=CONTEXT)
+    model = build_model(spec, VOCAB, seed=seed, tokenizer=fast)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    fast.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny causal LM directory shared by the whole session."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
