@@ -40,3 +40,49 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny causal LM directory shared by the whole session."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_overrides(model_dir: Path, port: int, *extra: str) -> list[str]:
+    """Dotted overrides that serve `model_dir` as `tiny` on `port`, one replica, never in the foreground."""
+    return [f"serve.model={model_dir}", "serve.name=tiny", f"serve.port={port}", "serve.min_replicas=1",
+            "serve.max_replicas=1", "serve.foreground=false", *extra]
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """The port of this session's Serve proxy (free, so parallel sessions on one machine do not clash)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def served(ray_session, tiny_model_dir: Path, serve_port: int, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model deployed by the serve stage itself (`llm.serve.stage.run`); yields the stage result."""
+    from ray import serve
+
+    from llm.serve.stage import run
+    from tests.conftest import tiny_config
+
+    loaded = tiny_config(tmp_path_factory.mktemp("serve"), *serve_overrides(tiny_model_dir, serve_port))
+    result = run(loaded.llm)
+    yield result
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def base_url(served) -> str:
+    return str(served.metrics["url"])
+
+
+@pytest.fixture
+def client(base_url: str):
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
