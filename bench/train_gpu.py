@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     import torch
 
-    from llm.train.data import synthetic_batches
-    from llm.train.loop import LocalRuntime, LoopSpec, run_loop
+    from llm.train.data import synthetic_rows, write_rows
+    from llm.train.loop import LoopSpec, run_loop
+    from llm.train.runtime import LocalRuntime
 
     if args.tiny:
         model, vocab, seq = ModelConfig(arch="gpt2", n_layers=2, d_model=64, n_heads=4, context=64), 512, 64
@@ -48,13 +49,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train = TrainConfig(max_steps=steps, micro_batch_size=args.micro, grad_accum=args.accum, zero_stage=args.zero,
                         precision=args.precision, lr=ScheduleConfig(kind="cosine", peak=6e-4, warmup_steps=2),
                         checkpoint_every=10**6, eval_every=10**6, log_every=max(1, steps // 10), max_failures=0)
-    batches_needed = steps * args.accum + 1
+    rows_needed = (steps * args.accum + 1) * args.micro
     with tempfile.TemporaryDirectory(prefix="llmray-bench-gpu-") as tmp:
-        rt = LocalRuntime(lambda split, rows: synthetic_batches(vocab, seq, rows, batches_needed if split == "train"
-                                                                else 0))
+        files = write_rows(synthetic_rows(vocab, seq, rows_needed), Path(tmp) / "shards")
         spec = LoopSpec(train=train.model_dump(mode="json"), model=model.model_dump(mode="json"), vocab_size=vocab,
-                        seq_len=seq, out_dir=tmp, export=False)
-        run_loop(spec, rt)
+                        seq_len=seq, train_files=files, out_dir=tmp, export=False)
+        run_loop(spec, LocalRuntime())
         records = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines() if x.strip()]
     timed = records[WARMUP:]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

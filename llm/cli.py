@@ -38,8 +38,14 @@ def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]
 
 
 def cmd_validate(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
+    from llm.pipeline import stages_to_run
+
     assert loaded is not None
-    stages = ", ".join(loaded.llm.enabled_stages())
+    where = f" in {loaded.path}"
+    try:
+        stages = ", ".join(stages_to_run(loaded.llm))
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
     print(f"{loaded.path}: valid (Ray cluster config and metadata.llm); run {loaded.llm.run!r}, stages: {stages}")
     return 0
 
@@ -74,6 +80,8 @@ def cmd_schema(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
 
 
 def _print_result(result) -> None:  # noqa: ANN001
+    if result.kept_aside:
+        print(f"{result.stage}: the earlier output is kept at {result.kept_aside}")
     if result.skipped:
         print(f"{result.stage}: skipped, its manifest matches the config and inputs ({result.path}); --force reruns")
 

@@ -26,3 +26,25 @@ class DataError(LLMRayError):
     unknown file type, a tokenizer directory that does not load. Per-record problems are counted instead."""
 
     exit_code = 4
+
+
+class StaleOutputError(LLMRayError):
+    """A committed stage folder was made for another config and `on_change: refuse` keeps it."""
+
+    exit_code = 5
+
+
+class ClusterError(LLMRayError):
+    """Ray could not be reached, or the cluster did not reach the planned size in time."""
+
+    exit_code = 6
+
+
+class TrainingError(LLMRayError):
+    """Training stopped: a worker failed (the full trace is in the stage's log file) or the loss diverged."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, log: str | None = None) -> None:
+        super().__init__(message + (f" (full trace: {log})" if log else ""))
+        self.log = log

@@ -58,6 +58,7 @@ def load(path: Path, overrides: list[str]) -> LoadedConfig:
     except ValidationError as e:
         raise ConfigError(f"{_describe(e)} in {where}") from None
     cfg.storage = _resolve_storage(cfg.storage)
+    cfg._cluster = cluster
     loaded = LoadedConfig(path=path, cluster=cluster, llm=cfg)
     from llm.sizing import cross_check
 

@@ -32,6 +32,8 @@ class Manifest:
     inputs: dict[str, str]
     metrics: dict[str, Any]
     files: dict[str, dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
+    """The hashed config itself, so a changed config can name the keys that changed."""
     version: str = llm.__version__
     commit: str | None = None
     created: float = field(default_factory=time.time)
@@ -71,14 +73,14 @@ def _git_commit() -> str | None:
 
 
 def write_manifest(folder: str | Path, stage: str, config_hash: str, inputs: dict[str, str],
-                   metrics: dict[str, Any]) -> Manifest:
+                   metrics: dict[str, Any], config: dict[str, Any] | None = None) -> Manifest:
     """Commit `folder`: hash its files, then write the manifest to a temp file and rename it into place.
 
     `os.replace` is atomic on POSIX, so a reader sees either no manifest or a whole one.
     """
     folder = Path(folder)
     manifest = Manifest(stage=stage, config_hash=config_hash, inputs=dict(inputs), metrics=metrics,
-                        files=list_files(folder), commit=_git_commit())
+                        files=list_files(folder), config=config or {}, commit=_git_commit())
     fd, tmp = tempfile.mkstemp(prefix=f"{MANIFEST}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:

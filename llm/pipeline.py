@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from llm.config import PipelineConfig
+from llm.config import LLM_PREFIX, PipelineConfig
+from llm.errors import ConfigError
 from llm.stage import StageResult
 
 # Stage name -> "module:function" of its `run(cfg, force) -> StageResult`, in pipeline order.
@@ -13,6 +14,17 @@ STAGES: dict[str, str] = {
     "data": "llm.data.stage:run",
     "pretrain": "llm.train.stage:run",
 }
+
+
+def stages_to_run(cfg: PipelineConfig) -> list[str]:
+    """The enabled stages `llmray run` will run, in order; an enabled stage this version does not have is
+    an error before any work starts (what `llmray validate` reports too)."""
+    missing = [name for name in cfg.enabled_stages() if name not in STAGES]
+    if missing:
+        keys = ", ".join(f"{LLM_PREFIX}.{name}.enabled" for name in missing)
+        raise ConfigError(f"{keys}: the {', '.join(missing)} stage{'s are' if len(missing) > 1 else ' is'} not "
+                          f"built in this version of llmray (stages: {', '.join(STAGES)}); set enabled: false")
+    return [name for name in STAGES if name in cfg.enabled_stages()]
 
 
 def stage_runner(name: str):  # noqa: ANN201 - returns the stage's run function
@@ -29,8 +41,4 @@ def run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageResul
 
 def run_pipeline(cfg: PipelineConfig, force: bool = False) -> list[StageResult]:
     """Run every enabled stage in order; `force` reruns stages whose manifests match."""
-    results = []
-    for name in STAGES:
-        if getattr(cfg, name).enabled:
-            results.append(run_stage(cfg, name, force=force))
-    return results
+    return [run_stage(cfg, name, force=force) for name in stages_to_run(cfg)]

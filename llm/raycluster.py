@@ -6,6 +6,22 @@ import os
 from typing import Any
 
 from llm.config import PipelineConfig
+from llm.errors import ClusterError
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _running_gcs() -> list[str]:
+    """GCS addresses of Ray clusters running on this machine (what `ray.init(address="auto")` would join)."""
+    from ray._private import services
+
+    try:
+        return sorted(services.find_gcs_addresses())
+    except Exception:  # a process table we cannot read: behave as if none were running
+        return []
 
 
 def connect(cfg: PipelineConfig, **init_kwargs: Any) -> None:
@@ -14,6 +30,8 @@ def connect(cfg: PipelineConfig, **init_kwargs: Any) -> None:
     Order: `ray.address` from the config, else `RAY_ADDRESS` (set inside `ray job submit`), else a
     cluster already running on this machine, else a new local Ray with `ray.num_cpus` logical CPUs
     (more than the cores, so Train workers and Ray Data's tasks both get scheduled on 2 cores).
+    A cluster that exists but refuses the connection (token auth, a different Ray version) is an error
+    that says why, never a silent private cluster beside it.
     """
     import ray
 
@@ -23,11 +41,76 @@ def connect(cfg: PipelineConfig, **init_kwargs: Any) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": True, **init_kwargs}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as e:
+            raise ClusterError(f"cannot connect to the Ray cluster at {address} (ray.address / RAY_ADDRESS): "
+                               f"{_first_line(e)}{_auth_hint(e)}") from None
         return
-    try:
-        ray.init(address="auto", **kwargs)
+    running = _running_gcs()
+    if running:
+        try:
+            ray.init(address="auto", **kwargs)
+        except Exception as e:
+            raise ClusterError(f"a Ray cluster is running on this machine ({', '.join(running)}) but connecting "
+                               f"to it failed: {_first_line(e)}{_auth_hint(e)}; fix that, or `ray stop` it to let "
+                               "llmray start its own") from None
         return
-    except (ConnectionError, RuntimeError, ValueError):
-        pass
     ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+
+
+def _auth_hint(e: BaseException) -> str:
+    text = str(e).lower()
+    if "auth" in text or "token" in text or "unauthenticated" in text:
+        return " (token auth: set RAY_AUTH_MODE=token and make ~/.ray/auth_token the cluster's token)"
+    if "version" in text:
+        return " (the driver's Ray and Python versions must match the cluster's)"
+    return ""
+
+
+def reserve(sizing: Any, timeout_s: float, stage: str) -> None:
+    """Ask Ray for the planned workers' resources and wait until they exist.
+
+    A placement group with one bundle per worker is a resource request the autoscaler acts on (it starts
+    GPU nodes whose `min_workers` is 0); the group is removed once ready, and Ray Train's own group takes
+    the same room. Waiting shows a live line with what is missing; past `timeout_s` it is an error naming
+    the shortfall, not a smaller run with a different global batch.
+    """
+    import sys
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    kwargs = sizing.scaling_config_kwargs()
+    bundles = [dict(kwargs["resources_per_worker"]) for _ in range(kwargs["num_workers"])]
+    strategy = kwargs["placement_strategy"]
+    want = f"{len(bundles)} workers x {bundles[0]}" if bundles else "nothing"
+    pg = placement_group(bundles, strategy=strategy, name=f"llmray-{stage}-reserve")
+    t0, shown = time.monotonic(), False
+    try:
+        while not _ready(pg, 5.0):
+            waited = time.monotonic() - t0
+            have = ray.cluster_resources()
+            line = (f"[{stage}] waiting for the cluster: {want} ({strategy}); it has {have.get('CPU', 0):g} CPUs, "
+                    f"{have.get('GPU', 0):g} GPUs now; {waited:.0f}s of {timeout_s:.0f}s")
+            sys.stdout.write("\r" + line)
+            sys.stdout.flush()
+            shown = True
+            if waited >= timeout_s:
+                raise ClusterError(
+                    f"{stage}: the cluster did not reach the planned {want} ({strategy}) within "
+                    f"{timeout_s:.0f}s (ray.resource_timeout_s); it has {have.get('CPU', 0):g} CPUs and "
+                    f"{have.get('GPU', 0):g} GPUs. Check the autoscaler and max_workers of the node types, "
+                    "or lower the stage's sizing.workers (and global_batch_size) on purpose")
+    finally:
+        if shown:
+            sys.stdout.write("\n")
+        remove_placement_group(pg)
+
+
+def _ready(pg: Any, seconds: float) -> bool:
+    import ray
+
+    ready, _ = ray.wait([pg.ready()], timeout=seconds)
+    return bool(ready)

@@ -211,13 +211,8 @@ def check_live(sizing: Sizing) -> list[str]:
     return missing
 
 
-def live_train_sizing(cfg: PipelineConfig, override: SizingOverride) -> TrainSizing:
-    """Train sizing from the connected Ray cluster's alive nodes, for a stage that holds only a
-    `PipelineConfig` (the CLI passes `loaded.llm`); the stage's `sizing` overrides win as in `derive`."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    shapes = [NodeShape(n.get("NodeID", "node")[:8], float(n["Resources"].get("CPU", 0)),
-                        float(n["Resources"].get("GPU", 0)), 1) for n in nodes]
-    return _train_sizing(ClusterShape(shapes or [NodeShape("local", float(cfg.ray.num_cpus or 1), 0.0, 1)],
-                                      local=True), override)
+def planned(cfg: PipelineConfig) -> Sizing:
+    """The sizing `llmray plan` prints, from the cluster file the config was loaded with (`{}`, this
+    machine, for a config built in code). Stages size themselves from this, never from the nodes that
+    happen to be alive: on a cluster whose GPU nodes start on demand, only the head is up at job start."""
+    return derive(LoadedConfig(path=".", cluster=cfg.cluster(), llm=cfg))

@@ -8,7 +8,6 @@ committed ones (with a whole manifest) are ever read.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.config import PipelineConfig
-from llm.errors import StageInputError
+from llm.errors import StageInputError, StaleOutputError
 from llm.manifest import MANIFEST, canonical_hash, is_done, manifest_hash, read_manifest, write_manifest
 
 # Written when a stage's body starts, removed before the manifest: which config a partial folder is for.
@@ -40,6 +39,8 @@ class StageResult:
     skipped: bool
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    kept_aside: str | None = None
+    """Where an earlier output of this stage was moved before this run (never deleted)."""
 
 
 def local_dir(uri: str) -> Path:
@@ -61,9 +62,46 @@ def input_dir(cfg: PipelineConfig, stage: str) -> Path:
     return folder
 
 
+def hashed_config(cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
+    """The output-changing fields of the config sections a stage depends on (see `Section.NOT_HASHED`)."""
+    return {name: getattr(cfg, name).hashed() for name in sections}
+
+
 def config_hash(cfg: PipelineConfig, *sections: str) -> str:
-    """Hash of the config sections a stage depends on (its own and any it reads)."""
-    return canonical_hash({name: getattr(cfg, name).model_dump(mode="json") for name in sections})
+    """Hash of the output-changing fields of the sections a stage depends on."""
+    return canonical_hash(hashed_config(cfg, *sections))
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two hashed configs."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename `folder` to `<name>.<UTC time>` beside it (never delete: it may hold a finished run)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = folder.with_name(f"{folder.name}.{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.{stamp}-{n}")
+    folder.rename(aside)
+    return aside
+
+
+def _why_stale(manifest: Any, hashed: dict[str, Any], inputs: dict[str, str], force: bool) -> str:
+    if force:
+        return "--force"
+    keys = changed_keys(manifest.config, hashed) if manifest.config else ["(config of an older llmray)"]
+    keys += [f"input {name}" for name in inputs if manifest.inputs.get(name) != inputs[name]]
+    return "changed: " + ", ".join(keys or ["inputs"])
 
 
 def execute(
@@ -75,34 +113,48 @@ def execute(
     inputs: tuple[str, ...] = (),
     force: bool = False,
     keep_partial: bool = False,
+    on_set_aside: Callable[[Path, Path], None] | None = None,
 ) -> StageResult:
     """Run `body(folder)` unless a matching manifest says it is done, then commit the folder.
+
+    A committed folder for another config (or `force`) is moved aside, never deleted; with
+    `cfg.on_change: refuse` the stage stops instead, naming the changed keys. A partial folder is resumed
+    when it was started for this very config and these inputs, and otherwise moved aside too.
 
     Args:
         cfg: the pipeline config.
         stage: the stage's folder name.
         body: writes the stage's outputs into the folder and returns its metrics.
-        sections: config sections whose values change the outputs (hashed into the manifest).
+        sections: config sections whose output-changing fields are hashed into the manifest.
         inputs: earlier stages read; their manifest hashes are recorded and compared.
         force: rerun even when the manifest matches, and start over even from a resumable folder.
-        keep_partial: keep an uncommitted folder's contents when it was started for the same config
-            and inputs (a training stage resumes from them); otherwise the folder is cleared first.
+        keep_partial: resume an uncommitted folder started for the same config and inputs (training).
+        on_set_aside: called with (old, new) path when the folder is moved aside, before `body` runs.
     """
     folder = local_dir(cfg.stage_dir(stage))
     input_hashes = {name: manifest_hash(input_dir(cfg, name)) or "" for name in inputs}
-    digest = config_hash(cfg, *sections)
+    hashed = hashed_config(cfg, *sections)
+    digest = canonical_hash(hashed)
     if not force and is_done(folder, digest, input_hashes):
         manifest = read_manifest(folder)
         return StageResult(stage, str(folder), skipped=True, metrics=manifest.metrics if manifest else {})
     attempt = {"config_hash": digest, "inputs": input_hashes}
+    aside: Path | None = None
     if folder.exists():
-        # A partial folder is resumed only when it was started for this very config and these inputs;
-        # a committed folder for another config, or a partial one of another attempt, starts over.
-        resumable = (keep_partial and not force and not (folder / MANIFEST).exists()
-                     and _read_attempt(folder) == attempt)
-        (folder / MANIFEST).unlink(missing_ok=True)  # uncommit first: a crash below leaves it incomplete
-        if not resumable:
-            shutil.rmtree(folder)
+        committed = read_manifest(folder)
+        if committed is not None:
+            why = _why_stale(committed, hashed, input_hashes, force)
+            if cfg.on_change == "refuse" and not force:
+                raise StaleOutputError(f"{folder}: committed for another config ({why}); rerun with --force "
+                                       "(the committed folder is kept aside) or set on_change: keep")
+            aside = set_aside(folder)
+            print(f"{stage}: {why}; the committed output was kept at {aside}", flush=True)
+        elif not (keep_partial and not force and _read_attempt(folder) == attempt):
+            (folder / MANIFEST).unlink(missing_ok=True)  # a torn manifest: no half commit travels along
+            aside = set_aside(folder)
+            print(f"{stage}: an unfinished run of another config was moved to {aside}", flush=True)
+        if aside is not None and on_set_aside is not None:
+            on_set_aside(folder, aside)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ATTEMPT).write_text(json.dumps(attempt, sort_keys=True))
     t0 = time.perf_counter()
@@ -110,5 +162,6 @@ def execute(
     seconds = time.perf_counter() - t0
     metrics = {**metrics, "seconds": round(seconds, 3)}
     (folder / ATTEMPT).unlink(missing_ok=True)
-    write_manifest(folder, stage, digest, input_hashes, metrics)
-    return StageResult(stage, str(folder), skipped=False, metrics=metrics, seconds=seconds)
+    write_manifest(folder, stage, digest, input_hashes, metrics, config=hashed)
+    return StageResult(stage, str(folder), skipped=False, metrics=metrics, seconds=seconds,
+                       kept_aside=str(aside) if aside else None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -102,6 +102,8 @@ class SftConfig(Section):
 
 class DataConfig(Section):
     """Data stage: read, clean, dedup, train a tokenizer, tokenize and pack, format SFT data."""
+
+    NOT_HASHED: ClassVar[frozenset[str]] = frozenset({"enabled", "parallelism", "max_errored_blocks"})
 
     enabled: bool = True
     """Run this stage in `llmray run`."""

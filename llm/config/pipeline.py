@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from llm.config.base import STAGE_SECTIONS, Section
 from llm.config.compress import CompressConfig
@@ -23,6 +23,9 @@ class RayConfig(Section):
     num_cpus: int | None = Field(None, ge=1)
     """Logical CPUs of a Ray started by the stage itself. More than the cores (Ray's testing tip) so that
     Train workers do not starve Ray Data's read tasks on small machines."""
+    resource_timeout_s: float = Field(900.0, gt=0)
+    """How long a training stage waits for the cluster to reach its planned size (the autoscaler starting
+    GPU nodes) before failing with the shortfall, instead of training on fewer workers."""
 
 
 class PlanConfig(Section):
@@ -42,6 +45,10 @@ class PipelineConfig(Section):
     storage: str
     """Local path or URI (s3://, gs://) under which `<run>/<stage>/` folders are written. `~` expands; a
     relative path is resolved against the working directory."""
+    on_change: Literal["keep", "refuse"] = "keep"
+    """When a stage's output-changing config (or its input) differs from its committed folder's: `keep`
+    moves the committed folder aside (`<stage>.<time>`, printed) and reruns; `refuse` stops with the
+    changed keys. Nothing committed is ever deleted."""
     ray: RayConfig = Field(default_factory=RayConfig)
     """How stages reach Ray."""
     plan: PlanConfig = Field(default_factory=PlanConfig)
@@ -59,6 +66,9 @@ class PipelineConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     """Serving stage."""
 
+    _cluster: dict[str, Any] | None = PrivateAttr(None)
+    """The Ray half of the cluster file this config came from: the sizing source at run time."""
+
     @model_validator(mode="after")
     def _context_fits(self) -> PipelineConfig:
         if self.pretrain.model.path is None and self.pretrain.model.context < self.data.seq_len:
@@ -70,6 +80,10 @@ class PipelineConfig(Section):
     def enabled_stages(self) -> list[str]:
         """Names of the stage sections with `enabled: true`, in pipeline order."""
         return [name for name in STAGE_SECTIONS if getattr(self, name).enabled]
+
+    def cluster(self) -> dict[str, Any]:
+        """The cluster file's Ray half (node types); `{}` for a config not loaded from a file."""
+        return self._cluster or {}
 
     def stage_dir(self, stage: str) -> str:
         """`<storage>/<run>/<stage>`: the only place a stage writes."""

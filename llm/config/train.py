@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -69,6 +69,8 @@ class ScheduleConfig(Section):
 class SizingOverride(Section):
     """Per-stage overrides of what is derived from the cluster's node types."""
 
+    NOT_HASHED: ClassVar[frozenset[str]] = frozenset({"cpus_per_worker", "placement_strategy"})
+
     workers: int | None = Field(None, ge=0)
     """Ray Train workers (0 runs the loop in the driver); default: one per GPU, else derived from CPUs."""
     cpus_per_worker: float | None = Field(None, gt=0)
@@ -82,6 +84,11 @@ class SizingOverride(Section):
 
 class TrainConfig(Section):
     """Fields shared by pretraining and fine-tuning: the one train loop's knobs."""
+
+    NOT_HASHED: ClassVar[frozenset[str]] = frozenset({
+        "enabled", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "max_failures",
+        "tensorboard", "mlflow_uri",
+    })
 
     enabled: bool = True
     """Run this stage in `llmray run`."""
@@ -115,8 +122,8 @@ class TrainConfig(Section):
     """Raw DeepSpeed config merged last over the generated one; still validated."""
     checkpoint_every: int = Field(200, ge=1)
     """Save a DeepSpeed checkpoint every this many steps (and at the end)."""
-    keep_checkpoints: int = Field(2, ge=1)
-    """Checkpoints kept by Ray Train."""
+    keep_checkpoints: int = Field(2, ge=2)
+    """Whole checkpoints kept (across restarts). At least two: a damaged newest one falls back to the one before."""
     eval_every: int = Field(200, ge=1)
     """Validation loss every this many steps (and at the end)."""
     eval_batches: int = Field(20, ge=1)
@@ -133,6 +140,11 @@ class TrainConfig(Section):
     """Also log to this MLflow tracking URI."""
     sizing: SizingOverride = Field(default_factory=SizingOverride)
     """Overrides of the cluster-derived worker sizing."""
+    init_from: str | None = None
+    """Continue on purpose from earlier training: a stage folder (its newest whole checkpoint, else its
+    `model/`), one checkpoint folder (weights, optimizer and step: raise `max_steps` to train further; the
+    data position carries over only when the data is the same), or a Hugging Face model directory (weights
+    only). Editing the config never continues a finished run by itself."""
 
     @model_validator(mode="after")
     def _offload(self) -> TrainConfig:

@@ -1,22 +1,33 @@
-"""Checkpoints: DeepSpeed's own `save_checkpoint` plus the loop's position and each rank's RNG.
+"""Checkpoints: DeepSpeed's own `save_checkpoint` plus the loop's position and each rank's RNG, each rank's
+part committed by a file list written last, and a checkpoint loaded only when every part is whole.
 
 Layout of one checkpoint folder (every rank writes its part; Ray Train merges the ranks' folders):
-    ds/            DeepSpeed tag folder: model, optimizer (ZeRO partitions per rank)
-    latest         DeepSpeed's pointer to the tag
+    ds/              DeepSpeed tag folder: model, optimizer (ZeRO partitions per rank)
+    latest           DeepSpeed's pointer to the tag
     zero_to_fp32.py  DeepSpeed's consolidation script (rank 0 copies it in)
-    loop_state.json  step, epoch, data position, tokens seen (rank 0)
+    loop_state.json  step, epoch, data position, tokens seen, world size (rank 0)
     rng_rank<r>.pt   torch CPU/CUDA generator states of rank r
     rng_rank<r>.json python `random` state of rank r
+    _COMMIT_rank<r>.json  every file rank r wrote with size and sha256, written last by that rank
+
+A checkpoint is whole when the commit files of ranks 0..world_size-1 are all there and every file they
+list has its recorded size and checksum. Anything else (a kill during the copy into storage, a truncated
+or edited file) makes it damaged: the run names the file, sets the folder aside and loads the previous one.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm.manifest import file_sha256
+
 TAG = "ds"
+COMMIT = "_COMMIT_rank{rank}.json"
+DAMAGED_SUFFIX = ".damaged"
 
 
 def save(engine: Any, folder: str | Path, state: dict[str, Any], rank: int) -> None:
@@ -33,6 +44,101 @@ def save(engine: Any, folder: str | Path, state: dict[str, Any], rank: int) -> N
     (folder / f"rng_rank{rank}.json").write_text(json.dumps(random.getstate()))
     if rank == 0:
         (folder / "loop_state.json").write_text(json.dumps(state))
+    commit_part(folder, rank)
+
+
+def commit_part(folder: Path, rank: int) -> None:
+    """Record every file this rank wrote into `folder` (its own temp folder), last."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith("_COMMIT_")}
+    tmp = folder / (COMMIT.format(rank=rank) + ".tmp")
+    tmp.write_text(json.dumps({"rank": rank, "files": files}, sort_keys=True))
+    tmp.replace(folder / COMMIT.format(rank=rank))
+
+
+def verify(folder: str | Path, checksums: bool = True) -> str | None:
+    """None when the checkpoint in `folder` is whole, else one line naming the file and what is wrong."""
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / "loop_state.json").read_text())
+        world = int(state.get("world_size", 1))
+    except FileNotFoundError:
+        return "loop_state.json: missing"
+    except (OSError, ValueError, TypeError) as e:
+        return f"loop_state.json: unreadable ({e})"
+    for rank in range(world):
+        commit = folder / COMMIT.format(rank=rank)
+        try:
+            files = json.loads(commit.read_text())["files"]
+        except FileNotFoundError:
+            return f"{commit.name}: missing (rank {rank}'s part was never committed)"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{commit.name}: unreadable ({e})"
+        for rel, meta in files.items():
+            path = folder / rel
+            if not path.is_file():
+                return f"{rel}: missing"
+            size = path.stat().st_size
+            if size != meta["size"]:
+                return f"{rel}: {size:,} bytes, {meta['size']:,} were written"
+            if checksums and file_sha256(path) != meta["sha256"]:
+                return f"{rel}: checksum differs from the one recorded at save"
+    return None
+
+
+def step_of(folder: str | Path) -> int:
+    """The loop step a checkpoint folder was saved at (-1 when unreadable)."""
+    try:
+        return int(json.loads((Path(folder) / "loop_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+@dataclass
+class Choice:
+    """The checkpoint a run resumes from, and the damaged ones passed over on the way."""
+
+    path: str | None
+    step: int
+    damaged: list[tuple[str, str]]
+    """(folder, problem) of each newer checkpoint that was not whole."""
+
+
+def candidates(root: str | Path) -> list[Path]:
+    """Checkpoint folders of every Ray Train attempt under `root`, newest step first."""
+    root = Path(root)
+    found = [p for p in root.glob("*/checkpoint_*") if p.is_dir() and not p.name.endswith((DAMAGED_SUFFIX, ".tmp"))]
+    return sorted(found, key=lambda p: (step_of(p), p.stat().st_mtime), reverse=True)
+
+
+def choose(root: str | Path, set_aside: bool = False, checksums: bool = True) -> Choice:
+    """The newest whole checkpoint under `root`; with `set_aside`, damaged ones are renamed `<name>.damaged`
+    so that no later attempt tries them again (never deleted: the bytes may matter to whoever debugs it)."""
+    damaged: list[tuple[str, str]] = []
+    for folder in candidates(root):
+        problem = verify(folder, checksums)
+        if problem is None:
+            return Choice(str(folder), step_of(folder), damaged)
+        if set_aside:
+            aside = folder.with_name(folder.name + DAMAGED_SUFFIX)
+            folder.rename(aside)
+            damaged.append((str(aside), problem))
+        else:
+            damaged.append((str(folder), problem))
+    return Choice(None, 0, damaged)
+
+
+def prune(root: str | Path, keep: int) -> list[str]:
+    """Delete whole checkpoints beyond the newest `keep` across attempts (Ray Train prunes only within one
+    attempt); damaged ones stay set aside. Returns the deleted folders."""
+    import shutil
+
+    whole = [p for p in candidates(root) if verify(p, checksums=False) is None]
+    gone = []
+    for folder in whole[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
+        gone.append(str(folder))
+    return gone
 
 
 def load(engine: Any, folder: str | Path, rank: int) -> dict[str, Any]:
@@ -44,7 +150,7 @@ def load(engine: Any, folder: str | Path, rank: int) -> dict[str, Any]:
                                           load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"{folder}: DeepSpeed found no checkpoint to load")
-    state = json.loads((folder / "loop_state.json").read_text())
+    state: dict[str, Any] = json.loads((folder / "loop_state.json").read_text())
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.exists():  # a different world size restores the model but not per-rank RNG streams
         rng = torch.load(rng_file, weights_only=True)

@@ -1,77 +1,231 @@
-"""Reading the data stage's packed shards: Ray Data for Train workers, pyarrow when Ray is absent.
+"""Reading training rows: each worker reads only its own slice of the parquet shards, and resume seeks.
 
-Order is deterministic (Ray Data's `preserve_order`), and every worker reads the same stream of
-global micro-batches and keeps its own rank's rows. That makes the data position one integer (global
-micro-batches consumed this epoch), so a resumed run neither repeats nor skips a batch, and a step
-consumes the same rows whatever the split between micro-batches and accumulation.
+The global order is the sorted shards' rows in order. Each epoch, rank r of W owns the contiguous slice
+[r*L, (r+1)*L) of that order, L = rows // W, and consumes it `micro` rows at a time. The data position is
+one integer, micro-batches consumed this epoch, the same on every rank (they step together), so a resumed
+run starts reading at (shard, row) = where that position falls, found from parquet footers alone: it
+neither re-reads nor skips a batch, and ingest per worker shrinks as workers are added.
+
+Why not Ray Data here: a Ray Data stream cannot start at a row without reading up to it, its
+`streaming_split` order is not reproducible, and each worker's own read pipeline cost ~20 s of task
+start-up on a small machine. The data stage writes these shards with Ray Data; training reads them with
+pyarrow on a background thread, which also works on `s3://` paths.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 COLUMN = "input_ids"
+Collate = Callable[[dict[str, list[Any]]], Any]
 
 
-def shard_files(data_dir: str | Path, split: str) -> list[str]:
-    """Sorted parquet shards of `data/packed/<split>/`."""
-    return sorted(str(p) for p in (Path(data_dir) / "packed" / split).glob("*.parquet"))
+def shard_files(data_dir: str | Path, split: str, kind: str = "packed") -> list[str]:
+    """Sorted parquet shards of `data/<kind>/<split>/`."""
+    return sorted(str(p) for p in (Path(data_dir) / kind / split).glob("*.parquet"))
 
 
-def stack_ids(batch: dict[str, Any]) -> Any:
-    """`collate_fn` for `iter_torch_batches`: a list<int32> column arrives as an object array of rows."""
+@dataclass(frozen=True)
+class ShardIndex:
+    """Row counts per shard and per row group, read from parquet footers (no data read)."""
+
+    files: list[str]
+    groups: list[list[int]]
+    """Rows of each row group, per file."""
+
+    @classmethod
+    def of(cls, files: list[str]) -> ShardIndex:
+        import pyarrow.parquet as pq
+
+        groups = []
+        for f in files:
+            meta = pq.ParquetFile(f).metadata
+            groups.append([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        return cls(list(files), groups)
+
+    @property
+    def rows(self) -> int:
+        return sum(sum(g) for g in self.groups)
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(shard index, row within the shard) of a global row."""
+        for i, groups in enumerate(self.groups):
+            n = sum(groups)
+            if row < n:
+                return i, row
+            row -= n
+        return len(self.files), 0
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    """What one rank reads: its slice of the global order, in micro-batches."""
+
+    index: ShardIndex
+    rank: int
+    world: int
+    micro: int
+
+    @property
+    def slice_rows(self) -> int:
+        return self.index.rows // self.world
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.slice_rows // self.micro
+
+    def start_row(self, position: int) -> int:
+        """Global row of this rank's next micro-batch after `position` micro-batches this epoch."""
+        return self.rank * self.slice_rows + position * self.micro
+
+    def where(self, position: int) -> dict[str, Any]:
+        """(shard, row) of this rank's next batch: what a checkpoint records for people to read."""
+        shard, row = self.index.locate(self.start_row(position))
+        name = Path(self.index.files[shard]).name if shard < len(self.index.files) else None
+        return {"shard": name, "row": row}
+
+
+def read_rows(index: ShardIndex, start: int, stop: int, columns: list[str]) -> Iterator[dict[str, list[Any]]]:
+    """Global rows [start, stop) as column dicts, one row group at a time; row groups before `start` are
+    skipped from the footer's counts, never read."""
+    import pyarrow.parquet as pq
+
+    base = 0
+    for path, groups in zip(index.files, index.groups, strict=True):
+        if base >= stop:
+            return
+        if base + sum(groups) <= start:
+            base += sum(groups)
+            continue
+        pf = pq.ParquetFile(path)
+        for g, n in enumerate(groups):
+            lo, hi = max(start - base, 0), min(stop - base, n)
+            if lo < hi:
+                table = pf.read_row_group(g, columns=columns).slice(lo, hi - lo)
+                yield {c: table.column(c).to_pylist() if c != COLUMN else _ids(table.column(c)) for c in columns}
+            base += n
+            if base >= stop:
+                return
+
+
+def _ids(col: Any) -> Any:
+    """A list<int32> column as a list of numpy rows without a Python object per token."""
+    chunks = col.chunks if hasattr(col, "chunks") else [col]
+    rows: list[Any] = []
+    for chunk in chunks:
+        offsets = chunk.offsets.to_numpy()
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        rows.extend(values[offsets[i]:offsets[i + 1]] for i in range(len(chunk)))
+    return rows
+
+
+def micro_batches(part: RankSlice, epoch: int, position: int, collate: Collate, columns: list[str],
+                  prefetch: int = 4) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, position after this batch, collated batch) forever, from `position` of `epoch` on; a
+    background thread reads ahead `prefetch` batches (pyarrow decodes without the GIL)."""
+    if part.batches_per_epoch < 1:
+        raise RuntimeError(f"train split has {part.index.rows} rows, fewer than micro_batch_size x workers "
+                           f"({part.micro} x {part.world})")
+    q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce() -> None:
+        e, pos = epoch, position
+        try:
+            while not stop.is_set():
+                lo = part.start_row(pos)
+                hi = part.start_row(part.batches_per_epoch)
+                pending: dict[str, list[Any]] = {c: [] for c in columns}
+                for block in read_rows(part.index, lo, hi, columns):
+                    for c in columns:
+                        pending[c].extend(block[c])
+                    while len(pending[columns[0]]) >= part.micro and not stop.is_set():
+                        batch = {c: v[:part.micro] for c, v in pending.items()}
+                        pending = {c: v[part.micro:] for c, v in pending.items()}
+                        pos += 1
+                        q.put((e, pos, collate(batch)))
+                e, pos = e + 1, 0
+        except BaseException as exc:  # surfaced in the consumer, with its own traceback
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="llmray-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while not q.empty():  # unblock a producer waiting on a full queue
+            q.get_nowait()
+
+
+def collate_packed(batch: dict[str, list[Any]]) -> dict[str, Any]:
+    """Packed rows are all `seq_len` long: inputs are their own labels, no padding, no mask needed."""
     import torch
 
-    ids = batch[COLUMN]
-    if ids.dtype == object:
-        ids = np.stack(ids)
-    return torch.from_numpy(ids.astype(np.int64, copy=False))
+    ids = torch.from_numpy(np.stack(batch[COLUMN]).astype(np.int64, copy=False))
+    return {"input_ids": ids, "labels": ids}
 
 
-def ray_datasets(data_dir: str | Path) -> dict[str, Any]:
-    """Lazy Ray datasets over the train and val shards (val only when it has shards). Under Ray Train the
-    order is kept by the trainer's `DataConfig(execution_options=...)`, which replaces these options."""
-    import ray.data
+def collate_padded(pad_id: int) -> Collate:
+    """Variable-length rows (SFT) padded to the longest in the batch: -100 labels and mask 0 on padding."""
+    def collate(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        import torch
 
-    out = {}
-    for split in ("train", "val"):
-        files = shard_files(data_dir, split)
-        if not files:
-            continue
-        ds = ray.data.read_parquet(files, columns=[COLUMN], shuffle=None)
-        ds.context.execution_options.preserve_order = True
-        out[split] = ds
-    return out
+        rows = [np.asarray(r, dtype=np.int64) for r in batch[COLUMN]]
+        labels = [np.asarray(r, dtype=np.int64) for r in batch.get("labels", rows)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        lab = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
+            ids[i, :len(r)] = torch.from_numpy(r)
+            lab[i, :len(lb)] = torch.from_numpy(lb)
+            mask[i, :len(r)] = 1
+        return {"input_ids": ids, "labels": lab, "attention_mask": mask}
+    return collate
 
 
 def parquet_batches(files: list[str], rows: int) -> Iterator[Any]:
-    """Global micro-batches of `rows` sequences straight from parquet (no Ray): one epoch, last partial
-    batch dropped, streaming one record batch at a time."""
+    """Batches of `rows` packed sequences (tensors) straight from parquet: one epoch, last partial batch
+    dropped. Validation reads its few batches this way."""
+    index = ShardIndex.of(files)
+    stop = index.rows - index.rows % rows
+    pending: list[Any] = []
+    for block in read_rows(index, 0, stop, [COLUMN]):
+        pending.extend(block[COLUMN])
+        while len(pending) >= rows:
+            yield collate_packed({COLUMN: pending[:rows]})["input_ids"]
+            pending = pending[rows:]
+
+
+def synthetic_rows(vocab: int, seq_len: int, rows: int, seed: int = 0) -> Any:
+    """Random token rows (benchmarks without a data stage)."""
+    return np.random.default_rng(seed).integers(0, vocab, size=(rows, seq_len), dtype=np.int32)
+
+
+def write_rows(rows: Any, folder: str | Path, shards: int = 4) -> list[str]:
+    """Write int32 token rows as packed parquet shards (benchmarks and tests)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
-    pending: list[np.ndarray] = []
-    have = 0
-    for path in files:
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=max(rows, 256), columns=[COLUMN]):
-            col = rb.column(0)
-            arr = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
-            pending.append(arr)
-            have += len(arr)
-            while have >= rows:
-                block = np.concatenate(pending)
-                yield torch.from_numpy(block[:rows].astype(np.int64))
-                pending, have = [block[rows:]], len(block) - rows
-
-
-def synthetic_batches(vocab: int, seq_len: int, rows: int, batches: int, seed: int = 0) -> Iterator[Any]:
-    """Random token batches (benchmarks without a data stage)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(batches):
-        yield torch.randint(0, vocab, (rows, seq_len), generator=gen)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, part in enumerate(np.array_split(np.asarray(rows, dtype=np.int32), shards)):
+        path = folder / f"part-{i:05d}.parquet"
+        flat = pa.array(part.reshape(-1))
+        col = pa.ListArray.from_arrays(pa.array(np.arange(0, part.size + 1, part.shape[1], dtype=np.int32)), flat)
+        pq.write_table(pa.table({COLUMN: col}), path)
+        out.append(str(path))
+    return out

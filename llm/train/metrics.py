@@ -23,6 +23,26 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of `metrics.jsonl`; a last line cut by a kill is dropped, not fatal."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # torn by an interruption mid-write
+            raise ConfigError(f"{path}:{i + 1}: not a JSON line") from None
+    return out
+
+
+
 class MetricsLog:
     """Rank 0's sinks: a JSON line per step, the live line every `log_every` steps, TensorBoard, MLflow.
 
@@ -36,11 +56,8 @@ class MetricsLog:
         self._ema: float | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            keep = []
-            if self.path.exists():
-                keep = [ln for ln in self.path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("step", 0) <= resumed_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [r for r in read_records(self.path) if r.get("step", 0) <= resumed_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self._tb = None
         if tensorboard and out_dir:
             try:

@@ -1,141 +1,108 @@
 """The pretrain stage: Ray Train's `TorchTrainer` runs the one loop over the data stage's packed shards.
 
-Writes under `<storage>/<run>/pretrain/`: `ray/` (Ray Train's run folder with the DeepSpeed
-checkpoints), `metrics.jsonl`, `model/` (the exported Hugging Face directory), then the manifest.
-Ray Train V2 restores a run whose `RunConfig(storage_path, name)` folder already exists, so rerunning
-after an interruption continues from the last checkpoint; `--force` clears the folder first.
+Writes under `<storage>/<run>/pretrain/`: `ray/attempt-<n>/` (one Ray Train run per start of the stage,
+holding the DeepSpeed checkpoints), `metrics.jsonl`, `model/` (the exported Hugging Face directory),
+then the manifest. Rerunning after an interruption picks the newest whole checkpoint of any attempt (a
+damaged one is named and set aside) and starts a new attempt from it; `--force` starts over.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from llm.config import PipelineConfig
 from llm.errors import ConfigError
 from llm.stage import StageResult, execute, input_dir
+from llm.train import checkpoint as ckpt
 from llm.train import ds_config
 from llm.train.data import shard_files
+from llm.train.fit import fit_with_ray, read_records, resolve_init
 from llm.train.loop import LoopSpec
 
-RAY_RUN_NAME = "ray"
-
-
-def train_sizing(cfg: PipelineConfig) -> Any:
-    """`TrainSizing` of the pretrain stage. The stage holds only a `PipelineConfig`, so the figures come
-    from the connected cluster's nodes (`llm.sizing.live_train_sizing`); `pretrain.sizing` overrides win."""
-    from llm.raycluster import connect
-    from llm.sizing import live_train_sizing
-
-    pre = cfg.pretrain.sizing
-    if pre.workers == 0:
-        return _NoRay()
-    connect(cfg)
-    return live_train_sizing(cfg, pre)
-
-
-class _NoRay:
-    """Sizing of `sizing.workers: 0`: the loop runs in this process."""
-
-    workers = 0
+RAY_DIR = "ray"
 
 
 def loop_spec(cfg: PipelineConfig, folder: Path, data: Path, **extra: Any) -> LoopSpec:
     """The loop's plain-dict config for this stage."""
+    import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
+    from llm.manifest import manifest_hash
+
     tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+    train_files = shard_files(data, "train")
+    first = pq.ParquetFile(train_files[0]).read_row_group(0, columns=["input_ids"]).column(0)
     pre = cfg.pretrain
     return LoopSpec(
         train=pre.model_dump(mode="json", exclude={"model"}),
         model=pre.model.model_dump(mode="json"),
         vocab_size=len(tokenizer),
-        seq_len=cfg.data.seq_len,
+        seq_len=len(first[0]),  # what the data stage packed, whatever the config says now
+        train_files=train_files,
         tokenizer_dir=str(data / "tokenizer"),
         out_dir=str(folder),
         stage="pretrain",
         val_files=shard_files(data, "val"),
+        data_id=manifest_hash(data) or "",
         **extra,
     )
 
 
-def fit(cfg: PipelineConfig, folder: Path, sizing: Any = None, **extra: Any) -> dict[str, Any]:
-    """Run (or resume) Ray Train into `folder`; returns the final metrics."""
-    from llm.raycluster import connect
-    from llm.train.data import ray_datasets
+def fit(cfg: PipelineConfig, folder: Path, init: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Run (or resume) training into `folder`; returns the final metrics."""
+    from llm.sizing import planned
 
     data = input_dir(cfg, "data")
     if not shard_files(data, "train"):
         raise ConfigError(f"{data}/packed/train: no parquet shards; rerun `llmray data`")
     pre = cfg.pretrain
-    sizing = sizing or train_sizing(cfg)
+    sizing = planned(cfg).pretrain
+    ds_config.build(pre, max(1, sizing.workers))  # a bad `pretrain.deepspeed` fails here, before any worker
+    init_fields = _init_fields(cfg, init)
+    spec = loop_spec(cfg, folder, data, **init_fields, **extra)
+    root = folder / RAY_DIR
+    choice = ckpt.choose(root, set_aside=True)
+    for aside, problem in choice.damaged:
+        print(f"pretrain: damaged checkpoint {aside}: {problem}; set aside", flush=True)
+    if choice.path:
+        print(f"pretrain: resuming from step {choice.step} ({choice.path})", flush=True)
+        ckpt.prune(root, pre.keep_checkpoints)
+    elif choice.damaged:
+        print("pretrain: no whole checkpoint left; starting over from step 0", flush=True)
+    spec.resume_from = choice.path
     if sizing.workers < 1:
-        return _fit_local(cfg, folder, data, **extra)
-    ds_config.build(pre, sizing.workers)  # a bad `pretrain.deepspeed` fails here, before any worker starts
-    spec = loop_spec(cfg, folder, data, **extra)
-    connect(cfg)
-    trainer = build_trainer(spec, sizing.scaling_config_kwargs(), folder, ray_datasets(data)["train"],
-                            keep_checkpoints=pre.keep_checkpoints, max_failures=pre.max_failures)
-    result = trainer.fit()
-    return dict(result.metrics or {})
+        return _fit_local(spec, root, pre.keep_checkpoints)
+    return fit_with_ray(cfg, "pretrain", spec, sizing, root, pre.keep_checkpoints, pre.max_failures)
 
 
-def build_trainer(spec: LoopSpec, scaling: dict[str, Any], folder: Path, train_ds: Any, keep_checkpoints: int,
-                  max_failures: int) -> Any:
-    """The `TorchTrainer` that runs the one loop: Ray Train's run folder is `<folder>/ray`, so a rerun into
-    the same folder restores it; `train_ds` streams in order to every worker."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from llm.train.loop import train_loop_per_worker
-
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=spec.to_dict(),
-        scaling_config=ray.train.ScalingConfig(**scaling),
-        run_config=ray.train.RunConfig(
-            name=RAY_RUN_NAME,
-            storage_path=str(folder.resolve()),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-        ),
-        datasets={"train": train_ds},
-        # Every worker reads the whole ordered stream and keeps its rank's rows (llm.train.data).
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_ordered()),
-    )
+def _init_fields(cfg: PipelineConfig, init: str | None) -> dict[str, Any]:
+    """LoopSpec fields for `pretrain.init_from`: a checkpoint to continue, or a model directory to load."""
+    if init is None:
+        return {}
+    kind, path = resolve_init(init, "metadata.llm.pretrain.init_from")
+    if kind == "checkpoint":
+        return {"init_checkpoint": path}
+    return {"model": {**cfg.pretrain.model.model_dump(mode="json"), "path": path}}
 
 
-def _ordered() -> Any:
-    """Ray Train's ingest options with `preserve_order`: Train replaces each dataset's own options, and
-    the data position in a checkpoint means something only if every run reads the same order."""
-    import ray.train
+def _fit_local(spec: LoopSpec, root: Path, keep: int) -> dict[str, Any]:
+    """`sizing.workers: 0`: the same loop in this process, no Ray."""
+    from llm.train.loop import run_loop
+    from llm.train.runtime import LocalRuntime
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
-
-
-def _fit_local(cfg: PipelineConfig, folder: Path, data: Path, **extra: Any) -> dict[str, Any]:
-    """`sizing.workers: 0`: the same loop in this process, no Ray, reading parquet directly."""
-    from llm.train.data import parquet_batches
-    from llm.train.loop import LocalRuntime, run_loop
-
-    spec = loop_spec(cfg, folder, data, **extra)
-    rt = LocalRuntime(lambda split, rows: parquet_batches(shard_files(data, split), rows),
-                      checkpoint_dir=str(folder / "checkpoint"))
-    return run_loop(spec, rt)
+    return run_loop(spec, LocalRuntime(checkpoint_root=str(root), keep=keep))
 
 
 def _summary(folder: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """The manifest's metrics: last train loss, best and last validation, tokens, first loss."""
-    records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    records = read_records(folder / "metrics.jsonl")
     vals = [r for r in records if "val_loss" in r]
-    out = {"steps": records[-1]["step"] if records else 0, "tokens": records[-1]["tokens"] if records else 0,
-           "first_loss": records[0]["loss"] if records else None, "final_loss": metrics.get("loss"),
-           "val_loss": vals[-1]["val_loss"] if vals else None, "val_ppl": vals[-1]["val_ppl"] if vals else None,
-           "mean_mfu": sum(r["mfu"] for r in records) / len(records) if records else None}
-    return out
+    return {"steps": records[-1]["step"] if records else 0, "tokens": records[-1]["tokens"] if records else 0,
+            "first_loss": records[0]["loss"] if records else None,
+            "final_loss": metrics.get("loss", records[-1]["loss"] if records else None),
+            "val_loss": vals[-1]["val_loss"] if vals else None, "val_ppl": vals[-1]["val_ppl"] if vals else None,
+            "mean_mfu": sum(r["mfu"] for r in records) / len(records) if records else None}
 
 
 def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
@@ -143,18 +110,29 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
 
     Args:
         cfg: the pipeline config.
-        force: start over even when a finished or interrupted run exists.
+        force: start over even when a finished or interrupted run exists (the old folder is kept aside).
         **extra: `LoopSpec` fields for tests and callers (e.g. `fail_at_step`).
     """
+    init = cfg.pretrain.init_from
+    if init is not None:  # resolve before the folder may move aside: `init_from` may point into it
+        init = str(Path(init).expanduser().resolve())
+        resolve_init(init, "metadata.llm.pretrain.init_from")
+    moved: dict[str, str] = {}
+
+    def remap(old: Path, new: Path) -> None:
+        if init is not None and Path(init).is_relative_to(old):
+            moved["init"] = str(new / Path(init).relative_to(old))
+
     def body(folder: Path) -> dict[str, Any]:
-        metrics = fit(cfg, folder, **extra)
+        metrics = fit(cfg, folder, moved.get("init", init), **extra)
         summary = _summary(folder, metrics)
-        line = (f"pretrain: {summary['steps']} steps, {summary['tokens']:,} tokens, loss {summary['first_loss']:.4f}"
-                f" -> {summary['final_loss']:.4f}")
+        line = f"pretrain: {summary['steps']} steps, {summary['tokens']:,} tokens"
+        if summary["first_loss"] is not None:
+            line += f", loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
         if summary["val_ppl"] is not None:
             line += f", val loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.1f})"
         print(f"{line}\n  model: {folder / 'model'}\n  metrics: {folder / 'metrics.jsonl'}", flush=True)
         return summary
 
-    return execute(cfg, "pretrain", body, sections=("data", "pretrain"), inputs=("data",), force=force,
-                   keep_partial=True)
+    return execute(cfg, "pretrain", body, sections=("pretrain",), inputs=("data",), force=force,
+                   keep_partial=True, on_set_aside=remap)

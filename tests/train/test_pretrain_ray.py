@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.errors import ConfigError
+from llm.errors import ConfigError, TrainingError
 from llm.manifest import read_manifest
 from llm.train.stage import run
 from tests.train.conftest import build_data_stage, train_config
@@ -55,7 +55,7 @@ def test_zero2_bf16_trains_evaluates_and_exports(baseline):
     assert [r["step"] for r in vals] == [3, 6]
     assert vals[-1]["val_ppl"] == pytest.approx(math.exp(vals[-1]["val_loss"]))
     assert vals[-1]["val_loss"] < vals[0]["val_loss"]
-    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5 and r["grad_norm"] > 0 for r in recs)
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["grad_norm"] > 0 for r in recs)
     assert [r["lr"] for r in recs[:2]] == pytest.approx([1.5e-3, 3e-3])  # warmup 2 steps to peak 3e-3
     assert {r["rank"] for r in ranks(result)} == {0, 1}
     assert all(r["step"] == 6 for r in ranks(result))
@@ -69,9 +69,18 @@ def test_zero2_bf16_trains_evaluates_and_exports(baseline):
     ids = tok("def main():", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] == ids.shape[1] + 8
-    # Same held-out loss from the export as the loop reported (the loop computed in bf16).
-    val = torch.load  # noqa: F841 - weights come from safetensors, never pickles
     assert model.config.vocab_size == len(tok)
+    # The export reproduces the loop's last held-out loss: the same 2 global batches of 2 x 4 rows, each
+    # rank's mean averaged (the loop computed in bf16, the export is fp32: close, not equal).
+    from llm.train.data import parquet_batches, shard_files
+
+    data = Path(loaded.llm.stage_dir("data"))
+    batches = [b for _, b in zip(range(2), parquet_batches(shard_files(data, "val"), 8), strict=False)]
+    assert len(batches) == 2
+    with torch.no_grad():
+        per_rank = [float(model(input_ids=b[r * 4:(r + 1) * 4], labels=b[r * 4:(r + 1) * 4]).loss)
+                    for r in (0, 1) for b in batches]
+    assert sum(per_rank) / len(per_rank) == pytest.approx(vals[-1]["val_loss"], abs=0.05)
 
 
 def test_last_checkpoint_converts_with_zero_to_fp32(baseline):
@@ -81,17 +90,19 @@ def test_last_checkpoint_converts_with_zero_to_fp32(baseline):
     from llm.train.checkpoint import consolidate_fp32
 
     _, result = baseline
-    ckpts = sorted(p for p in (Path(result.path) / "ray").glob("checkpoint_*") if p.is_dir())
+    ckpts = sorted(p for p in (Path(result.path) / "ray").glob("attempt-*/checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # keep_checkpoints default
-    last = ckpts[-1]
+    last = max(ckpts, key=lambda p: json.loads((p / "loop_state.json").read_text())["step"])
     assert json.loads((last / "loop_state.json").read_text())["step"] == 6
     assert (last / "zero_to_fp32.py").exists()
     fp32 = consolidate_fp32(last)
     exported = load_file(str(Path(result.path) / "model" / "model.safetensors"))
+    # Every exported tensor is the fp32 master weight, bit for bit (not the bf16 compute copy upcast);
+    # a tied lm_head is stored once by both.
+    assert set(exported) <= set(fp32) and set(fp32) - set(exported) <= {"lm_head.weight"}
     for name, tensor in exported.items():
-        if name in fp32:  # tied lm_head is stored once
-            # The export holds the bf16 compute weights; zero_to_fp32 the fp32 master copy.
-            assert torch.allclose(tensor, fp32[name], atol=2e-2, rtol=1e-2), name
+        assert tensor.dtype == torch.float32, name
+        assert torch.equal(tensor, fp32[name]), name
 
 
 def test_rerun_is_skipped(baseline):
@@ -110,10 +121,15 @@ def test_grad_accum_2_x_micro_2_matches_micro_4(baseline, tmp_path):
 def test_interrupted_run_resumes_with_the_same_losses(baseline, tmp_path):
     loaded = train_config(tmp_path)
     build_data_stage(loaded)
-    with pytest.raises(Exception, match="simulated interruption"):
+    with pytest.raises(TrainingError, match="simulated interruption after step 4") as failed:
         run(loaded.llm, fail_at_step=4)  # checkpoint at 3, dies after step 4
+    # One line for the user, the worker's whole traceback in the stage's log file.
+    assert "\n" not in str(failed.value) and failed.value.log and str(failed.value.log) in str(failed.value)
+    assert "Traceback" in Path(failed.value.log).read_text()
     folder = Path(loaded.llm.stage_dir("pretrain"))
     assert read_manifest(folder) is None and (folder / "ray").exists()
+    with (folder / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 4.')  # a line cut by the kill: the resumed run and the summary cope
     result = run(loaded.llm, fail_at_step=4)  # the same command again: continues from step 3
     assert not result.skipped
     assert [r["resumed_at"] for r in ranks(result)] == [3, 3]

@@ -1,0 +1,115 @@
+"""Running the one loop on Ray Train for any training stage: reserve the planned workers, build the
+`TorchTrainer`, fit, and turn a worker's failure into one line with the full trace in a log file."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any
+
+from llm.config import PipelineConfig
+from llm.errors import ConfigError, LLMRayError, TrainingError
+from llm.train import checkpoint as ckpt
+from llm.train.loop import LoopSpec
+from llm.train.metrics import read_records
+
+__all__ = ["build_trainer", "fit_with_ray", "log_path", "read_records", "resolve_init", "worker_error"]
+
+
+def build_trainer(spec: LoopSpec, scaling: dict[str, Any], root: Path, keep_checkpoints: int,
+                  max_failures: int, name: str | None = None) -> Any:
+    """The `TorchTrainer` that runs the one loop, its run folder `<root>/<name>` (a new attempt each call
+    by default: resume is chosen by the stage from verified checkpoints, not by Ray Train's restore)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from llm.train.loop import train_loop_per_worker
+
+    root.mkdir(parents=True, exist_ok=True)
+    name = name or f"attempt-{1 + sum(1 for p in root.glob('attempt-*') if p.is_dir())}"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec.to_dict(),
+        scaling_config=ray.train.ScalingConfig(**scaling),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(root.resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+
+
+def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, root: Path, keep: int,
+                 max_failures: int) -> dict[str, Any]:
+    """Reserve the planned workers (the autoscaler starts nodes), fit, prune old checkpoints."""
+    from llm.raycluster import connect, reserve
+
+    connect(cfg)
+    reserve(sizing, cfg.ray.resource_timeout_s, stage)
+    trainer = build_trainer(spec, sizing.scaling_config_kwargs(), root, keep, max_failures)
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray Train wraps worker errors; the user gets one line and a log file
+        raise worker_error(e, log_path(cfg, stage), stage) from None
+    ckpt.prune(root, keep)
+    return dict(result.metrics or {})
+
+
+def log_path(cfg: PipelineConfig, stage: str) -> Path:
+    """`<storage>/<run>/logs/<stage>.log`."""
+    return Path(cfg.storage) / cfg.run / "logs" / f"{stage}.log"
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """The exception, the workers' exceptions Ray Train collected, and their causes."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [e]
+    while todo:
+        cur = todo.pop(0)
+        if cur is None or any(cur is s for s in seen):
+            continue
+        seen.append(cur)
+        todo += list(getattr(cur, "worker_failures", {}).values())
+        todo += [getattr(cur, "cause", None), getattr(cur, "controller_failure", None), cur.__cause__]
+    return seen
+
+
+def worker_error(e: BaseException, log: Path, stage: str) -> LLMRayError:
+    """The one-line error for a failed fit; the full trace goes to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write("".join(traceback.format_exception(e)))
+    causes = _causes(e)
+    for cause in causes:
+        if isinstance(cause, LLMRayError):
+            return type(cause)(f"{cause} (full trace: {log})") if not isinstance(cause, TrainingError) \
+                else TrainingError(str(cause), str(log))
+    root = causes[-1]
+    lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
+    message = lines[-1] if lines else type(root).__name__
+    return TrainingError(f"{stage}: training failed in a worker: {message[:300]}", str(log))
+
+
+def resolve_init(path: str, key: str) -> tuple[str, str]:
+    """(`checkpoint` | `model`, path) of an `init_from` value, or a one-line error naming `key`.
+
+    A stage folder gives its newest whole checkpoint (else its exported `model/`); a checkpoint folder
+    is used as is (after verification); a Hugging Face model directory gives weights only.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{key}: {path} does not exist")
+    if (p / "loop_state.json").exists():
+        problem = ckpt.verify(p)
+        if problem:
+            raise ConfigError(f"{key}: checkpoint {path} is damaged: {problem}")
+        return "checkpoint", str(p)
+    for root in (p / "ray", p):
+        choice = ckpt.choose(root)
+        if choice.path:
+            return "checkpoint", choice.path
+    for model in (p / "model", p):
+        if (model / "config.json").exists() and (any(model.glob("*.safetensors")) or any(model.glob("*.bin"))):
+            return "model", str(model)
+    raise ConfigError(f"{key}: {path} holds no whole checkpoint and no Hugging Face model (config.json + weights)")
