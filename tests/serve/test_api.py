@@ -113,7 +113,8 @@ def test_echo_logprobs_match_the_model(client, tiny_model_dir: Path) -> None:
         ref = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
     expected = [float(ref[i, ids[i + 1]]) for i in range(len(ids) - 1)]
     assert lp.token_logprobs[1: len(ids)] == pytest.approx(expected, abs=1e-4)
-    assert all(max(top.values()) >= chosen - 1e-6 for top, chosen in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    pairs = zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True)
+    assert all(max(top.values()) >= chosen - 1e-6 for top, chosen in pairs)
     assert lp.text_offset[: 2] == [0, len(lp.tokens[0])]
 
 
