@@ -1,0 +1,135 @@
+"""Operations: serve/*.yaml are current and start, overload answers 503 fast, a killed replica is replaced."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from llm.serve.serveconfig import FILES, ROOT, render
+from tests.conftest import tiny_config
+from tests.serve.conftest import serve_overrides
+
+
+@pytest.mark.parametrize("target", sorted(FILES))
+def test_serve_files_are_current(target: str) -> None:
+    assert (ROOT / target).read_text() == render(FILES[target]), "run `python -m llm.serve.serveconfig`"
+
+
+@pytest.mark.ray
+def test_serve_run_local_yaml_starts(served, tiny_model_dir: Path, serve_port: int, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `serve run serve/local.yaml` does, in this session's Ray: Serve validates the file, imports the
+    builder, calls it with the file's args; the app it builds carries the file's deployment options."""
+    from ray import serve
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    monkeypatch.chdir(ROOT)  # the file's config path is relative to the checkout, as `serve run` is run there
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve/local.yaml").read_text()))
+    app_cfg = schema.applications[0]
+    args = dict(app_cfg.args)
+    # Only where the model and storage live differ from cluster/local.yaml in a test.
+    args["overrides"] = [*args["overrides"], f"storage={tmp_path}", f"serve.model={tiny_model_dir}",
+                         "serve.name=tiny"]
+    app = call_user_app_builder_with_args_if_necessary(import_attr(app_cfg.import_path), args)
+    want = app_cfg.deployments[0].model_dump(exclude_unset=True)
+    got = app._bound_deployment._deployment_config
+    assert got.max_ongoing_requests == want["max_ongoing_requests"]
+    assert got.autoscaling_config.max_replicas == want["autoscaling_config"]["max_replicas"]
+    serve.run(app, name="from-yaml", route_prefix="/from-yaml")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{serve_port}/from-yaml/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+    finally:
+        serve.delete("from-yaml")
+
+
+@pytest.mark.ray
+def test_overload_answers_503_quickly(served, tiny_model_dir: Path, serve_port: int, tmp_path: Path) -> None:
+    from ray import serve
+
+    from llm.serve.app import build_application
+
+    cfg = tiny_config(tmp_path, *serve_overrides(
+        tiny_model_dir, serve_port, "serve.max_batch_size=1", "serve.max_ongoing_requests=1",
+        "serve.max_queued_requests=1")).llm
+    serve.run(build_application(cfg, 4, 0), name="small", route_prefix="/small")
+    url = f"http://127.0.0.1:{serve_port}/small/v1/completions"
+
+    def one(_: int) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        r = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": 120}, timeout=60)
+        return r.status_code, time.perf_counter() - t0
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(one, range(12)))
+    finally:
+        serve.delete("small")
+    codes = [c for c, _ in results]
+    assert 200 in codes and 503 in codes, codes
+    assert set(codes) <= {200, 503}
+    assert max(s for c, s in results if c == 503) < 2.0
+
+
+def _replica_actor(app: str):  # noqa: ANN202
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{app}#")]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), names[0]["name"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_replica_is_replaced_and_endpoint_recovers(served, tiny_model_dir: Path, serve_port: int,
+                                                          tmp_path: Path) -> None:
+    import ray
+    from ray import serve
+
+    from llm.serve.app import build_application
+
+    cfg = tiny_config(tmp_path, *serve_overrides(tiny_model_dir, serve_port)).llm
+    serve.run(build_application(cfg, 4, 0), name="victim", route_prefix="/victim")
+    url = f"http://127.0.0.1:{serve_port}/victim/v1/completions"
+    log: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            started = time.monotonic()  # by start time: a request started after the kill needs a live replica
+            try:
+                code = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": 8}, timeout=30).status_code
+            except httpx.HTTPError:
+                code = -1
+            log.append((started, code))
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        time.sleep(1.0)
+        actor, old_name = _replica_actor("victim")
+        killed_at = time.monotonic()
+        ray.kill(actor, no_restart=True)
+        deadline = killed_at + 90
+        while time.monotonic() < deadline and not any(t > killed_at + 0.5 and c == 200 for t, c in log[-5:]):
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        worker.join()
+    try:
+        assert any(c == 200 for t, c in log if t < killed_at), "no traffic before the kill"
+        recovered = [t for t, c in log if t > killed_at + 0.5 and c == 200]
+        assert recovered, f"no success after the kill: {log[-5:]}"
+        assert _replica_actor("victim")[1] != old_name
+    finally:
+        serve.delete("victim")
