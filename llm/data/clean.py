@@ -3,6 +3,8 @@
 A unit (a few source files, in the resolved order) is one Ray task. Its output file is named after the unit,
 so the cleaned corpus, and everything packed from it, is the same on every run whatever the scheduling.
 Dropped rows stay in the file with their reason: they are counted (and optionally written aside) later.
+Files that failed to read come back with the unit's result, each with its error: the stats name them without
+the driver reading any document.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from llm.config import DataConfig
 from llm.data import minhash
 from llm.data.filters import document_filter, normalize
 from llm.data.pii import KINDS, redact
-from llm.data.read import read_rows
+from llm.data.read import Unreadable, read_rows
 from llm.data.sources import SourceFile
 
 _ROWS_PER_GROUP = 512
@@ -73,17 +75,21 @@ def _table(rows: list[dict[str, Any]], cfg: DataConfig) -> pa.Table:
 
 
 def clean_unit(batch: dict[str, Any], *, cfg: DataConfig, out_dir: str) -> dict[str, list]:
-    """Ray Data UDF: one unit (`unit`, `files` as JSON) to `<out_dir>/<unit>.parquet`; returns its size."""
+    """Ray Data UDF: one unit (`unit`, `files` as JSON) to `<out_dir>/<unit>.parquet`; returns its size and
+    its files that failed to read (`read_errors`: JSON list of `{"file", "error"}`)."""
     import json
 
     unit = int(batch["unit"][0])
     files = [SourceFile(**f) for f in json.loads(batch["files"][0])]
     path = Path(out_dir) / f"{unit:06d}.parquet"
     rows: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
     n = chars = 0
     with pq.ParquetWriter(path, _schema(cfg.dedup.fuzzy.num_perm)) as writer:
         for src in files:
             for r in read_rows(src, text_field=cfg.text_field, max_chars=cfg.max_chars):
+                if r["reason"] == "read_error":  # before clean_row, which blanks a dropped row's text
+                    errors.append(Unreadable(r["source"], r["text"])._asdict())
                 rows.append(clean_row(r, cfg))
                 chars += len(rows[-1]["text"])
                 if len(rows) >= _ROWS_PER_GROUP or chars >= _CHARS_PER_GROUP:  # bounded memory
@@ -92,4 +98,4 @@ def clean_unit(batch: dict[str, Any], *, cfg: DataConfig, out_dir: str) -> dict[
         if rows or n == 0:
             writer.write_table(_table(rows, cfg))
             n += len(rows)
-    return {"unit": [unit], "path": [str(path)], "rows": [n]}
+    return {"unit": [unit], "path": [str(path)], "rows": [n], "read_errors": [json.dumps(errors)]}

@@ -3,7 +3,8 @@
 Every row has `text`, `source` (`file` or `file:line`), `reason` (empty when the row is a document to keep
 going with, else why it is dropped) and `utf8_errors` (bytes replaced). Problems become rows too, so that
 the driver counts them from the same table: `bad_json`, `missing_field`, `empty_file`, `read_error`,
-`too_long`. A `.txt` file is one document; a `.jsonl` line is one; a parquet row is one.
+`too_long`. A `.txt` file is one document; a `.jsonl` line is one; a parquet row is one. A `read_error` row
+carries the one-line reason (`read_error_message`) as its text, so that the failed file can be named.
 """
 
 from __future__ import annotations
@@ -13,13 +14,45 @@ import io
 import json
 import zlib
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from llm.data.sources import SourceFile
 
 BATCH_ROWS = 256
 _CHUNK = 1 << 20
 _FFFD = "\ufffd".encode()
+_MAX_DETAIL = 200  # a library's message can be long; the summary shows one line per failed file
+# gzip raises EOFError on a truncated stream, BadGzipFile (OSError) on garbage, zlib.error on a corrupt
+# block; pyarrow ArrowInvalid (ValueError) or OSError on a broken parquet file.
+READ_ERRORS = (OSError, EOFError, zlib.error, ValueError)
+
+
+class Unreadable(NamedTuple):
+    """A file that failed to read: few per run, so every one travels back to the driver by name."""
+
+    file: str
+    error: str
+
+
+def read_error_message(e: BaseException, src: SourceFile) -> str:
+    """One line saying why `src` failed to read: what went wrong in words, then the library's own message.
+
+    The file path is not repeated: whoever shows the message puts it first.
+    """
+    detail = " ".join(str(e).split())  # pyarrow's messages can span lines
+    if len(detail) > _MAX_DETAIL:
+        detail = detail[: _MAX_DETAIL - 3] + "..."
+    if isinstance(e, OSError) and e.strerror:  # the OS's words; its message would repeat the path
+        return f"cannot read ({e.strerror})"
+    if src.gz and isinstance(e, EOFError):
+        what = "truncated gzip stream"
+    elif src.gz and isinstance(e, gzip.BadGzipFile | zlib.error):
+        what = "not a gzip file" if detail.startswith("Not a gzipped file") else "corrupt gzip stream"
+    elif src.kind == "parquet":
+        what = "unreadable parquet file"
+    else:
+        what = type(e).__name__
+    return f"{what} ({detail})" if detail else what
 
 
 def row(text: str, source: str, reason: str = "", utf8_errors: int = 0) -> dict[str, Any]:
@@ -137,7 +170,7 @@ def _builtin(src: SourceFile) -> Iterator[dict[str, Any]]:
 
 def read_rows(src: SourceFile, *, text_field: str, max_chars: int) -> Iterator[dict[str, Any]]:
     """Every row of one source. Errors while reading (a truncated `.gz`, an unreadable file) end this file
-    with a `read_error` row naming it; rows read before the error are kept."""
+    with a `read_error` row naming it, its text the reason; rows read before the error are kept."""
     if src.kind.startswith("builtin"):
         yield from _builtin(src)
         return
@@ -150,10 +183,8 @@ def read_rows(src: SourceFile, *, text_field: str, max_chars: int) -> Iterator[d
                 yield from _jsonl(src, f, max_bytes, text_field)
             else:
                 yield from _parquet(src, f, text_field, max_chars)
-    except (OSError, EOFError, zlib.error, ValueError) as e:
-        # gzip raises EOFError on a truncated stream, BadGzipFile (OSError) on garbage, pyarrow ArrowInvalid
-        # (ValueError) on a broken parquet footer.
-        yield row(f"{type(e).__name__}: {e}", src.path, "read_error")
+    except READ_ERRORS as e:
+        yield row(read_error_message(e, src), src.path, "read_error")
 
 
 def read_batches(batch: dict[str, Any], *, text_field: str, max_chars: int) -> Iterator[dict[str, list]]:

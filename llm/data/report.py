@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+MAX_LISTED = 10  # failed files named on screen; stats.json names every one
+
 
 def summary(m: dict[str, Any], path: str) -> str:
-    """Documents in, out per drop reason, duplicates, tokens, bytes per token, shards, wall time."""
+    """Documents in, out per drop reason, files that failed to read (each with its error), duplicates,
+    tokens, bytes per token, shards, wall time."""
     lines = [f"data: {path}",
              f"  documents in        {m['documents_in']:>12,}",
              f"  after filters       {m['documents_kept_after_filters']:>12,}"]
     for reason, n in m["dropped"].items():
         lines.append(f"    dropped {reason:<16}{n:>9,}")
+    lines += _read_errors(m["read_errors"], path)
     if any(m["pii_redacted"].values()):
         lines.append("  pii redacted        " + ", ".join(f"{k} {v:,}" for k, v in m["pii_redacted"].items() if v))
     if m["utf8_replacements"]:
@@ -31,3 +35,14 @@ def summary(m: dict[str, Any], path: str) -> str:
                      f" ({s.get('truncated', 0):,} truncated)")
     lines.append(f"  wall time           {m['wall_seconds']:>11.1f}s")
     return "\n".join(lines)
+
+
+def _read_errors(errors: list[dict[str, str]], path: str) -> list[str]:
+    """`file: error` per file that failed to read (data and SFT sources), the first `MAX_LISTED` of them."""
+    if not errors:
+        return []
+    lines = [f"  unreadable files    {len(errors):>12,}"]
+    lines += [f"    {e['file']}: {e['error']}" for e in errors[:MAX_LISTED]]
+    if len(errors) > MAX_LISTED:
+        lines.append(f"    ... and {len(errors) - MAX_LISTED:,} more, all named in {path}/stats.json")
+    return lines

@@ -59,16 +59,18 @@ def render(tok: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[in
 
 
 def records(path: str, kind: str, gz: bool) -> Any:
-    """(key, record or error reason) of every line of a JSONL file, or of a built-in SFT unit."""
+    """(key, record or error reason) of every line of a JSONL file, or of a built-in SFT unit. A file that
+    fails to read ends with `(path, Unreadable)`; the lines read before it are kept."""
     from llm.data import builtin
-    from llm.data.read import bounded_lines, decode, open_binary
+    from llm.data.read import READ_ERRORS, Unreadable, bounded_lines, decode, open_binary, read_error_message
     from llm.data.sources import SourceFile
 
     if kind == "builtin-sft":
         yield from builtin.sft_pairs(path)
         return
+    src = SourceFile(path, kind, gz)
     try:
-        with open_binary(SourceFile(path, kind, gz)) as f:
+        with open_binary(src) as f:
             for lineno, line in bounded_lines(f, 64 << 20):
                 if line is None:
                     yield f"{path}:{lineno}", "too_long"
@@ -77,23 +79,29 @@ def records(path: str, kind: str, gz: bool) -> Any:
                         yield f"{path}:{lineno}", json.loads(decode(line)[0])
                     except json.JSONDecodeError:
                         yield f"{path}:{lineno}", "bad_json"
-    except (OSError, EOFError, ValueError):
-        yield path, "read_error"
+    except READ_ERRORS as e:
+        yield path, Unreadable(path, read_error_message(e, src))
 
 
 def sft_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, max_len: int,
              val_fraction: float) -> dict[str, list]:
-    """Ray Data UDF: one unit of SFT files rendered into `<out_dir>/{train,val}/part-<unit>.parquet`."""
+    """Ray Data UDF: one unit of SFT files rendered into `<out_dir>/{train,val}/part-<unit>.parquet`; returns
+    its counts and its files that failed to read (`read_errors`: JSON list of `{"file", "error"}`)."""
     from llm.data.clean import stable_id
     from llm.data.pack import is_val
+    from llm.data.read import Unreadable
     from llm.data.tokenizer import load_tokenizer
 
     unit = int(batch["unit"][0])
     tok = load_tokenizer(tokenizer_dir)
     out: dict[bool, list[tuple[list[int], list[int]]]] = {False: [], True: []}
     counts: dict[str, int] = {"examples": 0, "truncated": 0}
+    errors: list[dict[str, str]] = []
     for f in json.loads(batch["files"][0]):
         for _key, rec in records(f["path"], f["kind"], f["gz"]):
+            if isinstance(rec, Unreadable):
+                errors.append(rec._asdict())
+                rec = "read_error"
             msgs = rec if isinstance(rec, str) else to_messages(rec)
             if isinstance(msgs, str):
                 counts[f"dropped_{msgs}"] = counts.get(f"dropped_{msgs}", 0) + 1
@@ -116,4 +124,4 @@ def sft_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, max_len
                               "labels": pa.array([e[1] for e in out[side]], pa.list_(pa.int32()))})
             pq.write_table(table, folder / f"part-{unit:05d}.parquet")
     counts.update(train=len(out[False]), val=len(out[True]))
-    return {"unit": [unit], "counts": [json.dumps(counts)]}
+    return {"unit": [unit], "counts": [json.dumps(counts)], "read_errors": [json.dumps(errors)]}

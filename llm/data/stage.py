@@ -2,8 +2,9 @@
 
 Every heavy step is a Ray Data operator over *units* (contiguous runs of files in the resolved order) so
 that output file names and contents depend only on the inputs, never on scheduling. Only small things come
-back to the driver: per-unit counts, doc ids and content hashes for exact dedup, verified duplicate pairs
-for clustering, and a bounded text sample for tokenizer training.
+back to the driver: per-unit counts, the files that failed to read (with their errors), doc ids and content
+hashes for exact dedup, verified duplicate pairs for clustering, and a bounded text sample for tokenizer
+training.
 """
 
 from __future__ import annotations
@@ -145,7 +146,9 @@ def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
 
     groups = units(files, max(4 * cpus, len(files) // 64))
     cleaned = map_units(_unit_items(groups), clean.clean_unit, {"cfg": dc, "out_dir": str(work)})
-    paths = [r["path"] for r in sorted(cleaned, key=lambda r: r["unit"])]
+    cleaned = sorted(cleaned, key=lambda r: r["unit"])
+    paths = [r["path"] for r in cleaned]
+    read_errors = [e for r in cleaned for e in json.loads(r["read_errors"])]
     reasons, pii, utf8, index = _clean_stats(paths)
     if dc.keep_dropped:
         _write_dropped(paths, folder / "dropped")
@@ -168,10 +171,12 @@ def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
     sft_counts: dict[str, int] = {}
     if sft_files:
         items = _unit_items(units(sft_files, max(cpus, len(sft_files) // 64)))
-        for r in map_units(items, sft.sft_unit, {"tokenizer_dir": str(tok_dir), "out_dir": str(folder / "sft"),
-                                                  "max_len": dc.sft.max_len, "val_fraction": dc.sft.val_fraction}):
+        rendered = map_units(items, sft.sft_unit, {"tokenizer_dir": str(tok_dir), "out_dir": str(folder / "sft"),
+                                                   "max_len": dc.sft.max_len, "val_fraction": dc.sft.val_fraction})
+        for r in sorted(rendered, key=lambda r: r["unit"]):
             for k, v in json.loads(r["counts"]).items():
                 sft_counts[k] = sft_counts.get(k, 0) + v
+            read_errors += json.loads(r["read_errors"])
     shutil.rmtree(folder / "_work")
 
     total = {k: int(sum(r[k] for r in packed)) for k in packed[0] if k != "unit"}
@@ -179,8 +184,8 @@ def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
     metrics = {
         "documents_in": sum(reasons.values()), "documents_kept_after_filters": reasons.get("kept", 0),
         "documents_out": total["docs_train"] + total["docs_val"],
-        "dropped": {k: v for k, v in sorted(reasons.items()) if k != "kept"}, "pii_redacted": pii,
-        "utf8_replacements": utf8, **dedup_stats,
+        "dropped": {k: v for k, v in sorted(reasons.items()) if k != "kept"}, "read_errors": read_errors,
+        "pii_redacted": pii, "utf8_replacements": utf8, **dedup_stats,
         "tokens_train": total["tokens_train"], "tokens_val": total["tokens_val"],
         "sequences_train": total["rows_train"], "sequences_val": total["rows_val"],
         "remainder_tokens_dropped": total["remainder_tokens"],

@@ -51,18 +51,24 @@ def test_signatures_case_whitespace_insensitive_and_batch_independent():
 
 def test_lsh_params_fit_num_perm():
     assert minhash.lsh_params(0.8, 128, fn_weight=0.5) == (9, 13)  # datasketch's MinHashLSH picks the same
-    bands, rows = minhash.lsh_params(0.8, 128)  # recall-weighted: candidates are verified afterwards
-    assert (bands, rows) == (16, 8)
-    assert 1 - (1 - 0.8**rows) ** bands > 0.94
+    assert minhash.lsh_params(0.8, 128) == (16, 8)  # recall-weighted: candidates are verified afterwards
+    for threshold, num_perm in [(0.5, 128), (0.7, 64), (0.8, 128), (0.9, 256)]:
+        bands, rows = minhash.lsh_params(threshold, num_perm)
+        equal_bands, equal_rows = minhash.lsh_params(threshold, num_perm, fn_weight=0.5)
+        assert bands * rows <= num_perm and equal_bands * equal_rows <= num_perm
+        # A pair right at the threshold shares a bucket far more often than with equal weights.
+        recall = 1 - (1 - threshold**rows) ** bands
+        assert recall > 0.85 and recall > 1.5 * (1 - (1 - threshold**equal_rows) ** equal_bands), threshold
 
 
 def test_band_keys_equal_only_for_equal_bands():
     sig = np.array([[1, 2, 3, 4], [1, 2, 9, 9], [5, 5, 3, 4]], dtype=np.uint32)
     keys = minhash.band_keys(sig, 2, 2)
     assert keys[0, 0] == keys[1, 0] and keys[0, 1] != keys[1, 1]
-    assert keys[0, 1] != keys[2, 1] or True  # different band index: never shared with band 0
-    assert keys[2, 1] != keys[0, 0]
+    assert keys[0, 1] == keys[2, 1]  # same band, same rows (3, 4): one bucket
     assert keys[0, 1] == minhash.band_keys(np.array([[7, 7, 3, 4]], np.uint32), 2, 2)[0, 1]
+    # Different band index: the same rows (3, 4) in band 0 are never band 1's bucket.
+    assert minhash.band_keys(np.array([[3, 4, 7, 7]], np.uint32), 2, 2)[0, 0] != keys[0, 1]
 
 
 def test_exact_duplicates_keep_smallest_id():

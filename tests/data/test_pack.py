@@ -25,7 +25,7 @@ def test_pack_loses_nothing_across_calls():
         out.append(rows)
     flat = np.concatenate([np.concatenate(out).ravel(), carry])
     expected = np.concatenate([np.array(d + [0]) for d in docs])
-    assert (flat == expected).all()
+    assert np.array_equal(flat, expected)  # `==` would broadcast a length-1 result and pass
     assert all(r.shape[1] == 64 for r in out)
 
 

@@ -64,9 +64,31 @@ def test_truncated_gz_names_file_keeps_earlier_rows(tmp_path):
     p.write_bytes(blob[: len(blob) // 2])
     out = rows(p, max_chars=10_000)
     assert out[-1]["reason"] == "read_error" and out[-1]["source"] == str(p)
-    assert "EOFError" in out[-1]["text"] or "Error" in out[-1]["text"]
+    assert out[-1]["text"] == ("truncated gzip stream "
+                               "(Compressed file ended before the end-of-stream marker was reached)")
     good = [r for r in out if not r["reason"]]
     assert len(good) > 100 and good[0]["text"].startswith("line 0 ")
+
+
+def test_read_errors_are_one_line_saying_what_went_wrong(tmp_path):
+    """The reason a file failed is shown after its path in the summary: one line, in words, library message kept."""
+    (tmp_path / "plain.txt.gz").write_bytes(b"not gzip at all")
+    whole = gzip.compress(b"hello world " * 1000)
+    (tmp_path / "bad.jsonl.gz").write_bytes(whole[:10] + b"\xff" * 30 + whole[40:])
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is no parquet file")
+    expected = {
+        "plain.txt.gz": "not a gzip file (Not a gzipped file (b'no'))",
+        "bad.jsonl.gz": "corrupt gzip stream (Error -3 while decompressing data: invalid block type)",
+        "broken.parquet": "unreadable parquet file (Parquet magic bytes not found in footer. Either the file is "
+                          "corrupted or this is not a parquet file.)",
+    }
+    for name, error in expected.items():
+        assert [(r["reason"], r["source"], r["text"]) for r in rows(tmp_path / name)] == [
+            ("read_error", str(tmp_path / name), error)]
+    [src] = resolve([str(tmp_path / "plain.txt.gz")])
+    (tmp_path / "plain.txt.gz").unlink()  # gone between listing and reading
+    [r] = read_rows(src, text_field="text", max_chars=1000)
+    assert (r["reason"], r["text"]) == ("read_error", "cannot read (No such file or directory)")
 
 
 def test_malformed_json_line_dropped_with_file_and_line(tmp_path):
@@ -85,7 +107,8 @@ def test_text_field_and_parquet(tmp_path):
     pq.write_table(pa.table({"body": ["a", "b" * 2000, None]}), q)
     assert [(r["text"], r["reason"]) for r in rows(q, field="body")] == [("a", ""), ("", "too_long"),
                                                                          ("", "missing_field")]
-    assert rows(q, field="text")[0]["reason"] == "read_error"
+    assert [(r["reason"], r["text"]) for r in rows(q, field="text")] == [
+        ("read_error", "no column 'text' (columns: body)")]
 
 
 def test_source_matching_nothing_is_an_error(tmp_path):

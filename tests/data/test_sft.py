@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import pytest
 
 from llm.data import sft
@@ -12,10 +15,15 @@ TEXT = ["The user asks a question and the assistant answers it politely. " * 20,
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+def tok_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
     train_tokenizer(TEXT, folder, vocab_size=400, min_frequency=1)
-    return load_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return load_tokenizer(tok_dir)
 
 
 def test_tokenizer_has_special_tokens_and_template(tok):
@@ -47,3 +55,19 @@ def test_prompt_response_and_invalid_records():
     assert sft.to_messages({"messages": [{"role": "robot", "content": "q"}]}) == "bad_messages"
     assert sft.to_messages({"question": "q"}) == "missing_field"
     assert sft.to_messages([1]) == "not_an_object"
+
+
+def test_unit_names_unreadable_files_keeps_lines_before(tok_dir, tmp_path):
+    line = json.dumps({"prompt": "What is it?", "response": "The sum."}) + "\n"
+    (tmp_path / "ok.jsonl").write_text(line * 3)
+    blob = gzip.compress(line.encode() * 2000)
+    (tmp_path / "cut.jsonl.gz").write_bytes(blob[: len(blob) // 2])
+    files = [{"path": str(tmp_path / "ok.jsonl"), "kind": "jsonl", "gz": False},
+             {"path": str(tmp_path / "cut.jsonl.gz"), "kind": "jsonl", "gz": True}]
+    out = sft.sft_unit({"unit": [0], "files": [json.dumps(files)]}, tokenizer_dir=str(tok_dir),
+                       out_dir=str(tmp_path / "out"), max_len=64, val_fraction=0.0)
+    assert json.loads(out["read_errors"][0]) == [
+        {"file": str(tmp_path / "cut.jsonl.gz"),
+         "error": "truncated gzip stream (Compressed file ended before the end-of-stream marker was reached)"}]
+    counts = json.loads(out["counts"][0])
+    assert counts["dropped_read_error"] == 1 and counts["train"] > 3  # lines before the cut are examples

@@ -52,6 +52,7 @@ def corpus(tmp_path_factory):
     blob = gzip.compress("".join(json.dumps({"text": prose(rng)}) + "\n" for _ in range(200)).encode())
     (root / "cut.jsonl.gz").write_bytes(blob[: len(blob) // 2])
     (root / "sft").mkdir()
+    (root / "sft" / "cut.jsonl.gz").write_bytes(blob[:12])  # the gzip header, then nothing: no record read
     sft = root / "sft" / "chat.jsonl"
     sft.write_text(
         json.dumps({"messages": [{"role": "user", "content": "Name a river."}, {"role": "assistant",
@@ -99,16 +100,25 @@ def test_units_run_concurrently(ray_session):
 def test_stage_end_to_end(ray_session, corpus, tmp_path, capsys):
     root, texts = corpus
     overrides = [f"data.sources=[{root}/*.txt, {root}/*.jsonl, {root}/*.jsonl.gz]",
-                 f"data.sft.sources=[{root}/sft/*.jsonl]",
+                 f"data.sft.sources=[{root}/sft/*.jsonl, {root}/sft/*.jsonl.gz]",
                  "data.min_chars=50", "data.max_chars=5000", "data.seq_len=16", "data.val_fraction=0.2",
                  "data.tokenizer.vocab_size=320", "data.keep_dropped=true", "data.sft.val_fraction=0.2"]
     cfg = tiny_config(tmp_path, *overrides).llm
     result = run(cfg)
     m = result.metrics
     assert not result.skipped
-    assert "documents in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "documents in" in printed
     d = m["dropped"]
     assert (d["bad_json"], d["empty_file"], d["read_error"], d["too_long"]) == (1, 1, 1, 1), d
+    # Each file that failed to read is named with its error, the data source's and the SFT source's alike.
+    truncated = "truncated gzip stream (Compressed file ended before the end-of-stream marker was reached)"
+    unreadable = [{"file": f"{root}/cut.jsonl.gz", "error": truncated},
+                  {"file": f"{root}/sft/cut.jsonl.gz", "error": truncated}]
+    assert m["read_errors"] == unreadable and m["sft"]["dropped_read_error"] == 1
+    lines = printed.splitlines()
+    assert "  unreadable files               2" in lines
+    assert f"    {root}/cut.jsonl.gz: {truncated}" in lines and f"    {root}/sft/cut.jsonl.gz: {truncated}" in lines
     assert m["utf8_replacements"] == 1
     assert (m["exact_duplicates"], m["fuzzy_duplicates"], m["fuzzy_clusters"]) == (1, 1, 1), m
     assert m["pii_redacted"]["email"] == 1 and m["pii_redacted"]["phone"] == 1
@@ -120,7 +130,7 @@ def test_stage_end_to_end(ray_session, corpus, tmp_path, capsys):
     tokens_written = 0
     decoded = ""
     for split in ("train", "val"):
-        shards = sorted(glob.glob(f"{folder}/data/packed/{split}/*.parquet".replace("/data/data", "/data")))
+        shards = sorted(glob.glob(f"{folder}/packed/{split}/*.parquet"))
         assert shards, split
         for shard in shards:
             ids = np.array(pq.read_table(shard).column("input_ids").to_pylist())
@@ -149,6 +159,7 @@ def test_stage_end_to_end(ray_session, corpus, tmp_path, capsys):
 
     stats = json.loads(open(f"{folder}/stats.json").read())
     assert stats["exact_duplicates"] == 1 and stats["seq_len"] == 16
+    assert stats["read_errors"] == unreadable and stats["dropped"]["read_error"] == 1
 
     again = run(cfg)
     assert again.skipped
