@@ -124,6 +124,7 @@ class Engine:
                 item = await seq.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                item = _coalesce(item, seq.queue)
                 yield item
                 if item.finish_reason is not None:
                     return
@@ -196,6 +197,18 @@ class Engine:
         keep = [i for i, s in enumerate(self._running) if not (s.done or s.cancelled)]
         self.batch.keep(keep)
         self._running = [self._running[i] for i in keep]
+
+
+def _coalesce(step: Step, queue: asyncio.Queue[Step | BaseException]) -> Step:
+    """Merge steps already waiting into one: a consumer that fell behind (a busy proxy streaming many
+    requests) then sends one chunk for several tokens instead of one per token."""
+    while not queue.empty() and step.finish_reason is None:
+        nxt = queue.get_nowait()
+        if isinstance(nxt, BaseException):
+            queue.put_nowait(nxt)  # raised on the next read, after what was generated is delivered
+            break
+        step = Step([*step.tokens, *nxt.tokens], step.prompt, nxt.finish_reason)
+    return step
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:
