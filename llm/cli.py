@@ -95,9 +95,13 @@ def cmd_stage(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
 
 
 def cmd_run(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
-    from llm.pipeline import run_pipeline
+    from llm.pipeline import run_pipeline, stages_to_run
 
     assert loaded is not None
+    try:
+        stages_to_run(loaded.llm)  # an enabled stage this version lacks stops here, before any work
+    except ConfigError as e:
+        raise ConfigError(f"{e} in {loaded.path}") from None
     for result in run_pipeline(loaded.llm, force=ns.force):
         _print_result(result)
     return 0

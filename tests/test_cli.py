@@ -87,3 +87,26 @@ def test_readme_config_reference_is_current() -> None:
     readme = (ROOT / "README.md").read_text()
     assert embedded_reference(readme) == config_reference(), "run: python -m llm.configdoc"
     assert "python -m pytest -q" in readme and "llmray run" in readme
+
+
+def test_an_enabled_stage_that_does_not_exist_is_refused_before_any_work(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    from llm.pipeline import STAGES
+
+    missing = next(s for s in ("sweep", "finetune", "compress", "serve") if s not in STAGES)
+    storage = tmp_path / "runs"
+    for command in ("validate", "run"):
+        assert main([command, str(LOCAL_YAML), f"storage={storage}", f"{missing}.enabled=true"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"metadata.llm.{missing}.enabled" in err and "local.yaml" in err
+    assert not storage.exists()  # `run` stopped before the data stage started
+
+
+def test_validate_lists_the_stages_run_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from llm.config import load_config
+    from llm.pipeline import stages_to_run
+
+    for path in (LOCAL_YAML, ROOT / "cluster" / "config.yaml"):
+        assert main(["validate", str(path)]) == 0
+        listed = capsys.readouterr().out.rsplit("stages: ", 1)[1].strip()
+        assert listed == ", ".join(stages_to_run(load_config(path).llm))

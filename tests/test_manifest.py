@@ -145,3 +145,48 @@ def test_partial_folder_resumed_only_by_the_same_attempt(tmp_path: Path) -> None
         execute(cfg, "pretrain", crash, sections=("pretrain",), keep_partial=True)
     execute(cfg, "pretrain", resume, sections=("pretrain",), keep_partial=True, force=True)
     assert seen == [True, False, False, False]  # force starts over even from a resumable folder
+
+
+def _committed(tmp_path: Path, *overrides: str):  # noqa: ANN202
+    cfg = tiny_config(tmp_path, *overrides).llm
+    result = execute(cfg, "pretrain", lambda f: (f / "weights.bin").write_text("trained") and {},
+                     sections=("pretrain",))
+    return cfg, Path(result.path)
+
+
+@pytest.mark.parametrize("override", [
+    "pretrain.log_every=5", "pretrain.eval_every=7", "pretrain.checkpoint_every=3", "pretrain.max_failures=0",
+    "pretrain.keep_checkpoints=3", "pretrain.tensorboard=true", "pretrain.mlflow_uri=file:/tmp/ml",
+    "pretrain.sizing.cpus_per_worker=0.5", "pretrain.sizing.placement_strategy=SPREAD",
+])
+def test_fields_that_change_no_output_do_not_rerun(tmp_path: Path, override: str) -> None:
+    _committed(tmp_path)
+    again = execute(tiny_config(tmp_path, override).llm, "pretrain", lambda f: {"ran": True}, sections=("pretrain",))
+    assert again.skipped and "ran" not in again.metrics
+
+
+def test_changed_output_field_keeps_the_committed_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, folder = _committed(tmp_path)
+    changed = tiny_config(tmp_path, "pretrain.lr.peak=1e-3").llm
+    result = execute(changed, "pretrain", lambda f: {"ran": True}, sections=("pretrain",))
+    assert not result.skipped and result.kept_aside is not None
+    kept = Path(result.kept_aside)
+    assert kept.parent == folder.parent and kept.name.startswith("pretrain.")
+    assert (kept / "weights.bin").read_text() == "trained" and read_manifest(kept) is not None
+    out = capsys.readouterr().out
+    assert "changed: pretrain.lr.peak" in out and str(kept) in out
+    # --force also keeps the committed folder aside: nothing committed is deleted by a rerun.
+    forced = execute(changed, "pretrain", lambda f: {}, sections=("pretrain",), force=True)
+    assert forced.kept_aside and read_manifest(forced.kept_aside) is not None
+
+
+def test_refuse_names_the_changed_keys_and_force(tmp_path: Path) -> None:
+    from llm.errors import StaleOutputError
+
+    _, folder = _committed(tmp_path)
+    before = read_manifest(folder)
+    changed = tiny_config(tmp_path, "on_change=refuse", "pretrain.lr.peak=1e-3", "pretrain.seed=7").llm
+    with pytest.raises(StaleOutputError, match=r"changed: pretrain\.lr\.peak, pretrain\.seed\).*--force"):
+        execute(changed, "pretrain", lambda f: {}, sections=("pretrain",))
+    after = read_manifest(folder)
+    assert before is not None and after is not None and after.created == before.created

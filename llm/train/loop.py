@@ -139,7 +139,9 @@ def evaluate(engine: Any, rt: Any, spec: LoopSpec, rows: int, micro: int, batche
 
     from llm.train.data import parquet_batches
 
-    if not cache and spec.val_files:
+    if not spec.val_files:  # a data stage with `val_fraction: 0`: no evaluation, not a crash
+        return None
+    if not cache:
         for i, batch in enumerate(parquet_batches(spec.val_files, rows)):
             if i >= batches:
                 break

@@ -166,3 +166,36 @@ def test_bad_deepspeed_override_fails_before_training(ray_session, tmp_path):
     build_data_stage(loaded)
     with pytest.raises(ConfigError, match=r"^metadata\.llm\.pretrain\.deepspeed\.zero_optimization\.bucket: "):
         run(loaded.llm)
+
+
+def test_damaged_checkpoint_is_named_then_the_run_completes_and_continues_on_purpose(
+        ray_session, tmp_path, capsys):  # noqa: ANN001
+    from llm.train import checkpoint as ckpt
+
+    loaded = train_config(tmp_path, "pretrain.max_steps=8", "pretrain.checkpoint_every=2")
+    build_data_stage(loaded)
+    with pytest.raises(TrainingError):
+        run(loaded.llm, fail_at_step=5)  # checkpoints at 2 and 4, killed after step 5
+    folder = Path(loaded.llm.stage_dir("pretrain"))
+    newest = ckpt.candidates(folder / "ray")[0]
+    assert ckpt.step_of(newest) == 4
+    victim = next((newest / ckpt.TAG).glob("*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:-64])  # truncated
+    capsys.readouterr()
+    result = run(loaded.llm, fail_at_step=5)  # the same command again
+    out = capsys.readouterr().out
+    assert f"damaged checkpoint {newest}.damaged: ds/{victim.name}" in out and "resuming from step 2" in out
+    assert Path(f"{newest}.damaged").is_dir()
+    assert [r["resumed_at"] for r in ranks(result)] == [2, 2]
+    assert [r["step"] for r in records(result)] == list(range(1, 9))
+    finished = records(result)
+
+    # Raising max_steps alone would rerun from scratch (the old folder kept aside); init_from continues.
+    more = train_config(tmp_path, "pretrain.max_steps=10", "pretrain.checkpoint_every=2",
+                        f"pretrain.init_from={folder}")
+    cont = run(more.llm)
+    assert cont.kept_aside and read_manifest(cont.kept_aside) is not None  # the finished run is kept
+    assert [r["resumed_at"] for r in ranks(cont)] == [8, 8]
+    assert [r["step"] for r in records(cont)] == [9, 10]
+    assert records(cont)[0]["tokens"] == finished[-1]["tokens"] + 2 * 4 * 32
+    assert records(cont)[-1]["loss"] < finished[0]["loss"] - 0.2
