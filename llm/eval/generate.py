@@ -1,0 +1,122 @@
+"""Greedy generation on held-out prompts, batched with left padding, scored against references.
+
+Decoding is fixed here rather than taken from each model's `generation_config` (which may carry a
+temperature or a repetition penalty): every model compared is decoded the same way, greedily, for at
+most the same number of new tokens, and stops at its eos or the chat template's end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from llm.data.tokenizer import END
+from llm.errors import DataError
+from llm.eval.data import PromptPair
+from llm.eval.loss import model_device
+from llm.eval.text import text_metrics
+
+
+def context_length(model: Any) -> int:
+    """Maximum positions the model accepts (2048 when its config does not say)."""
+    cfg = model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048)
+
+
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the tokenizer's and the model's eos, and the template's `<|end|>`."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if END in tokenizer.get_vocab():
+        ids.add(int(tokenizer.convert_tokens_to_ids(END)))
+    return sorted(ids)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id written on padding: pad, else eos, else 0 (padding is masked, so any valid id works)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def encode_prompts(tokenizer: Any, pairs: Sequence[PromptPair], max_tokens: int | None = None) -> list[list[int]]:
+    """Prompt token ids: each pair's messages through the chat template with the generation prompt.
+
+    Args:
+        tokenizer: the model's tokenizer, with a chat template.
+        pairs: held-out cases from `llm.eval.data.prompt_pairs`.
+        max_tokens: keep only the last this many tokens (the end of a conversation is what the answer needs).
+
+    Raises:
+        DataError: the tokenizer has no chat template.
+    """
+    if pairs and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: no chat template to render prompts with")
+    out = []
+    for pair in pairs:
+        text = tokenizer.apply_chat_template(pair.messages, tokenize=False, add_generation_prompt=True)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        out.append(ids[-max_tokens:] if max_tokens else ids)
+    return out
+
+
+def greedy_generate(model: Any, prompts: Sequence[list[int]], max_new_tokens: int, *, pad: int,
+                    stop: Sequence[int] = (), batch_size: int = 8, min_new_tokens: int = 0) -> list[list[int]]:
+    """New tokens of greedy decoding for each prompt, batched with left padding, cut before the first stop id.
+
+    Args:
+        model: a `transformers` causal LM (eval mode).
+        prompts: token ids of each prompt, in order.
+        max_new_tokens: most tokens generated per prompt.
+        pad: id written on the left padding (masked out).
+        stop: ids that end an answer; not part of the returned tokens.
+        batch_size: prompts per `generate` call.
+        min_new_tokens: suppress stopping before this many tokens (throughput measurement).
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                              min_new_tokens=min_new_tokens, pad_token_id=pad,
+                              eos_token_id=list(stop) or None, use_cache=True)
+    device = model_device(model)
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, p in enumerate(batch):
+            # Left padding: every prompt ends at the same column, so new tokens start together.
+            ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        for row in gen[:, width:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+            out.append(row[:cut])
+    return out
+
+
+def generate_texts(model: Any, tokenizer: Any, pairs: Sequence[PromptPair], max_new_tokens: int = 64,
+                   batch_size: int = 8) -> list[str]:
+    """Greedy answers to each pair's prompt, decoded without special tokens and stripped."""
+    prompts = encode_prompts(tokenizer, pairs, max(context_length(model) - max_new_tokens, 1))
+    tokens = greedy_generate(model, prompts, max_new_tokens, pad=pad_id(tokenizer), stop=stop_ids(model, tokenizer),
+                             batch_size=batch_size)
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+
+
+def generation_metrics(model: Any, tokenizer: Any, pairs: Sequence[PromptPair], max_new_tokens: int = 64,
+                       batch_size: int = 8) -> dict[str, Any]:
+    """ROUGE-L F1, corpus BLEU and exact match of greedy answers against the pairs' references.
+
+    Returns:
+        `{"rouge_l", "bleu", "exact_match", "prompts"}` (see `llm.eval.text`).
+    """
+    predictions = generate_texts(model, tokenizer, pairs, max_new_tokens, batch_size)
+    return text_metrics(predictions, [p.reference for p in pairs])
