@@ -25,13 +25,14 @@ def _corpus(root: Path) -> Path:
 
 def test_run_data_then_pretrain_then_skip(ray_session, tmp_path: Path) -> None:
     source = _corpus(tmp_path)
-    cfg = tiny_config(
-        tmp_path, f"data.sources=[{source}]", "data.sft.sources=[]", "data.seq_len=32",
+    base = (
+        f"data.sources=[{source}]", "data.sft.sources=[]", "data.seq_len=32",
         "data.tokenizer.vocab_size=384", "pretrain.model.context=32", "pretrain.max_steps=4",
         "pretrain.micro_batch_size=2", "pretrain.checkpoint_every=2", "pretrain.eval_every=2",
         "pretrain.eval_batches=1", "pretrain.log_every=1", "pretrain.lr.warmup_steps=1",
-        "pretrain.max_failures=0",
-    ).llm
+        "pretrain.max_failures=0", "serve.enabled=false",
+    )
+    cfg = tiny_config(tmp_path, *base).llm
     assert list(STAGES)[:2] == ["data", "pretrain"]
 
     first = run_pipeline(cfg)
@@ -51,3 +52,12 @@ def test_run_data_then_pretrain_then_skip(ray_session, tmp_path: Path) -> None:
     # A changed data config reruns data, and pretrain after it because its input changed.
     changed = run_pipeline(cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_fraction": 0.2})}))
     assert [r.skipped for r in changed] == [False, False]
+
+    # Knobs that change no output skip a finished stage; an output-changing one keeps the old folder.
+    val = "data.val_fraction=0.2"
+    assert [r.skipped for r in run_pipeline(tiny_config(tmp_path, *base, val, "pretrain.log_every=5",
+                                                         "pretrain.eval_every=1").llm)] == [True, True]
+    peak = run_pipeline(tiny_config(tmp_path, *base, val, "pretrain.lr.peak=1e-3").llm)
+    assert [r.skipped for r in peak] == [True, False]
+    kept = peak[1].kept_aside
+    assert kept and read_manifest(kept) is not None and (Path(kept) / "model" / "model.safetensors").exists()
