@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +70,21 @@ def cmd_plan(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
     return 0
 
 
+def cmd_status(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
+    from llm.report import format_status, run_status
+
+    assert loaded is not None
+    print(f"run {loaded.llm.run!r} under {loaded.llm.storage} ({loaded.path})")
+    print(format_status(run_status(loaded.llm)))
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
+    assert loaded is not None
+    _write_report(loaded)
+    return 0
+
+
 def cmd_schema(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
     if ns.markdown:
         from llm.configdoc import config_reference
@@ -90,21 +106,33 @@ def cmd_stage(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
     from llm.pipeline import run_stage
 
     assert loaded is not None
-    _print_result(run_stage(loaded.llm, ns.command, force=ns.force))
+    _print_result(run_stage(loaded.llm, ns.command, force=ns.force, verbose=ns.verbose, quiet=False))
     return 0
 
 
 def cmd_run(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
-    from llm.pipeline import run_pipeline, stages_to_run
+    from llm.pipeline import run_stage, stages_to_run
 
     assert loaded is not None
     try:
         stages_to_run(loaded.llm)  # an enabled stage this version lacks stops here, before any work
     except ConfigError as e:
         raise ConfigError(f"{e} in {loaded.path}") from None
-    for result in run_pipeline(loaded.llm, force=ns.force):
-        _print_result(result)
+    t0 = time.perf_counter()
+    results = []
+    for name in stages_to_run(loaded.llm):
+        results.append(run_stage(loaded.llm, name, force=ns.force, verbose=ns.verbose, quiet=False))
+        _print_result(results[-1])
+    _write_report(loaded)
+    print(f"llmray run: {len(results)} stages in {time.perf_counter() - t0:.0f}s "
+          f"({sum(r.skipped for r in results)} skipped); status: llmray status {loaded.path}")
     return 0
+
+
+def _write_report(loaded: LoadedConfig) -> None:
+    from llm.report import write_report
+
+    print(f"report: {write_report(loaded)}")
 
 
 COMMANDS: dict[str, Command] = {
@@ -114,6 +142,8 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("serve the chosen model on Ray Serve behind an OpenAI-compatible API", cmd_stage, stage=True),
     "validate": Command("validate a cluster file (both halves); exit 2 on a config error", cmd_validate),
     "plan": Command("derived sizing per stage, the run's arithmetic and a time estimate", cmd_plan),
+    "status": Command("each stage: done, stale, partial (resumable from a step) or not started", cmd_status),
+    "report": Command("write <storage>/<run>/report.html: one file with every stage's figures", cmd_report),
     "config-schema": Command("print the JSON Schema of metadata.llm", cmd_schema, needs_config=False),
 }
 
@@ -127,13 +157,31 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
                            help="cluster file (default cluster/local.yaml) and dotted overrides")
         if command.stage:
-            p.add_argument("--force", action="store_true", help="rerun even when the manifest matches")
+            p.add_argument("--force", action="store_true", help="rerun even when the manifest matches "
+                           "(the committed folder is kept aside)")
+            p.add_argument("--verbose", action="store_true", help="show Ray's own output live (it always goes "
+                           "to <storage>/<run>/logs/<stage>.log)")
         if name == "config-schema":
             p.add_argument("--markdown", action="store_true", help="the config reference table instead")
         if name == "plan":
             p.add_argument("--json", action="store_true", help="machine-readable output")
             p.add_argument("--live", action="store_true", help="connect to Ray and check resources now")
     return parser
+
+
+def _internal_error(e: Exception, loaded: LoadedConfig | None) -> int:
+    import tempfile
+    import traceback
+    from pathlib import Path
+
+    folder = Path(loaded.llm.storage) / loaded.llm.run / "logs" if loaded else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "error.log"
+    with log.open("a") as f:
+        f.write("".join(traceback.format_exception(e)))
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    print(f"error: {type(e).__name__}: {first} (full trace: {log})", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     except LLMRayError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # a bug or a library failure: one line here, the trace in a log file
+        return _internal_error(e, loaded)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -34,12 +34,32 @@ def stage_runner(name: str):  # noqa: ANN201 - returns the stage's run function
     return getattr(importlib.import_module(module), func)
 
 
-def run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageResult:
-    """Run one stage (its own skip-if-done applies)."""
-    result: StageResult = stage_runner(name)(cfg, force=force)
+# What each stage does, for its header line.
+WHAT: dict[str, str] = {
+    "data": "read, clean, dedup, train a tokenizer, pack (Ray Data)",
+    "sweep": "learning-rate schedules (Ray Tune over Ray Train runs)",
+    "pretrain": "train the model (Ray Train + DeepSpeed)",
+    "finetune": "chat fine-tuning (Ray Train + DeepSpeed)",
+    "compress": "quantize, prune, distil, evaluate, choose",
+    "serve": "OpenAI-compatible endpoint (Ray Serve)",
+}
+
+
+def run_stage(cfg: PipelineConfig, name: str, force: bool = False, verbose: bool = False,
+              quiet: bool = False) -> StageResult:
+    """Run one stage (its own skip-if-done applies) under the calm console; `quiet` skips the routing
+    (library callers and tests that capture output themselves)."""
+    from llm.console import stage_console
+
+    if quiet:
+        result: StageResult = stage_runner(name)(cfg, force=force)
+        return result
+    with stage_console(cfg, name, WHAT.get(name, name), verbose):
+        result = stage_runner(name)(cfg, force=force)
     return result
 
 
-def run_pipeline(cfg: PipelineConfig, force: bool = False) -> list[StageResult]:
+def run_pipeline(cfg: PipelineConfig, force: bool = False, verbose: bool = False,
+                 quiet: bool = True) -> list[StageResult]:
     """Run every enabled stage in order; `force` reruns stages whose manifests match."""
-    return [run_stage(cfg, name, force=force) for name in stages_to_run(cfg)]
+    return [run_stage(cfg, name, force=force, verbose=verbose, quiet=quiet) for name in stages_to_run(cfg)]

@@ -47,9 +47,14 @@ def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, r
 
     connect(cfg)
     reserve(sizing, cfg.ray.resource_timeout_s, stage)
+    from llm.console import LiveLine
+    from llm.train.metrics import progress_line
+
     trainer = build_trainer(spec, sizing.scaling_config_kwargs(), root, keep, max_failures)
+    metrics = Path(spec.out_dir or root) / "metrics.jsonl"
     try:
-        result = trainer.fit()
+        with LiveLine(lambda: progress_line(metrics, int(spec.train['max_steps']), spec.stage)):
+            result = trainer.fit()
     except Exception as e:  # Ray Train wraps worker errors; the user gets one line and a log file
         raise worker_error(e, log_path(cfg, stage), stage) from None
     ckpt.prune(root, keep)
@@ -58,7 +63,9 @@ def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, r
 
 def log_path(cfg: PipelineConfig, stage: str) -> Path:
     """`<storage>/<run>/logs/<stage>.log`."""
-    return Path(cfg.storage) / cfg.run / "logs" / f"{stage}.log"
+    from llm import console
+
+    return console.log_path(cfg, stage)
 
 
 def _causes(e: BaseException) -> list[BaseException]:

@@ -43,6 +43,23 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 
+def progress_line(path: Path, max_steps: int, name: str) -> str | None:
+    """The live line of a training run from its `metrics.jsonl` (the driver's view of rank 0's records)."""
+    records = read_records(path) if path.exists() else []
+    if not records:
+        return f"[{name}] starting workers (model, DeepSpeed, first batches)..."
+    last = records[-1]
+    times = [r["step_time_s"] for r in records[-20:] if r.get("step_time_s")]
+    eta = (max_steps - last["step"]) * (sorted(times)[len(times) // 2] if times else 0.0)
+    parts = [f"[{name}] step {last['step']}/{max_steps}", f"loss {last['loss']:.4f}", f"lr {last['lr']:.2e}",
+             f"tok/s {last['tokens_per_s'] / 1e3:.1f}k", f"MFU {100 * last['mfu']:.1f}%"]
+    vals = [r for r in records if "val_loss" in r]
+    if vals:
+        parts.append(f"val {vals[-1]['val_loss']:.4f}")
+    parts.append(f"ETA {fmt_seconds(eta)}")
+    return " ".join(parts)
+
+
 class MetricsLog:
     """Rank 0's sinks: a JSON line per step, the live line every `log_every` steps, TensorBoard, MLflow.
 

@@ -1,0 +1,145 @@
+"""`report.html`: one self-contained file (images embedded as data URIs, no network) of a run's figures.
+
+Every section reads a stage's committed outputs; a stage that has not run says so instead of failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llm.config import STAGE_SECTIONS, LoadedConfig
+from llm.manifest import manifest_hash, read_manifest
+from llm.report import plots
+from llm.report.status import format_status, run_status
+from llm.train.metrics import read_records
+
+Section = tuple[str, str]  # (title, html body)
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "<p>(no rows)</p>"
+    columns = columns or list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.4g}"
+    return str(v)
+
+
+def _committed(loaded: LoadedConfig, stage: str) -> Path | None:
+    folder = Path(loaded.llm.stage_dir(stage))
+    return folder if read_manifest(folder) is not None else None
+
+
+def _data(loaded: LoadedConfig) -> str | None:
+    folder = _committed(loaded, "data")
+    if folder is None or not (folder / "stats.json").exists():
+        return None
+    stats = json.loads((folder / "stats.json").read_text())
+    errors = stats.get("read_errors") or []
+    extra = _table(errors) if errors else ""
+    return _img(plots.data_funnel(stats), "data funnel") + extra
+
+
+def _training(stage: str) -> Callable[[LoadedConfig], str | None]:
+    def section(loaded: LoadedConfig) -> str | None:
+        folder = _committed(loaded, stage)
+        records = read_records(folder / "metrics.jsonl") if folder else []
+        if not records:
+            return None
+        manifest = read_manifest(folder) if folder else None
+        summary = [{k: v for k, v in (manifest.metrics if manifest else {}).items() if not isinstance(v, dict)}]
+        return _img(plots.training_curves(records, stage), f"{stage} curves") + _table(summary)
+    return section
+
+
+def _sweep(loaded: LoadedConfig) -> str | None:
+    folder = _committed(loaded, "sweep")
+    if folder is None or not (folder / "trials.csv").exists():
+        return None
+    with (folder / "trials.csv").open() as f:
+        trials = list(csv.DictReader(f))
+    best = json.loads((folder / "best.json").read_text()) if (folder / "best.json").exists() else {}
+    parts = []
+    if (folder / "curves.png").exists():
+        parts.append(_img((folder / "curves.png").read_bytes(), "sweep curves"))
+    winner = str(best.get("trial_id", ""))
+    for t in trials:
+        t["best"] = "<- best" if str(t.get("trial_id", "")) == winner else ""
+    parts.append(_table(trials))
+    return "".join(parts)
+
+
+def _compress(loaded: LoadedConfig) -> str | None:
+    folder = _committed(loaded, "compress")
+    if folder is None or not (folder / "eval.json").exists():
+        return None
+    rows = json.loads((folder / "eval.json").read_text())
+    rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
+    chosen = json.loads((folder / "chosen.json").read_text()) if (folder / "chosen.json").exists() else {}
+    name = chosen.get("variant") or chosen.get("chosen")
+    reason = f"<p>chosen: <b>{html.escape(str(name))}</b> ({html.escape(str(chosen.get('reason', '')))})</p>"
+    return reason + _img(plots.size_vs_ppl(rows, name), "size against perplexity") + _table(rows)
+
+
+def _serve(loaded: LoadedConfig) -> str | None:
+    folder = _committed(loaded, "serve")
+    if folder is None:
+        return None
+    manifest = read_manifest(folder)
+    return _table([{k: v for k, v in (manifest.metrics if manifest else {}).items() if not isinstance(v, dict | list)}])
+
+
+SECTIONS: dict[str, Callable[[LoadedConfig], str | None]] = {
+    "data": _data, "sweep": _sweep, "pretrain": _training("pretrain"), "finetune": _training("finetune"),
+    "compress": _compress, "serve": _serve,
+}
+
+
+def build_report(loaded: LoadedConfig) -> str:
+    """The report's HTML text."""
+    cfg = loaded.llm
+    parts = [f"<h1>llmray run {html.escape(cfg.run)}</h1>",
+             f"<pre>{html.escape(format_status(run_status(cfg)))}</pre>"]
+    for stage in STAGE_SECTIONS:
+        body = SECTIONS[stage](loaded)
+        parts.append(f"<h2>{stage}</h2>")
+        parts.append(body if body is not None else f"<p class=missing>{stage} has not run (no committed output).</p>")
+    hashes = [{"stage": s, "manifest sha256": manifest_hash(Path(cfg.stage_dir(s))) or "-"} for s in STAGE_SECTIONS]
+    parts += ["<h2>manifests</h2>", _table(hashes), "<h2>config</h2>",
+              f"<pre>{html.escape(yaml.safe_dump({'metadata': {'llm': cfg.model_dump(mode='json')}}, sort_keys=False))}"
+              f"</pre>", f"<p>from {html.escape(str(loaded.path))}</p>"]
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;"
+             "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}.missing{color:#888}")
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>llmray {html.escape(cfg.run)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def write_report(loaded: LoadedConfig) -> Path:
+    """Write `<storage>/<run>/report.html` (temp file, then rename); returns its path."""
+    out = Path(loaded.llm.storage) / loaded.llm.run / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(build_report(loaded), encoding="utf-8")
+    tmp.replace(out)
+    return out
