@@ -3,6 +3,10 @@
 Compress, eval and serve all open models here, so a new variant format is added once: write a loader
 for it and register it in `_LOADERS` under the name `model_format` detects (an int8 variant will be
 told apart by a marker file its writer saves next to the weights). Nothing is downloaded.
+
+Formats: `hf` (a `save_pretrained` directory: fp32 models, pruned and distilled variants, torchao GPU variants,
+which `from_pretrained` reads back through their `quantization_config`) and `int8-dynamic` (the CPU int8
+variant of `llm.compress.quantize`, told apart by its `quantization.json`).
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ class LoadedModel:
 
 
 def model_format(path: Path) -> str:
-    """The variant format stored in `path`: `hf` (a plain `save_pretrained` directory) for now."""
+    """The variant format stored in `path`: `int8-dynamic` (has `quantization.json`) or `hf`."""
+    from llm.compress.quantize import FORMAT, QUANT_FILE
+
     if not (path / "config.json").exists():
         raise ConfigError(f"{path}: not a model directory (no config.json)")
-    return "hf"
+    return FORMAT if (path / QUANT_FILE).exists() else "hf"
 
 
 def _load_hf(path: Path, device: str) -> tuple[Any, Any]:
@@ -54,8 +60,17 @@ def _load_hf(path: Path, device: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _load_int8(path: Path, device: str) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    from llm.compress.quantize import load_int8
+
+    model = load_int8(path, device)
+    return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
 # Format name -> loader(path, device) returning (model, tokenizer). Compress registers its variants here.
-_LOADERS: dict[str, Callable[[Path, str], tuple[Any, Any]]] = {"hf": _load_hf}
+_LOADERS: dict[str, Callable[[Path, str], tuple[Any, Any]]] = {"hf": _load_hf, "int8-dynamic": _load_int8}
 
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
@@ -71,10 +86,12 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"{folder}: model directory not found")
+    from safetensors import SafetensorError
+
     fmt = model_format(folder)
     try:
         model, tokenizer = _LOADERS[fmt](folder, device)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a truncated or corrupt weights file included
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{folder}: cannot load the model or its tokenizer: {first}") from None
     model.to(device).eval()
