@@ -18,6 +18,7 @@ from llm.config.compress import ChooseConfig
 from llm.errors import ConfigError
 
 ORIGINAL = "original"
+EPS = 1e-9  # a figure exactly at a limit passes, whatever the float rounding of the subtraction
 PREFER = {"smallest_disk": ("disk_mb", min), "fewest_params": ("params", min), "fastest": ("tok_s_b1", max)}
 
 
@@ -30,13 +31,13 @@ def failures(row: Mapping[str, Any], original: Mapping[str, Any], rule: ChooseCo
             continue
         if value is None:
             why.append(f"{key} not measured")
-        elif value > base * (1.0 + rule.max_ppl_increase):
+        elif value > base * (1.0 + rule.max_ppl_increase) + EPS:
             why.append(f"{key} {value:.3f} > {base:.3f} x {1 + rule.max_ppl_increase:g}")
     base, value = original.get("rouge_l"), row.get("rouge_l")
     if base is not None:
         if value is None:
             why.append("rouge_l not measured")
-        elif base - value > rule.max_rouge_drop:
+        elif base - value > rule.max_rouge_drop + EPS:
             why.append(f"rouge_l {value:.3f} dropped {base - value:.3f} > {rule.max_rouge_drop:g}")
     return why
 

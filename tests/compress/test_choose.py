@@ -1,0 +1,87 @@
+"""The choice rule: smallest passing variant, every limit checked, the original when nothing passes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llm.compress.choose import choose, failures, write_chosen
+from llm.config.compress import ChooseConfig
+from llm.errors import ConfigError
+
+RULE = ChooseConfig(max_ppl_increase=0.05, max_rouge_drop=0.02)
+
+
+def row(name: str, disk: float, val: float | None, rouge: float | None, sft: float | None = None,
+        params: int = 100, tok_s: float = 10.0) -> dict[str, Any]:
+    return {"model": name, "disk_mb": disk, "val_ppl": val, "sft_ppl": sft, "rouge_l": rouge, "params": params,
+            "tok_s_b1": tok_s}
+
+
+ORIGINAL = row("original", 100.0, 20.0, 0.50, sft=10.0)
+
+
+def test_smallest_passing_variant_is_chosen() -> None:
+    rows = [ORIGINAL, row("int8", 30.0, 20.5, 0.49, sft=10.2), row("pruned", 50.0, 20.9, 0.50, sft=10.0),
+            row("tiny", 5.0, 40.0, 0.10, sft=30.0)]
+    choice = choose(rows, RULE)
+    assert choice["variant"] == "int8"
+    assert "disk_mb 30" in choice["reason"] and "2 passing" in choice["reason"]
+    assert choice["checks"]["int8"] == [] and any("val_ppl" in w for w in choice["checks"]["tiny"])
+
+
+@pytest.mark.parametrize(("variant", "needle"), [
+    (row("v", 1.0, 21.01, 0.50, sft=10.0), "val_ppl 21.010 > 20.000"),  # 5.05 % > 5 %
+    (row("v", 1.0, 20.0, 0.50, sft=10.6), "sft_ppl"),
+    (row("v", 1.0, 20.0, 0.47, sft=10.0), "rouge_l 0.470 dropped 0.030"),
+    (row("v", 1.0, 20.0, None, sft=10.0), "rouge_l not measured"),
+    (row("v", 1.0, 20.0, 0.50, sft=None), "sft_ppl not measured"),
+])
+def test_each_limit_fails_a_variant(variant: dict[str, Any], needle: str) -> None:
+    assert any(needle in why for why in failures(variant, ORIGINAL, RULE))
+    choice = choose([ORIGINAL, variant], RULE)
+    assert choice["variant"] == "original" and "no variant passed" in choice["reason"] and needle in choice["reason"]
+
+
+def test_exactly_at_the_limits_passes() -> None:
+    assert failures(row("v", 1.0, 21.0, 0.48, sft=10.5), ORIGINAL, RULE) == []
+
+
+def test_limits_the_original_lacks_are_not_applied() -> None:
+    bare = row("original", 100.0, 20.0, None)
+    assert choose([bare, row("v", 10.0, 20.0, None)], RULE)["variant"] == "v"
+
+
+@pytest.mark.parametrize(("prefer", "expected"), [("smallest_disk", "a"), ("fewest_params", "b"), ("fastest", "c")])
+def test_prefer(prefer: str, expected: str) -> None:
+    rows = [ORIGINAL, row("a", 10.0, 20.0, 0.5, sft=10.0, params=90, tok_s=5.0),
+            row("b", 20.0, 20.0, 0.5, sft=10.0, params=50, tok_s=6.0),
+            row("c", 30.0, 20.0, 0.5, sft=10.0, params=80, tok_s=9.0)]
+    assert choose(rows, ChooseConfig(prefer=prefer))["variant"] == expected  # type: ignore[arg-type]
+
+
+def test_no_original_row_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="original"):
+        choose([row("int8", 1.0, 1.0, 1.0)], RULE)
+
+
+def test_chosen_json_is_read_by_serve(tmp_path: Path) -> None:
+    """serve's `chosen_model_dir` opens the folder named in chosen.json (variant, or the original's path)."""
+    from llm.compress.load import chosen_model_dir
+    from llm.manifest import write_manifest
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path).llm
+    folder = Path(cfg.stage_dir("compress"))
+    folder.mkdir(parents=True)
+    original = tmp_path / "orig"
+    write_chosen(folder, {"variant": "int8", "reason": "r"}, original)
+    write_manifest(folder, "compress", "h", {}, {})
+    assert chosen_model_dir(cfg) == folder / "int8"
+    write_chosen(folder, {"variant": "original", "reason": "r"}, original)
+    write_manifest(folder, "compress", "h", {}, {})  # the manifest checks the files it lists
+    assert json.loads((folder / "chosen.json").read_text())["path"] == str(original.resolve())
+    assert chosen_model_dir(cfg) == original.resolve()

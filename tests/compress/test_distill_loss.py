@@ -1,0 +1,75 @@
+"""The distillation loss against a KL and cross-entropy computed by hand on a fixed batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llm.compress.distill import DISTILL_ONLY, distill_loss
+
+# batch 1, 4 positions, vocabulary 3. Position t predicts label t+1; label 2 is -100, so the pairs scored are
+# (student/teacher at 0, label 2->?) ... spelled out below.
+STUDENT = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [2.0, -1.0, 0.0], [0.0, 0.0, 0.0]]])
+TEACHER = torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0], [9.0, 9.0, 9.0]]])
+LABELS = torch.tensor([[0, 1, -100, 2]])
+
+
+def _softmax(xs: list[float], t: float) -> list[float]:
+    e = [math.exp(x / t) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def _by_hand(temperature: float, alpha: float) -> float:
+    # Scored: position 0 -> label 1, position 2 -> label 2 (position 1's label -100; the last has no next).
+    pairs = [(0, 1), (2, 2)]
+    kl = ce = 0.0
+    for pos, target in pairs:
+        s, t = STUDENT[0, pos].tolist(), TEACHER[0, pos].tolist()
+        p_t, p_s = _softmax(t, temperature), _softmax(s, temperature)
+        kl += sum(a * (math.log(a) - math.log(b)) for a, b in zip(p_t, p_s, strict=True))
+        ce -= math.log(_softmax(s, 1.0)[target])
+    return alpha * temperature**2 * kl / len(pairs) + (1 - alpha) * ce / len(pairs)
+
+
+@pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 1.0), (2.0, 0.5), (4.0, 0.0), (0.5, 0.9)])
+def test_loss_equals_hand_computed_kl_and_ce(temperature: float, alpha: float) -> None:
+    got = float(distill_loss(STUDENT, TEACHER, LABELS, temperature, alpha))
+    assert got == pytest.approx(_by_hand(temperature, alpha), rel=1e-6)
+
+
+def test_masked_positions_do_not_count() -> None:
+    """Changing logits at a position whose next label is -100 changes nothing; at a scored one it does."""
+    base = float(distill_loss(STUDENT, TEACHER, LABELS, 2.0, 0.5))
+    masked = STUDENT.clone()
+    masked[0, 1] += torch.tensor([5.0, -5.0, 1.0])
+    assert float(distill_loss(masked, TEACHER, LABELS, 2.0, 0.5)) == pytest.approx(base, rel=1e-7)
+    scored = STUDENT.clone()
+    scored[0, 0] += torch.tensor([5.0, -5.0, 1.0])
+    assert float(distill_loss(scored, TEACHER, LABELS, 2.0, 0.5)) != pytest.approx(base, rel=1e-3)
+
+
+def test_student_equal_to_teacher_has_zero_kl_and_gradient_flows() -> None:
+    student = TEACHER.clone().requires_grad_(True)
+    assert float(distill_loss(student, TEACHER, LABELS, 2.0, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    loss = distill_loss(STUDENT.clone().requires_grad_(True), TEACHER, LABELS, 2.0, 1.0)
+    loss.backward()
+
+
+def test_plain_part_is_the_models_own_loss(tok) -> None:  # noqa: ANN001 - the session tokenizer fixture
+    from tests.compress.conftest import gqa_llama
+
+    model = gqa_llama(tok)
+    ids = torch.randint(0, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    out = model(input_ids=ids, labels=labels)
+    assert float(distill_loss(out.logits, out.logits, labels, 2.0, 0.0)) == pytest.approx(float(out.loss), rel=1e-5)
+
+
+def test_distill_only_fields_are_exactly_the_non_train_fields() -> None:
+    from llm.config import TrainConfig
+    from llm.config.compress import DistillConfig
+
+    assert set(DistillConfig.model_fields) - set(TrainConfig.model_fields) == DISTILL_ONLY
