@@ -100,8 +100,8 @@ class TrainConfig(Section):
     """Micro batches accumulated per optimizer step."""
     global_batch_size: int | None = Field(None, ge=1)
     """Optional cross-check: must equal micro_batch_size x grad_accum x workers."""
-    lr: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    """Learning-rate schedule."""
+    lr: ScheduleConfig | Literal["best"] = Field(default_factory=ScheduleConfig)
+    """Learning-rate schedule, or `best`: the winning schedule of the committed sweep (`sweep/best.json`)."""
     weight_decay: float = Field(0.1, ge=0)
     """AdamW weight decay (not applied to biases and norms)."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -154,6 +154,12 @@ class TrainConfig(Section):
             raise ValueError("offload_optimizer needs zero_stage >= 1")
         return self
 
+    def schedule(self) -> ScheduleConfig:
+        """The schedule itself; `lr: best` must have been resolved by the stage (`llm.tune.best`) first."""
+        if isinstance(self.lr, ScheduleConfig):
+            return self.lr
+        raise ValueError("lr: best is read from sweep/best.json by the stage before training starts")
+
 
 class PretrainConfig(TrainConfig):
     """Pretraining a causal LM on the data stage's packed sequences."""
@@ -162,8 +168,62 @@ class PretrainConfig(TrainConfig):
     """The model to build (or load from a local directory)."""
 
 
+class LoraSettings(Section):
+    """LoRA adapters through `peft`: low-rank updates on the chosen linear layers, the base frozen."""
+
+    rank: int = Field(8, ge=1)
+    """Rank r of each update B @ A."""
+    alpha: float = Field(16.0, gt=0)
+    """Scaling numerator: the update is added as (alpha / rank) * B @ A."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input during training."""
+    target_modules: list[str] | None = None
+    """Module names to adapt (e.g. `[q_proj, v_proj]`); default: every linear layer of attention and MLP."""
+
+
+class FinetuneEvalConfig(Section):
+    """Before/after evaluation of the base and the fine-tuned model on the held-out SFT split."""
+
+    enabled: bool = True
+    """Evaluate both models at the end of the stage (`finetune/eval.json`)."""
+    sft_rows: int = Field(256, ge=1)
+    """Held-out SFT rows scored for the assistant-token loss."""
+    prompts: int = Field(32, ge=0)
+    """Held-out prompts answered greedily for ROUGE-L, BLEU and exact match (0: none)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Most tokens generated per prompt."""
+
+
 class FinetuneConfig(TrainConfig):
-    """Fine-tuning (full or LoRA) on the data stage's SFT examples. Grown by the fine-tuning issue."""
+    """Fine-tuning (full or LoRA) on chat SFT examples, from our pretrained model or a local HF model."""
 
     enabled: bool = False
     """Run this stage in `llmray run`."""
+    base: str | None = None
+    """A local Hugging Face causal LM directory (Llama-style or GPT-2) with its tokenizer; default: the
+    pretrain stage's `model/`. Nothing is downloaded."""
+    data: list[str] = Field(default_factory=list)
+    """JSONL files or globs (`messages` or `prompt`/`response` records) or Hugging Face `datasets` folders
+    (`save_to_disk`); default: the data stage's SFT examples (its `data.sft.sources`)."""
+    method: Literal["full", "lora"] = "lora"
+    """`full` trains every weight; `lora` trains adapters and merges them into `finetune/model/`."""
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    """LoRA settings (method `lora`)."""
+    max_len: int | None = Field(None, ge=16)
+    """Examples longer than this many tokens are truncated; default: `data.sft.max_len`."""
+    val_fraction: float | None = Field(None, ge=0, lt=1)
+    """Held-out fraction chosen by example hash; default: `data.sft.val_fraction` (the data stage's split)."""
+    eval: FinetuneEvalConfig = Field(default_factory=FinetuneEvalConfig)
+    """Before/after evaluation."""
+    max_steps: int = Field(200, ge=1)
+    """Optimizer steps."""
+    lr: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(peak=2e-4, warmup_steps=10))
+    """Learning-rate schedule (LoRA usually wants a higher peak than full fine-tuning)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay (not applied to biases and norms)."""
+
+    @model_validator(mode="after")
+    def _no_init_from(self) -> FinetuneConfig:
+        if self.init_from is not None:
+            raise ValueError("init_from is for pretraining; fine-tuning starts from `base` (a model directory)")
+        return self

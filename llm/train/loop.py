@@ -66,6 +66,9 @@ class LoopSpec:
     """`module:function(model, spec) -> model` applied before `deepspeed.initialize` (LoRA, a teacher)."""
     loss_hook: str | None = None
     """`module:function(spec) -> loss_fn(engine, outputs, batch) -> loss`; default: the model's own loss."""
+    export_hook: str | None = None
+    """`module:function(engine, spec, tokenizer)` run by every rank instead of the full-model export (LoRA
+    writes its adapter); default: `llm.train.export.export_model` into `<out_dir>/model`."""
     fail_at_step: int | None = None
     """Testing hook: raise once after this step (and its checkpoint) to simulate an interruption."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -141,6 +144,8 @@ def evaluate(engine: Any, rt: Any, spec: LoopSpec, rows: int, micro: int, batche
 
     if not spec.val_files:  # a data stage with `val_fraction: 0`: no evaluation, not a crash
         return None
+    if spec.pad_id is not None:
+        return _evaluate_padded(engine, rt, spec, micro, batches, cache)
     if not cache:
         for i, batch in enumerate(parquet_batches(spec.val_files, rows)):
             if i >= batches:
@@ -158,6 +163,43 @@ def evaluate(engine: Any, rt: Any, spec: LoopSpec, rows: int, micro: int, batche
         return None
     s, count = _sum_across_ranks([total / n, 1.0], rt.device)
     return s / count
+
+
+def _evaluate_padded(engine: Any, rt: Any, spec: LoopSpec, micro: int, batches: int, cache: list[Any]) -> float | None:
+    """Token-weighted loss over labelled tokens (assistant tokens for SFT) of the first held-out rows.
+
+    Every rank takes the same number of rows, so every rank runs the same number of forward passes (ZeRO-3
+    gathers parameters collectively in each); the figure is summed nll over summed tokens across ranks,
+    so a batch with few assistant tokens weighs only as much as it holds.
+    """
+    import torch
+
+    from llm.train.data import read_rows
+
+    if not cache:
+        index = ShardIndex.of(spec.val_files)
+        per_rank = min(index.rows, batches * micro * rt.world_size) // rt.world_size
+        rows: dict[str, list[Any]] = {c: [] for c in spec.columns}
+        for block in read_rows(index, rt.rank * per_rank, (rt.rank + 1) * per_rank, spec.columns):
+            for c in spec.columns:
+                rows[c].extend(block[c])
+        collate = collate_padded(int(spec.pad_id or 0))
+        cache.extend(collate({c: v[i:i + micro] for c, v in rows.items()}) for i in range(0, per_rank, micro))
+        if not cache:
+            return None
+    engine.eval()
+    nll, count = 0.0, 0.0
+    with torch.no_grad():
+        for batch in cache:
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            n = float((batch["labels"][:, 1:] != -100).sum())
+            loss = engine(**batch).loss.float()
+            if n:  # a batch without a labelled token has a NaN mean loss and no weight
+                nll += float(loss) * n
+                count += n
+    engine.train()
+    s, c = _sum_across_ranks([nll, count], rt.device)
+    return s / c if c else None
 
 
 def _initial_state(engine: Any, rt: Any, spec: LoopSpec, part: RankSlice) -> dict[str, Any]:
@@ -286,6 +328,9 @@ def _finish(engine: Any, rt: Any, spec: LoopSpec, train: TrainConfig, state: dic
             {"rank": rt.rank, "world_size": rt.world_size, "node": rt.node, "step": state["step"],
              "tokens": state["tokens"], "resumed_at": resumed_at, "threads": torch.get_num_threads()}))
     if spec.export and spec.out_dir:
+        if spec.export_hook:
+            resolve(spec.export_hook)(engine, spec, tokenizer)
+            return
         from llm.train.export import export_model
 
         export_model(engine, Path(spec.out_dir) / "model", tokenizer)

@@ -1,0 +1,224 @@
+"""The finetune stage: chat SFT of the pretrained model (or any local Hugging Face model), full or LoRA,
+on Ray Train + DeepSpeed with the one loop; then the merge and a before/after evaluation.
+
+Writes under `<storage>/<run>/finetune/`: `tokenizer/` (the base's, with pad and chat template), `sft/`
+(examples rendered with that tokenizer, when the data stage's were made with another), `ray/attempt-<n>/`
+(checkpoints), `metrics.jsonl`, `adapter/` (LoRA), `model/` (the fine-tuned or merged model),
+`eval.json` (base and fine-tuned side by side), then the manifest. Resume and `--force` as in pretrain.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llm.config import PipelineConfig, TrainConfig
+from llm.errors import ConfigError, StageInputError
+from llm.stage import StageResult, execute, input_dir
+from llm.train import checkpoint as ckpt
+from llm.train import ds_config
+from llm.train.data import shard_files
+from llm.train.fit import fit_with_ray, read_records
+from llm.train.loop import LoopSpec
+from llm.train.sft import check_vocab, held_out, prepare_tokenizer, render_sources
+
+RAY_DIR = "ray"
+KEY = "metadata.llm.finetune"
+
+
+def base_dir(cfg: PipelineConfig) -> Path:
+    """The model to fine-tune: `finetune.base`, else the pretrain stage's export; checked to hold a config,
+    weights and a tokenizer, else a one-line error naming the key."""
+    ft = cfg.finetune
+    if ft.base is None:
+        folder, key = input_dir(cfg, "pretrain") / "model", f"{KEY}.base (default: the pretrain stage's model/)"
+    else:
+        folder, key = Path(ft.base).expanduser().resolve(), f"{KEY}.base"
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {folder} is not a directory")
+    if not (folder / "config.json").exists():
+        raise ConfigError(f"{key}: {folder} has no config.json (not a Hugging Face model directory)")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ConfigError(f"{key}: {folder} has no weights (*.safetensors or *.bin)")
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ConfigError(f"{key}: {folder} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    return folder
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers turn every text into the same ids (same model, vocabulary and template)."""
+    if getattr(a, "is_fast", False) and getattr(b, "is_fast", False):
+        same = a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    else:
+        same = a.get_vocab() == b.get_vocab()
+    return same and a.chat_template == b.chat_template
+
+
+def examples(cfg: PipelineConfig, folder: Path, tok: Any) -> tuple[list[str], list[str], list[Any], dict[str, Any]]:
+    """(train shards, val shards, held-out conversations, stats): the data stage's SFT shards when they were
+    made with this very tokenizer, else the source records rendered again with it into `finetune/sft/`."""
+    ft, sft = cfg.finetune, cfg.data.sft
+    val_fraction = ft.val_fraction if ft.val_fraction is not None else sft.val_fraction
+    limit = ft.eval.prompts if ft.eval.enabled else 0
+    if not ft.data:
+        from llm.data.tokenizer import load_tokenizer
+
+        data = input_dir(cfg, "data")
+        train = shard_files(data, "train", "sft")
+        if not train or not sft.sources:
+            raise StageInputError(f"{data}/sft/train: no SFT shards; set data.sft.sources and rerun `llmray data`, "
+                                  f"or set {KEY}.data")
+        if same_tokenizer(tok, load_tokenizer(data)):
+            convs = held_out(sft.sources, sft.val_fraction, "metadata.llm.data.sft.sources")[:limit]
+            return train, shard_files(data, "val", "sft"), convs, {"rendered": False}
+    sources = ft.data or sft.sources
+    key = f"{KEY}.data" if ft.data else "metadata.llm.data.sft.sources"
+    out = folder / "sft"
+    done = render_sources(tok, sources, out, ft.max_len or sft.max_len, val_fraction, key)
+    stats = {"rendered": True, **done.counts, "dropped": done.dropped[:20]}
+    for d in done.dropped[:5]:
+        print(f"finetune: dropped {d['record']}: {d['reason']}", flush=True)
+    return sorted(map(str, (out / "train").glob("*.parquet"))), sorted(map(str, (out / "val").glob("*.parquet"))), \
+        done.val_records[:limit], stats
+
+
+def loop_spec(cfg: PipelineConfig, folder: Path, base: Path, tok: Any, train: list[str], val: list[str],
+              **extra: Any) -> LoopSpec:
+    """The loop's plain-dict config: padded SFT rows, the base loaded from its directory, LoRA as a hook."""
+    ft = cfg.finetune
+    vocab = int(json.loads((base / "config.json").read_text()).get("vocab_size") or len(tok))
+    lora = ft.method == "lora"
+    return LoopSpec(
+        train=ft.model_dump(mode="json", include=set(TrainConfig.model_fields)),
+        model={"path": str(base)},
+        vocab_size=vocab,
+        seq_len=ft.max_len or cfg.data.sft.max_len,
+        train_files=train,
+        columns=["input_ids", "labels"],
+        pad_id=int(tok.pad_token_id),
+        tokenizer_dir=str(folder / "tokenizer"),
+        out_dir=str(folder),
+        stage="finetune",
+        val_files=val,
+        model_hook="llm.train.lora:apply" if lora else None,
+        export_hook="llm.train.lora:export_adapter" if lora else None,
+        extra={"lora": ft.lora.model_dump(mode="json")},
+        **extra,
+    )
+
+
+def fit(cfg: PipelineConfig, spec: LoopSpec, folder: Path) -> dict[str, Any]:
+    """Run (or resume from the newest whole checkpoint) the one loop for this stage."""
+    from llm.sizing import planned
+
+    ft = cfg.finetune
+    sizing = planned(cfg).finetune
+    ds_config.build(ft, max(1, sizing.workers), "finetune")  # a bad `finetune.deepspeed` fails before any worker
+    root = folder / RAY_DIR
+    choice = ckpt.choose(root, set_aside=True)
+    for aside, problem in choice.damaged:
+        print(f"finetune: damaged checkpoint {aside}: {problem}; set aside", flush=True)
+    if choice.path:
+        print(f"finetune: resuming from step {choice.step} ({choice.path})", flush=True)
+        ckpt.prune(root, ft.keep_checkpoints)
+    spec.resume_from = choice.path
+    if sizing.workers < 1:
+        from llm.train.loop import run_loop
+        from llm.train.runtime import LocalRuntime
+
+        return run_loop(spec, LocalRuntime(checkpoint_root=str(root), keep=ft.keep_checkpoints))
+    return fit_with_ray(cfg, "finetune", spec, sizing, root, ft.keep_checkpoints, ft.max_failures)
+
+
+def param_counts(base: Path, adapter: Path | None) -> dict[str, int]:
+    """Parameters of the base (from its files' headers) and trainable ones (the adapter's, else all)."""
+    from safetensors import safe_open
+
+    def count(files: list[Path]) -> int:
+        n = 0
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():  # noqa: SIM118 - a safetensors handle is not a dict
+                    shape = h.get_slice(k).get_shape()
+                    n += int(__import__("math").prod(shape))
+        return n
+
+    total = count(sorted(base.glob("*.safetensors")))
+    trainable = count([adapter / "adapter_model.safetensors"]) if adapter else total
+    return {"params": total, "trainable_params": trainable}
+
+
+def evaluate(cfg: PipelineConfig, folder: Path, base: Path, val: list[str], convs: list[Any]) -> list[dict[str, Any]]:
+    """Base and fine-tuned model on the same held-out rows and prompts, with the same tokenizer (`eval.json`)."""
+    from transformers import AutoTokenizer
+
+    from llm.eval import EvalSettings, evaluate_models, format_table, prompt_pairs
+
+    ft = cfg.finetune
+
+    def loader(path: Path, device: str) -> tuple[Any, Any]:
+        from llm.compress.load import load_model
+
+        # The base directory may lack a pad token or chat template: both models use the prepared tokenizer.
+        return load_model(path, device).model, AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+
+    pairs, _ = prompt_pairs([{"messages": c} for c in convs])
+    settings = EvalSettings(sft_rows=ft.eval.sft_rows, max_new_tokens=ft.eval.max_new_tokens, measure_speed=False,
+                            batch_size=8)
+    rows = evaluate_models({"base": base, "finetuned": folder / "model"},
+                           sft_val=str(Path(val[0]).parent) if val else None, prompts=pairs, settings=settings,
+                           loader=loader)
+    (folder / "eval.json").write_text(json.dumps(rows, indent=2))
+    print(format_table(rows, ["model", "params", "sft_loss", "sft_ppl", "rouge_l", "bleu", "exact_match",
+                              "prompts"]), flush=True)
+    return rows
+
+
+def _summary(folder: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    records = read_records(folder / "metrics.jsonl")
+    vals = [r for r in records if "val_loss" in r]
+    return {"steps": records[-1]["step"] if records else 0, "tokens": records[-1]["tokens"] if records else 0,
+            "first_loss": records[0]["loss"] if records else None,
+            "final_loss": metrics.get("loss", records[-1]["loss"] if records else None),
+            "val_loss": vals[-1]["val_loss"] if vals else None}
+
+
+def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
+    """Finetune stage: skip if done, else render, train (resuming), export/merge, evaluate, commit.
+
+    Args:
+        cfg: the pipeline config.
+        force: start over even when a finished or interrupted run exists (the old folder is kept aside).
+        **extra: `LoopSpec` fields for tests and callers (e.g. `fail_at_step`).
+    """
+    ft = cfg.finetune
+    inputs = tuple(name for name, used in (("data", not ft.data), ("pretrain", ft.base is None)) if used)
+    base = base_dir(cfg)  # before any folder moves: a bad base is a one-line error at once
+
+    def body(folder: Path) -> dict[str, Any]:
+        from llm.train.merge import merge_adapter
+
+        tok = prepare_tokenizer(base, folder / "tokenizer")
+        train, val, convs, data_stats = examples(cfg, folder, tok)
+        check_vocab(train + val, int(json.loads((base / "config.json").read_text()).get("vocab_size", 0)), str(base))
+        metrics = fit(cfg, loop_spec(cfg, folder, base, tok, train, val, **extra), folder)
+        adapter = folder / "adapter" if ft.method == "lora" else None
+        if adapter is not None:
+            merge_adapter(base, adapter, folder / "model", folder / "tokenizer")
+        summary = {**_summary(folder, metrics), "method": ft.method, "base": str(base), "data": data_stats,
+                   **param_counts(base, adapter)}
+        line = (f"finetune ({ft.method}): {summary['steps']} steps, trainable {summary['trainable_params']:,} of "
+                f"{summary['params']:,} parameters")
+        if summary["first_loss"] is not None:
+            line += f", loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+        print(f"{line}\n  model: {folder / 'model'}", flush=True)
+        if ft.eval.enabled:
+            rows = evaluate(cfg, folder, base, val, convs)
+            for row in rows:
+                prefix = "base_" if row["model"] == "base" else ""
+                summary.update({f"{prefix}{k}": row[k] for k in ("sft_loss", "sft_ppl", "rouge_l", "bleu",
+                                                                  "exact_match")})
+        return summary
+
+    return execute(cfg, "finetune", body, sections=("finetune",), inputs=inputs, force=force, keep_partial=True)

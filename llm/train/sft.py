@@ -1,0 +1,196 @@
+"""SFT examples for fine-tuning, tokenized with the base model's own tokenizer and chat template.
+
+The data stage renders SFT records with the data stage's tokenizer. A base that is not ours has another
+vocabulary, so its records are rendered again here, from the same source records, into
+`finetune/sft/{train,val}/`: the token ids fed to a model always come from that model's tokenizer. The
+split is the data stage's (example hash against the same fraction), so held-out examples stay held out.
+
+Sources: JSONL files or globs with OpenAI-style `messages` or `prompt`/`response` records, the built-in
+`builtin:python-sft`, or a Hugging Face `datasets` folder written by `save_to_disk`. A bad record is
+counted by reason and named (`path:line`, `folder[split][index]`), as in the data stage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm.data.sft import IGNORE, render, to_messages
+from llm.errors import ConfigError, DataError
+
+NAMED_DROPS = 100
+"""Dropped records named in `stats.json` (all are counted)."""
+ROWS_PER_SHARD = 8192
+
+
+def prepare_tokenizer(base: str | Path, out_dir: str | Path, key: str = "metadata.llm.finetune.base") -> Any:
+    """The base's tokenizer completed for chat SFT and saved into `out_dir`: a pad token (eos: padding is
+    masked) and, when the base has none, the project's default chat template (saved with every output)."""
+    from transformers import AutoTokenizer
+
+    from llm.data.tokenizer import CHAT_TEMPLATE
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}: {base} has no tokenizer that loads ({first[:200]})") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"{key}: the tokenizer in {base} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def is_hf_dataset(path: str | Path) -> bool:
+    """A folder written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
+    p = Path(path).expanduser()
+    return p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists())
+
+
+def hf_records(path: str) -> Iterator[tuple[str, Any]]:
+    """(key, record) of every row of a `save_to_disk` folder, splits in sorted order."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(Path(path).expanduser()))
+    except (OSError, ValueError, FileNotFoundError) as e:
+        raise DataError(f"{path}: not a readable Hugging Face datasets folder ({e})") from None
+    splits = {"": loaded} if isinstance(loaded, datasets.Dataset) else dict(sorted(loaded.items()))
+    for split, ds in splits.items():
+        where = f"{path}[{split}]" if split else path
+        for i, row in enumerate(ds):
+            yield f"{where}[{i}]", row
+
+
+def source_records(sources: list[str], key: str) -> Iterator[tuple[str, Any]]:
+    """(key, record, or the reason it cannot be one) of every record the sources name, in order."""
+    from llm.data import sources as data_sources
+    from llm.data.read import Unreadable
+    from llm.data.sft import records
+
+    for source in sources:
+        if is_hf_dataset(source):
+            yield from hf_records(source)
+            continue
+        for f in data_sources.resolve([source]):
+            if f.kind not in ("jsonl", "builtin-sft"):
+                raise ConfigError(f"{key}: {f.path}: SFT sources are JSONL, builtin:python-sft or a datasets folder")
+            for rec_key, rec in records(f.path, f.kind, f.gz):
+                yield rec_key, ("read_error" if isinstance(rec, Unreadable) else rec)
+
+
+def split_of(messages: list[dict[str, str]], val_fraction: float) -> bool:
+    """Whether an example is held out: the data stage's rule (hash of the messages against the fraction)."""
+    from llm.data.clean import stable_id
+    from llm.data.pack import is_val
+
+    return bool(is_val(np.array([stable_id(json.dumps(messages, sort_keys=True))]), val_fraction)[0])
+
+
+@dataclass
+class Rendered:
+    """What `render_sources` wrote and found."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    dropped: list[dict[str, str]] = field(default_factory=list)
+    """The first `NAMED_DROPS` bad records: `{"record": key, "reason": reason}`."""
+    val_records: list[list[dict[str, str]]] = field(default_factory=list)
+    """Held-out conversations, for generation prompts."""
+
+    def drop(self, key: str, reason: str) -> None:
+        self.counts[f"dropped_{reason}"] = self.counts.get(f"dropped_{reason}", 0) + 1
+        if len(self.dropped) < NAMED_DROPS:
+            self.dropped.append({"record": key, "reason": reason})
+
+
+def held_out(sources: list[str], val_fraction: float, key: str) -> list[list[dict[str, str]]]:
+    """Held-out conversations of the sources (no tokenizing): prompts when the data stage's shards are used."""
+    out = []
+    for _k, rec in source_records(sources, key):
+        msgs = rec if isinstance(rec, str) else to_messages(rec)
+        if not isinstance(msgs, str) and split_of(msgs, val_fraction):
+            out.append(msgs)
+    return out
+
+
+def render_sources(tok: Any, sources: list[str], out_dir: str | Path, max_len: int, val_fraction: float,
+                   key: str) -> Rendered:
+    """Render every record with `tok` into `<out_dir>/{train,val}/part-*.parquet` (`input_ids`, `labels`)."""
+    from llm.eval.data import has_answer
+
+    result = Rendered(counts={"examples": 0, "truncated": 0})
+    rows: dict[str, list[tuple[list[int], list[int]]]] = {"train": [], "val": []}
+    for rec_key, rec in source_records(sources, key):
+        msgs = rec if isinstance(rec, str) else to_messages(rec)
+        if isinstance(msgs, str):
+            result.drop(rec_key, msgs)
+            continue
+        ids, labels = render(tok, msgs)
+        if len(ids) > max_len:
+            ids, labels = ids[:max_len], labels[:max_len]
+            result.counts["truncated"] += 1
+        if not has_answer(labels):  # truncation cut every answer token: nothing to learn
+            result.drop(rec_key, "no_answer_tokens")
+            continue
+        held = split_of(msgs, val_fraction)
+        rows["val" if held else "train"].append((ids, labels))
+        if held:
+            result.val_records.append(msgs)
+        result.counts["examples"] += 1
+    for split, examples in rows.items():
+        _write(examples, Path(out_dir) / split)
+        result.counts[split] = len(examples)
+    if not rows["train"]:
+        raise DataError(f"{key}: no usable training example in {', '.join(sources)} "
+                        f"({json.dumps(result.counts)}; first bad: {result.dropped[:3]})")
+    (Path(out_dir) / "stats.json").write_text(json.dumps({"counts": result.counts, "dropped": result.dropped},
+                                                         indent=2))
+    return result
+
+
+def _write(examples: list[tuple[list[int], list[int]]], folder: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, start in enumerate(range(0, len(examples), ROWS_PER_SHARD)):
+        part = examples[start:start + ROWS_PER_SHARD]
+        table = pa.table({"input_ids": pa.array([e[0] for e in part], pa.list_(pa.int32())),
+                          "labels": pa.array([e[1] for e in part], pa.list_(pa.int32()))})
+        pq.write_table(table, folder / f"part-{n:05d}.parquet")
+
+
+def max_token_id(files: list[str]) -> tuple[int, str | None]:
+    """The largest `input_ids` value in the shards, and the file that holds it."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    best, where = -1, None
+    for f in files:
+        col = pq.read_table(f, columns=["input_ids"]).column(0)
+        value = pc.max(pc.list_flatten(col)).as_py() if len(col) else None
+        if value is not None and value > best:
+            best, where = int(value), f
+    return best, where
+
+
+def check_vocab(files: list[str], vocab_rows: int, base: str) -> None:
+    """Every token id fed to the model has an embedding row, else a one-line error naming the shard."""
+    top, where = max_token_id(files)
+    if top >= vocab_rows:
+        raise DataError(f"{where}: token id {top} but the base {base} has {vocab_rows} embedding rows; the SFT "
+                        "examples were tokenized with another tokenizer")
+
+
+__all__ = ["IGNORE", "Rendered", "check_vocab", "held_out", "hf_records", "is_hf_dataset", "prepare_tokenizer",
+           "render_sources", "source_records", "split_of"]
