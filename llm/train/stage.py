@@ -113,6 +113,12 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
         force: start over even when a finished or interrupted run exists (the old folder is kept aside).
         **extra: `LoopSpec` fields for tests and callers (e.g. `fail_at_step`).
     """
+    lr_from = None
+    if cfg.pretrain.lr == "best":  # the sweep's winner; the hash below covers that schedule, not "best"
+        from llm.tune.best import apply_best, describe
+
+        cfg, lr_from = apply_best(cfg, "pretrain")
+        print(f"pretrain: {describe(lr_from or {})}", flush=True)
     init = cfg.pretrain.init_from
     if init is not None:  # resolve before the folder may move aside: `init_from` may point into it
         init = str(Path(init).expanduser().resolve())
@@ -126,6 +132,8 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
     def body(folder: Path) -> dict[str, Any]:
         metrics = fit(cfg, folder, moved.get("init", init), **extra)
         summary = _summary(folder, metrics)
+        if lr_from is not None:  # the manifest names the sweep (and trial) the schedule came from
+            summary["lr_from"] = lr_from
         line = f"pretrain: {summary['steps']} steps, {summary['tokens']:,} tokens"
         if summary["first_loss"] is not None:
             line += f", loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
@@ -134,5 +142,6 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
         print(f"{line}\n  model: {folder / 'model'}\n  metrics: {folder / 'metrics.jsonl'}", flush=True)
         return summary
 
-    return execute(cfg, "pretrain", body, sections=("pretrain",), inputs=("data",), force=force,
+    inputs = ("data", "sweep") if lr_from is not None else ("data",)
+    return execute(cfg, "pretrain", body, sections=("pretrain",), inputs=inputs, force=force,
                    keep_partial=True, on_set_aside=remap)

@@ -1,0 +1,134 @@
+"""A real sweep on the session Ray: 6 trials of Ray Train runs over 2+ schedule kinds with ASHA on `step`,
+interrupted after 3 trials (as Ctrl-C does) and continued; early-stopped trials free their workers and
+placement groups; trials.csv, best.json and curves.png agree; `pretrain.lr=best` trains with the winner."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from llm.errors import TrainingError
+from llm.manifest import manifest_hash, read_manifest
+from llm.tune.results import read_csv
+from tests.train.conftest import build_data_stage, train_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.multiprocess, pytest.mark.slow]
+
+SWEEP = ("sweep.enabled=true", "sweep.num_trials=6", "sweep.max_steps=12", "sweep.eval_every=2",
+         "sweep.eval_batches=2", "sweep.grace_period=4", "sweep.reduction_factor=2", "sweep.seed=3",
+         "sweep.space.kind=[cosine, constant, linear]", "sweep.space.peak=[1e-4, 3e-2]",
+         "sweep.sizing.cpus_per_worker=1", "sweep.max_concurrent_trials=2")
+
+
+def _free_again(ray, timeout: float = 60.0) -> tuple[dict, list]:
+    """Wait until every CPU is available and no placement group is left alive."""
+    from ray.util import placement_group_table
+
+    deadline = time.time() + timeout
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        alive = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        if (free.get("CPU", 0) == total.get("CPU") and not alive) or time.time() > deadline:
+            return free, alive
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def swept(ray_session, tmp_path_factory):
+    from llm.tune.stage import run
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    loaded = train_config(tmp, *SWEEP)
+    build_data_stage(loaded)
+    folder = Path(loaded.llm.stage_dir("sweep"))
+    t0 = time.perf_counter()
+    with pytest.raises(TrainingError, match=r"interrupted with [3-9] of 6 trials done; rerun"):
+        run(loaded.llm, interrupt_after=3)
+    finished_before = {p.parent.name: p.stat().st_mtime_ns for p in (folder / "trials").glob("*/trial.json")}
+    assert read_manifest(folder) is None  # an interrupted sweep is never committed
+    result = run(loaded.llm)
+    seconds = time.perf_counter() - t0
+    return loaded, result, folder, finished_before, seconds
+
+
+def test_sweep_runs_asha_and_writes_its_record(swept, capsys) -> None:
+    loaded, result, folder, _, seconds = swept
+    rows = read_csv(folder / "trials.csv")
+    assert len(rows) == 6 and not result.skipped
+    assert len({r["kind"] for r in rows}) >= 2
+    stopped = [r for r in rows if r["stopped_early"] == "True"]
+    finished = [r for r in rows if r["status"] == "finished"]
+    assert stopped, "ASHA stopped no trial"
+    assert all(int(r["steps"]) < 12 for r in stopped) and all(int(r["steps"]) == 12 for r in finished)
+    assert all(int(r["steps"]) >= 4 for r in rows)  # the grace period: nobody stopped before step 4
+    png = (folder / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for r in rows:  # each trial's own folder holds its metrics, and they agree with Tune's record
+        recs = [json.loads(x) for x in (folder / "trials" / r["trial_id"] / "metrics.jsonl").read_text().splitlines()]
+        vals = [x["val_loss"] for x in recs if "val_loss" in x]
+        assert recs[-1]["step"] >= int(r["steps"]) and float(r["final_val_loss"]) in [pytest.approx(v) for v in vals]
+    manifest = read_manifest(folder)
+    assert manifest is not None and manifest.metrics["trials"] == 6
+    assert manifest.metrics["steps_spent"] == sum(int(r["steps"]) for r in rows) < 6 * 12
+    print(f"sweep of 6 trials (interrupted and continued) took {seconds:.0f}s")
+
+
+def test_best_json_is_the_lowest_val_loss_in_trials_csv(swept) -> None:
+    _, _, folder, _, _ = swept
+    rows = read_csv(folder / "trials.csv")
+    best = json.loads((folder / "best.json").read_text())
+    finished = [r for r in rows if r["status"] == "finished"]
+    lowest = min(finished, key=lambda r: float(r["final_val_loss"]))
+    assert best["trial_id"] == lowest["trial_id"]
+    assert best["final_val_loss"] == pytest.approx(float(lowest["final_val_loss"]))
+    assert best["final_val_loss"] <= min(float(r["best_val_loss"]) for r in rows if r["status"] != "error")
+    assert best["schedule"]["kind"] == lowest["kind"]
+    assert best["schedule"]["peak"] == pytest.approx(float(lowest["peak"]))
+
+
+def test_rerun_after_interruption_skipped_finished_trials(swept) -> None:
+    loaded, result, folder, before, _ = swept
+    rows = {r["trial_id"] for r in read_csv(folder / "trials.csv")}
+    assert result.metrics["resumed"] is True
+    untouched = {t for t, mtime in before.items() if (folder / "trials" / t / "trial.json").stat().st_mtime_ns == mtime}
+    assert len(untouched) >= 3, "the trials finished before the interruption were run again"
+    assert untouched <= rows  # the same trials (ids), not a new sweep beside the old one
+    from llm.tune.stage import run
+
+    again = run(loaded.llm)  # a finished sweep: the manifest matches, nothing runs
+    assert again.skipped
+
+
+def test_stopped_trials_release_their_resources(swept) -> None:
+    import ray
+
+    free, alive = _free_again(ray)
+    assert free.get("CPU") == ray.cluster_resources().get("CPU"), free
+    assert alive == [], alive
+
+
+def test_pretrain_lr_best_trains_with_the_winner(swept, capsys) -> None:
+    from llm.train.stage import run
+
+    loaded, _, folder, _, _ = swept
+    best = json.loads((folder / "best.json").read_text())
+    cfg = train_config(Path(loaded.llm.storage).parent, *SWEEP, "pretrain.lr=best", "pretrain.max_steps=4",
+                       "pretrain.checkpoint_every=4").llm
+    result = run(cfg)
+    out = capsys.readouterr().out
+    assert f"lr: best from {folder}" in out and best["trial_id"] in out
+    manifest = read_manifest(result.path)
+    assert manifest is not None
+    assert manifest.metrics["lr_from"]["trial_id"] == best["trial_id"]
+    assert manifest.inputs["sweep"] == manifest_hash(folder)
+    recs = [json.loads(x) for x in (Path(result.path) / "metrics.jsonl").read_text().splitlines()]
+    sched = best["schedule"]
+    warmup = round(best["warmup_fraction"] * 4)
+    first = sched["peak"] / warmup if warmup else (sched["peak"] if sched["kind"] == "constant" else None)
+    if first is not None:
+        assert math.isclose(recs[0]["lr"], first, rel_tol=1e-6)
+    assert max(r["lr"] for r in recs) <= sched["peak"] * (1 + 1e-9)
