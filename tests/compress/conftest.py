@@ -8,14 +8,20 @@ from typing import Any
 
 import pytest
 
-from tests.eval.conftest import model, model_dir, tiny_model, tok  # noqa: F401  (fixtures shared with eval)
+from tests.eval import conftest as eval_fixtures
+
+# The eval tests' session fixtures, shared rather than rebuilt (tokenizer training costs seconds).
+tok = eval_fixtures.tok
+model = eval_fixtures.model
+model_dir = eval_fixtures.model_dir
 
 
 @pytest.fixture(scope="session")
 def calib(tok: Any) -> Any:
     """(8, 32) token ids from Python's help text, the kind of tokens the data stage packs."""
-    import numpy as np
     from pydoc_data.topics import topics
+
+    import numpy as np
 
     ids: list[int] = []
     for key in sorted(topics):

@@ -1,0 +1,163 @@
+"""Compression ratios, measured side by side in one run (not a pass/fail test).
+
+    python bench/compress.py [--work DIR] [--steps 300] [--distill-steps 150]
+
+A Llama-style model of ~22M parameters (6 layers, 512 wide, MLP 1536, vocabulary 4096) is pretrained
+briefly on Python's help topics by the pretrain stage's own loop (in this process: `sizing.workers: 0`,
+fp32, ZeRO-0) and kept in `--work` for later runs. Then, on the same 64 held-out packed rows and the same
+prompt:
+
+1. int8 (`llm.compress`: torch.ao dynamic, saved int8 and reloaded by the one loader) against fp32:
+   weights file size, greedy tokens/s at batch 1 and 8, perplexity. torchao's CPU int8 configs are
+   measured beside it (in memory) so the CPU kernel choice shows its numbers.
+2. 50% of MLP channels pruned (activation-aware), then distilled from the original through the one train
+   loop with the KL loss hook: parameters, tokens/s, perplexity before and after distillation.
+
+Each goal line ends with `(goal <= X)` or `(goal >= X)`, the measured figure the last number before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llm.config import load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ, VOCAB, VAL_ROWS, NEW_TOKENS = 128, 4096, 64, 32
+MODEL = ["pretrain.model.arch=llama", "pretrain.model.n_layers=6", "pretrain.model.d_model=512",
+         "pretrain.model.n_heads=8", "pretrain.model.d_ff=1536", f"pretrain.model.context={SEQ}"]
+LOOP = ["precision=fp32", "zero_stage=0", "micro_batch_size=8", "checkpoint_every=100000", "eval_every=100000",
+        "log_every=10", "max_failures=0", "sizing.workers=0"]
+
+
+def config(work: Path, steps: int, distill_steps: int) -> Any:
+    overrides = [f"storage={work / 'runs'}", "run=bench-compress", f"data.seq_len={SEQ}", *MODEL,
+                 f"pretrain.max_steps={steps}", "pretrain.lr.peak=1e-3", "pretrain.lr.warmup_steps=30",
+                 *(f"pretrain.{o}" for o in LOOP if not o.startswith("sizing")), "pretrain.sizing.workers=0",
+                 f"compress.distill.max_steps={distill_steps}", "compress.distill.lr.peak=1e-3",
+                 "compress.distill.lr.warmup_steps=10",
+                 *(f"compress.distill.{o}" for o in LOOP if not o.startswith("sizing")), "compress.sizing.workers=0"]
+    return load_config(ROOT / "cluster" / "local.yaml", overrides).llm
+
+
+def data_stage(cfg: Any) -> Path:
+    """Tokenizer trained on Python's help topics, packed train/val shards, committed as the data stage."""
+    from pydoc_data.topics import topics
+
+    import numpy as np
+
+    from llm.data.tokenizer import train_tokenizer
+    from llm.manifest import read_manifest, write_manifest
+    from llm.stage import config_hash, local_dir
+    from llm.train.data import write_rows
+
+    folder = local_dir(cfg.stage_dir("data"))
+    if read_manifest(folder) is not None:
+        return folder
+    texts = [topics[k] for k in sorted(topics)]
+    tok = train_tokenizer(texts, folder / "tokenizer", vocab_size=VOCAB, min_frequency=2)
+    stream: list[int] = []
+    for text in texts:
+        stream += tok(text)["input_ids"] + [tok.eos_token_id]
+    rows = np.asarray(stream[: len(stream) // SEQ * SEQ], dtype=np.int32).reshape(-1, SEQ)
+    val = rows[::20]  # every 20th row held out
+    train = np.delete(rows, np.arange(0, len(rows), 20), axis=0)
+    write_rows(train, folder / "packed" / "train", shards=4)
+    write_rows(val, folder / "packed" / "val", shards=1)
+    write_manifest(folder, "data", config_hash(cfg, "data"), {}, {"train_rows": len(train), "val_rows": len(val)})
+    return folder
+
+
+def measure(name: str, model: Any, tok: Any, val: Any, prompt: list[int], folder: Path | None) -> dict[str, Any]:
+    from llm.eval import packed_perplexity, param_count, tokens_per_second
+
+    model.eval()
+    pad = tok.pad_token_id
+    out = {"name": name, "params": param_count(model), "ppl": packed_perplexity(model, val)["ppl"],
+           "b1": tokens_per_second(model, prompt, 1, NEW_TOKENS, pad),
+           "b8": tokens_per_second(model, prompt, 8, NEW_TOKENS, pad),
+           "bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder else None}
+    size = f"{out['bytes'] / 2**20:7.1f} MB" if out["bytes"] else "      -   "
+    print(f"  {name:<34} params {out['params'] / 1e6:5.1f}M  file {size}  ppl {out['ppl']:8.3f}  "
+          f"tok/s b1 {out['b1']:7.1f}  b8 {out['b8']:7.1f}", flush=True)
+    return out
+
+
+def torchao_rows(fp32: Any, tok: Any, val: Any, prompt: list[int]) -> list[dict[str, Any]]:
+    """torchao's CPU int8 configs on the same model (in memory): what the CPU kernel choice compares with."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        print("  torchao not installed: its configs not measured", flush=True)
+        return []
+    rows = []
+    for cfg_cls in (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig):
+        model = copy.deepcopy(fp32)
+        try:
+            quantize_(model, cfg_cls())
+            rows.append(measure(f"torchao {cfg_cls.__name__[:-6]}", model, tok, val, prompt, None))
+        except Exception as e:  # a config without a CPU path: report it, measure the rest
+            print(f"  torchao {cfg_cls.__name__}: failed ({type(e).__name__}: {str(e)[:100]})", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/llmray-bench-compress")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--distill-steps", type=int, default=150)
+    args = ap.parse_args()
+    import torch
+
+    from llm.compress import variants
+    from llm.compress.distill import distill
+    from llm.compress.load import load_model
+    from llm.eval import packed_rows
+    from llm.train import stage as pretrain
+
+    work = Path(args.work)
+    cfg = config(work, args.steps, args.distill_steps)
+    data = data_stage(cfg)
+    t0 = time.perf_counter()
+    teacher_dir = Path(pretrain.run(cfg).path) / "model"
+    print(f"teacher: {teacher_dir} ({time.perf_counter() - t0:.0f} s; {args.steps} steps, kept for later runs)")
+    val = packed_rows(data, VAL_ROWS)
+    calib = variants.calibration_rows(data, 32)
+    base = load_model(teacher_dir)
+    prompt = val[0][:16].tolist()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quantized engine "
+          f"{torch.backends.quantized.engine}; {VAL_ROWS} val rows x {SEQ}, {NEW_TOKENS} new tokens per row")
+    fp = measure("fp32", base.model, base.tokenizer, val, prompt, teacher_dir)
+    int8_dir = variants.build_int8(teacher_dir, work / "int8", calib, True, "cpu", "int8_weight_only")
+    q = measure("int8 (torch.ao dynamic, reloaded)", load_model(int8_dir).model, base.tokenizer, val, prompt, int8_dir)
+    torchao_rows(base.model, base.tokenizer, val, prompt)
+    pruned_dir = variants.build_pruned(teacher_dir, work / "pruned", calib, 0.5, 0.0, 8)
+    pr = measure("pruned 50% MLP", load_model(pruned_dir).model, base.tokenizer, val, prompt, pruned_dir)
+    t0 = time.perf_counter()
+    shutil.rmtree(work / "distill", ignore_errors=True)  # distil anew each run (no resume from the last one)
+    exported = distill(cfg, work / "distill", data, teacher_dir, {"path": str(pruned_dir)}, sft=False)
+    distilled_dir = variants.place_export(exported, work / "pruned-distilled")
+    print(f"  distillation: {args.distill_steps} steps in {time.perf_counter() - t0:.0f} s (the one loop, KL hook)")
+    pd = measure("pruned 50% MLP + distilled", load_model(distilled_dir).model, base.tokenizer, val, prompt,
+                 distilled_dir)
+    print(f"int8 size / fp32 size: {q['bytes'] / fp['bytes']:.3f} (goal <= 0.35)")
+    print(f"int8 generation tokens/s / fp32, batch 1: {q['b1'] / fp['b1']:.2f} (goal >= 3.0)")
+    print(f"int8 generation tokens/s / fp32, batch 8: {q['b8'] / fp['b8']:.2f}")
+    print(f"int8 perplexity / fp32: {q['ppl'] / fp['ppl']:.4f} (goal <= 1.03)")
+    print(f"pruned+distilled parameters / fp32: {pd['params'] / fp['params']:.3f} (goal <= 0.7)")
+    print(f"pruned+distilled generation tokens/s / fp32, batch 1: {pd['b1'] / fp['b1']:.2f} (goal >= 1.3)")
+    print(f"pruned+distilled generation tokens/s / fp32, batch 8: {pd['b8'] / fp['b8']:.2f}")
+    print(f"pruned perplexity / fp32 before distillation: {pr['ppl'] / fp['ppl']:.4f}")
+    print(f"pruned+distilled perplexity / fp32: {pd['ppl'] / fp['ppl']:.4f} (goal <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
