@@ -120,10 +120,14 @@ def cmd_run(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
         raise ConfigError(f"{e} in {loaded.path}") from None
     t0 = time.perf_counter()
     results = []
+    from llm.report import write_report
+
     for name in stages_to_run(loaded.llm):
+        if name == "serve":  # serving may hold the foreground until Ctrl-C: the report is written first
+            _write_report(loaded)
         results.append(run_stage(loaded.llm, name, force=ns.force, verbose=ns.verbose, quiet=False))
         _print_result(results[-1])
-    _write_report(loaded)
+        write_report(loaded)
     print(f"llmray run: {len(results)} stages in {time.perf_counter() - t0:.0f}s "
           f"({sum(r.skipped for r in results)} skipped); status: llmray status {loaded.path}")
     return 0

@@ -38,7 +38,7 @@ class _Router:
     def write(self, text: str) -> int:
         with contextlib.suppress(ValueError):  # the log closed under a late thread
             self.log.write(text)
-        if self.verbose or threading.current_thread() is self.main:
+        if self.verbose or (threading.current_thread() is self.main and not _from_logging()):
             self.term.write(text)
         return len(text)
 
@@ -58,19 +58,35 @@ class _Router:
         return getattr(self.term, "encoding", "utf-8")
 
 
+def _from_logging() -> bool:
+    """True when the write comes from a logging handler: a library that created its logger during the
+    stage (DeepSpeed does at import) holds our router as its stream, and its records belong in the log."""
+    frame: Any = sys._getframe(2)
+    for _ in range(3):
+        if frame is None:
+            return False
+        if frame.f_code.co_filename == logging.__file__:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _stream_handlers() -> list[logging.StreamHandler[Any]]:
     loggers = [logging.getLogger()] + [v for v in logging.root.manager.loggerDict.values()
                                        if isinstance(v, logging.Logger)]
     return [h for lg in loggers for h in lg.handlers
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+            if type(h) is logging.StreamHandler or (isinstance(h, logging.StreamHandler)
+                                                    and not isinstance(h, logging.FileHandler)
+                                                    and type(h).__module__ != "logging")]
 
 
 @contextlib.contextmanager
 def stage_console(cfg: PipelineConfig, stage: str, what: str, verbose: bool = False) -> Iterator[Path]:
     """Route output for one stage; prints its header line. Yields the log path."""
+    global _late
     log = log_path(cfg, stage)
     log.parent.mkdir(parents=True, exist_ok=True)
-    term_out, term_err = sys.stdout, sys.stderr
+    term_out, term_err = _terminal(sys.stdout), _terminal(sys.stderr)
     term_out.write(f"== {stage}: {what} -> {cfg.stage_dir(stage)}  (log: {log})\n")
     term_out.flush()
     f = log.open("a", buffering=1)
@@ -96,8 +112,19 @@ def stage_console(cfg: PipelineConfig, stage: str, what: str, verbose: bool = Fa
         file_handler.close()
         for h, stream in handlers:
             h.setStream(stream)
-        sys.stdout, sys.stderr = term_out, term_err
-        f.close()
+        # Ray's log monitor keeps forwarding worker lines for a while after a stage: they go on to this
+        # stage's log, never to the terminal, until the next stage routes them or the process ends.
+        if _late is not None:
+            _late.close()
+        _late = f
+        sys.stdout, sys.stderr = _Router(term_out, f, verbose), _Router(term_err, f, verbose)
+
+
+_late: IO[str] | None = None
+
+
+def _terminal(stream: Any) -> Any:
+    return stream.term if isinstance(stream, _Router) else stream
 
 
 def _redirect_fd2(f: IO[str]) -> int | None:

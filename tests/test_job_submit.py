@@ -1,0 +1,92 @@
+"""`ray job submit` end to end: a local head started with `ray start --head` (token auth on), the main job
+and a single-stage job submitted with `--working-dir .`, outputs and `ray job logs` checked; the console
+of the main job stays within its line budget with Ray's own chatter in the stage logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+TINY = ("data.sft.sources=[]", "data.seq_len=32", "data.tokenizer.vocab_size=384", "pretrain.model.context=32",
+        "pretrain.max_steps=4", "pretrain.micro_batch_size=2", "pretrain.checkpoint_every=2",
+        "pretrain.eval_every=2", "pretrain.eval_batches=1", "pretrain.log_every=1", "pretrain.lr.warmup_steps=1",
+        "pretrain.max_failures=0", "serve.enabled=false")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):  # noqa: ANN001, ANN201
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    assert ray, "the ray CLI of this environment"
+    # The entrypoint's `python` is the one on PATH when `ray start` runs: this environment's.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash, agent = _port(), _port(), _port()
+    started = subprocess.run([ray, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+                              f"--dashboard-agent-listen-port={agent}", "--num-cpus=4", "--include-dashboard=true",
+                              "--disable-usage-stats"],
+                             env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
+    try:
+        yield ray, env
+    finally:
+        subprocess.run([ray, "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
+                       capture_output=True, timeout=120)
+
+
+def _submit(head, *entrypoint: str) -> tuple[str, str]:  # noqa: ANN001
+    ray, env = head
+    for _ in range(30):  # the head's job agent takes a few seconds to come up after `ray start`
+        out = subprocess.run([ray, "job", "submit", "--working-dir", ".", "--", "python", *entrypoint], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in out.stdout + out.stderr:
+            break
+        time.sleep(3)
+    job = re.search(r"raysubmit_\w+", out.stdout + out.stderr)
+    assert job, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0 and f"Job '{job.group(0)}' succeeded" in out.stdout + out.stderr, out.stdout[-4000:]
+    logs = subprocess.run([ray, "job", "logs", job.group(0)], env=env, capture_output=True, text=True, timeout=120)
+    assert logs.returncode == 0
+    return job.group(0), logs.stdout
+
+
+def test_pipeline_then_single_stage_job(head, tmp_path: Path) -> None:  # noqa: ANN001
+    from pydoc_data.topics import topics
+
+    corpus = tmp_path / "topics.jsonl"
+    corpus.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:60]))
+    storage = tmp_path / "runs"
+    args = ["cluster/local.yaml", f"storage={storage}", f"data.sources=[{corpus}]", *TINY]
+    _, logs = _submit(head, "jobs/pipeline.py", *args)
+    run = storage / "local-tiny"
+    assert (run / "pretrain" / "_MANIFEST.json").exists()
+    assert (run / "pretrain" / "model" / "model.safetensors").exists()
+    assert (run / "report.html").exists()
+    # The calm console: headers, live lines and summaries only; Ray's chatter is in the stage logs.
+    lines = [ln for ln in logs.splitlines() if ln.strip()]
+    assert len(lines) < 80, "\n".join(lines)
+    assert "== data:" in logs and "== pretrain:" in logs and "pretrain: 4 steps" in logs
+    assert "Reporting training result" not in logs and "Traceback" not in logs
+    assert (run / "logs" / "pretrain.log").stat().st_size > 0
+
+    _, again = _submit(head, "jobs/pretrain.py", *args, "pretrain.log_every=2")
+    assert "pretrain: skipped" in again
