@@ -251,7 +251,10 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
     if peak is None:
         from llm.hardware import device_peak_flops
 
-        peak = device_peak_flops(rt.device, ds_config.precision_dtype(train))
+        # The CPU peak is measured on random matrices: with the RNG forked, a resumed run's dropout masks
+        # still continue from the checkpoint's RNG state, as the uninterrupted run's do.
+        with torch.random.fork_rng(devices=[]):
+            peak = device_peak_flops(rt.device, ds_config.precision_dtype(train))
     log = MetricsLog(spec.out_dir, train.max_steps, train.log_every, resumed_at, train.tensorboard,
                      train.mlflow_uri, spec.stage) if rt.rank == 0 else None
     collate = collate_packed if spec.pad_id is None else collate_padded(spec.pad_id)
