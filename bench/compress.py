@@ -98,14 +98,21 @@ def torchao_rows(fp32: Any, tok: Any, val: Any, prompt: list[int]) -> list[dict[
     except ImportError:
         print("  torchao not installed: its configs not measured", flush=True)
         return []
+    from llm.eval import tokens_per_second
+
     rows = []
     for cfg_cls in (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig):
         model = copy.deepcopy(fp32)
+        name = f"torchao {cfg_cls.__name__[:-6]}"
         try:
             quantize_(model, cfg_cls())
-            rows.append(measure(f"torchao {cfg_cls.__name__[:-6]}", model, tok, val, prompt, None))
+            # Batch 1 only: the CPU kernel choice is about decoding speed, and these paths are slow enough
+            # that the full set of figures would dominate the bench's run time.
+            b1 = tokens_per_second(model, prompt, 1, NEW_TOKENS, tok.pad_token_id, repeats=1)
+            rows.append({"name": name, "b1": b1})
+            print(f"  {name:<34} tok/s b1 {b1:7.1f}", flush=True)
         except Exception as e:  # a config without a CPU path: report it, measure the rest
-            print(f"  torchao {cfg_cls.__name__}: failed ({type(e).__name__}: {str(e)[:100]})", flush=True)
+            print(f"  {name}: failed ({type(e).__name__}: {str(e)[:100]})", flush=True)
     return rows
 
 
@@ -114,6 +121,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/llmray-bench-compress")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--distill-steps", type=int, default=150)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads while measuring (1: a shared, oversubscribed machine stalls OpenMP barriers)")
     args = ap.parse_args()
     import torch
 
@@ -124,6 +133,7 @@ def main() -> None:
     from llm.train import stage as pretrain
 
     work = Path(args.work)
+    threads = torch.get_num_threads()
     cfg = config(work, args.steps, args.distill_steps)
     data = data_stage(cfg)
     t0 = time.perf_counter()
@@ -133,19 +143,23 @@ def main() -> None:
     calib = variants.calibration_rows(data, 32)
     base = load_model(teacher_dir)
     prompt = val[0][:16].tolist()
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quantized engine "
           f"{torch.backends.quantized.engine}; {VAL_ROWS} val rows x {SEQ}, {NEW_TOKENS} new tokens per row")
     fp = measure("fp32", base.model, base.tokenizer, val, prompt, teacher_dir)
     int8_dir = variants.build_int8(teacher_dir, work / "int8", calib, True, "cpu", "int8_weight_only")
     q = measure("int8 (torch.ao dynamic, reloaded)", load_model(int8_dir).model, base.tokenizer, val, prompt, int8_dir)
-    torchao_rows(base.model, base.tokenizer, val, prompt)
+    for row in torchao_rows(base.model, base.tokenizer, val, prompt):
+        print(f"{row['name']} generation tokens/s / fp32, batch 1: {row['b1'] / fp['b1']:.2f}")
     pruned_dir = variants.build_pruned(teacher_dir, work / "pruned", calib, 0.5, 0.0, 8)
     pr = measure("pruned 50% MLP", load_model(pruned_dir).model, base.tokenizer, val, prompt, pruned_dir)
+    torch.set_num_threads(threads)  # training uses every core; measuring goes back to --threads below
     t0 = time.perf_counter()
     shutil.rmtree(work / "distill", ignore_errors=True)  # distil anew each run (no resume from the last one)
     exported = distill(cfg, work / "distill", data, teacher_dir, {"path": str(pruned_dir)}, sft=False)
     distilled_dir = variants.place_export(exported, work / "pruned-distilled")
     print(f"  distillation: {args.distill_steps} steps in {time.perf_counter() - t0:.0f} s (the one loop, KL hook)")
+    torch.set_num_threads(args.threads)
     pd = measure("pruned 50% MLP + distilled", load_model(distilled_dir).model, base.tokenizer, val, prompt,
                  distilled_dir)
     print(f"int8 size / fp32 size: {q['bytes'] / fp['bytes']:.3f} (goal <= 0.35)")
