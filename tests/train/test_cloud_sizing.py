@@ -46,6 +46,7 @@ def test_a_cluster_that_cannot_reach_the_plan_is_an_error_naming_the_shortfall(r
     loaded = cloud(tmp_path, "ray.resource_timeout_s=3")
     build_data_stage(loaded)
     folder = Path(loaded.llm.stage_dir("pretrain"))
+    free_before = ray_session.available_resources().get("CPU", 0)
     t0 = time.monotonic()
     with pytest.raises(ClusterError) as err:
         fit(loaded.llm, folder)  # the session's Ray has 4 CPUs and no GPU, and no autoscaler
@@ -56,6 +57,6 @@ def test_a_cluster_that_cannot_reach_the_plan_is_an_error_naming_the_shortfall(r
     assert not (folder / "ray").exists() or not any((folder / "ray").glob("attempt-*/checkpoint_*"))
     # Every resource is free again: the reservation was removed, nothing half-started holds CPUs.
     deadline = time.monotonic() + 10
-    while ray_session.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
+    while ray_session.available_resources().get("CPU", 0) < free_before and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert ray_session.available_resources().get("CPU", 0) == 4
+    assert ray_session.available_resources().get("CPU", 0) == free_before

@@ -19,7 +19,10 @@ BLOCK_RAY = "import runpy, sys; sys.modules['ray'] = None; sys.argv = ['train_gp
 
 
 def test_train_gpu_bench_runs_without_ray() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    # A fresh process group: not the address this test process's own one-process group may hold.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                           "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", BLOCK_RAY, "--tiny", "--steps", "8", "--micro", "4"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
