@@ -198,8 +198,8 @@ def _evaluate_padded(engine: Any, rt: Any, spec: LoopSpec, micro: int, batches: 
                 nll += float(loss) * n
                 count += n
     engine.train()
-    s, c = _sum_across_ranks([nll, count], rt.device)
-    return s / c if c else None
+    total, tokens = _sum_across_ranks([nll, count], rt.device)
+    return total / tokens if tokens else None
 
 
 def _initial_state(engine: Any, rt: Any, spec: LoopSpec, part: RankSlice) -> dict[str, Any]:
@@ -241,7 +241,7 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
     torch.manual_seed(train.seed + 1000 * rt.rank)  # dropout differs per rank, reproducibly
     ds_cfg = ds_config.build(train, rt.world_size, spec.stage)
     micro, accum = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
-    optimizer = _optimizer(model, train, lr_at(0, train.max_steps, train.lr))
+    optimizer = _optimizer(model, train, lr_at(0, train.max_steps, train.schedule()))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     loss_fn = resolve(spec.loss_hook)(spec) if spec.loss_hook else None
     part = RankSlice(ShardIndex.of(spec.train_files), rt.rank, rt.world_size, micro)
@@ -264,7 +264,7 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
     val_cache: list[Any] = []
     while state["step"] < train.max_steps:
         t0 = time.perf_counter()
-        lr = lr_at(state["step"], train.max_steps, train.lr)
+        lr = lr_at(state["step"], train.max_steps, train.schedule())
         for group in optimizer.param_groups:  # ZeRO wraps this optimizer; its groups are the ones stepped
             group["lr"] = lr
         losses, tokens = [], 0

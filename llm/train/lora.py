@@ -36,7 +36,7 @@ def lora_config(model: Any, settings: dict[str, Any]) -> Any:
     targets = settings.get("target_modules") or default_targets(model)
     # GPT-2's Conv1D stores weights as (in, out); peft must know, and the merge reads the flag back.
     fan_in_fan_out = getattr(model.config, "model_type", "") == "gpt2"
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=int(settings["rank"]), lora_alpha=float(settings["alpha"]),
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=int(settings["rank"]), lora_alpha=settings["alpha"],
                       lora_dropout=float(settings["dropout"]), target_modules=targets, fan_in_fan_out=fan_in_fan_out)
 
 
@@ -65,7 +65,10 @@ def expected_shapes(module: Any) -> dict[str, tuple[int, ...]]:
 
 
 def gather_adapter(module: Any) -> dict[str, Any] | None:
-    """Saved key -> the trainable tensors' fp32 masters, full size, on rank 0 (None elsewhere). Every rank must call it."""
+    """Saved key -> the trainable tensors' fp32 masters, full size, on rank 0 (None elsewhere).
+
+    Every rank must call it: under ZeRO the gathers are collective.
+    """
     import torch.distributed as dist
 
     from llm.train.export import _gathered

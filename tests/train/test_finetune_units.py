@@ -30,7 +30,8 @@ MULTI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content":
 def dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ft-units")
     tok = our_tokenizer(root / "tok")
-    return {"root": root, "tok": root / "tok", "llama": tiny_llama(root / "llama", tok), "gpt2": tiny_gpt2(root / "gpt2")}
+    return {"root": root, "tok": root / "tok", "llama": tiny_llama(root / "llama", tok),
+            "gpt2": tiny_gpt2(root / "gpt2")}
 
 
 def labelled_spans(tok, ids: list[int], labels: list[int]) -> list[str]:
