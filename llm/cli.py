@@ -143,6 +143,8 @@ COMMANDS: dict[str, Command] = {
     "run": Command("run every enabled stage in order (the quickstart)", cmd_run, stage=True),
     "data": Command("data stage: read, clean, dedup, tokenizer, tokenize and pack, SFT", cmd_stage, stage=True),
     "pretrain": Command("pretrain on Ray Train + DeepSpeed ZeRO", cmd_stage, stage=True),
+    "compress": Command("quantize, prune, distil; one eval table; chosen.json names the variant to serve",
+                        cmd_stage, stage=True),
     "serve": Command("serve the chosen model on Ray Serve behind an OpenAI-compatible API", cmd_stage, stage=True),
     "validate": Command("validate a cluster file (both halves); exit 2 on a config error", cmd_validate),
     "plan": Command("derived sizing per stage, the run's arithmetic and a time estimate", cmd_plan),

@@ -13,6 +13,7 @@ from llm.stage import StageResult
 STAGES: dict[str, str] = {
     "data": "llm.data.stage:run",
     "pretrain": "llm.train.stage:run",
+    "compress": "llm.compress.stage:run",
     "serve": "llm.serve.stage:run",
 }
 

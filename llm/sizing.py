@@ -77,6 +77,8 @@ class Sizing:
     data_parallelism: int
     pretrain: TrainSizing
     finetune: TrainSizing
+    compress: TrainSizing
+    """Distillation runs."""
     sweep_trial: TrainSizing
     sweep_concurrent_trials: int
     serve_min_replicas: int
@@ -162,6 +164,7 @@ def derive(loaded: LoadedConfig) -> Sizing:
         data_parallelism=cfg.data.parallelism or max(1, int(shape.cpus)),
         pretrain=pre,
         finetune=fin,
+        compress=_train_sizing(shape, cfg.compress.sizing),
         sweep_trial=trial,
         sweep_concurrent_trials=concurrent,
         serve_min_replicas=cfg.serve.min_replicas if cfg.serve.min_replicas is not None else 1,

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 TINY = ("data.sft.sources=[]", "data.seq_len=32", "data.tokenizer.vocab_size=384", "pretrain.model.context=32",
         "pretrain.max_steps=4", "pretrain.micro_batch_size=2", "pretrain.checkpoint_every=2",
         "pretrain.eval_every=2", "pretrain.eval_batches=1", "pretrain.log_every=1", "pretrain.lr.warmup_steps=1",
-        "pretrain.max_failures=0", "serve.enabled=false")
+        "pretrain.max_failures=0", "serve.enabled=false", "compress.enabled=false")
 
 
 def _port() -> int:
