@@ -96,18 +96,28 @@ brings back those copies, so the callback looks the live object up here instead 
 
 
 class _ProgressCallback(Callback):
+    """Feeds the live line; frees an ended trial's worker placement group (see `trial.release_trial`)."""
+
+    def __init__(self, trials_dir: str) -> None:
+        self.trials_dir = trials_dir
+
+    def _ended(self, trial: Any, error: bool) -> None:
+        from llm.tune.trial import release_trial
+
+        release_trial(Path(self.trials_dir) / trial.trial_id)
+        if _CURRENT:
+            _CURRENT[-1].finish(trial.trial_id, error=error)
+
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
                         **info: Any) -> None:
         if _CURRENT:
             _CURRENT[-1].result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        if _CURRENT:
-            _CURRENT[-1].finish(trial.trial_id)
+        self._ended(trial, error=False)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        if _CURRENT:
-            _CURRENT[-1].finish(trial.trial_id, error=True)
+        self._ended(trial, error=True)
 
 
 def _tuner(cfg: PipelineConfig, folder: Path, base: dict[str, Any]) -> tuple[Any, bool]:
@@ -127,7 +137,7 @@ def _tuner(cfg: PipelineConfig, folder: Path, base: dict[str, Any]) -> tuple[Any
     # by `max_concurrent_trials` (derived from the sizing) rather than by the drivers' reservations.
     trainable = tune.with_resources(trainable, {"CPU": DRIVER_CPU})
     experiment = folder / TUNE_DIR
-    callbacks: list[Callback] = [_ProgressCallback()]
+    callbacks: list[Callback] = [_ProgressCallback(str(folder / TRIALS_DIR))]
     if tune.Tuner.can_restore(str(experiment)):
         return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False, param_space=space.param_space(sweep)), True

@@ -16,6 +16,42 @@ from typing import Any
 from llm.tune.space import train_overrides
 
 TRIALS_DIR = "trials"
+PG_FILE = "placement_group.json"
+
+
+def trial_worker(config: dict[str, Any]) -> None:
+    """The one loop, after rank 0 notes its worker group's placement group in the trial folder.
+
+    Ray Train's own cleaner removes a dead controller's placement group only through the State API (the
+    dashboard); without it, a trial that ASHA stops leaves its workers' group reserved until the job
+    ends. The sweep's driver removes it by this id when the trial ends (`release_trial`).
+    """
+    import ray.train
+    from ray.util import get_current_placement_group
+
+    from llm.train.loop import train_loop_per_worker
+
+    pg = get_current_placement_group()
+    if pg is not None and ray.train.get_context().get_world_rank() == 0 and config.get("out_dir"):
+        (Path(config["out_dir"]) / PG_FILE).write_text(json.dumps({"id": pg.id.hex()}))
+    train_loop_per_worker(config)
+
+
+def release_trial(folder: Path) -> bool:
+    """Remove the trial's worker placement group if it is still there; True when one was removed."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    try:
+        pg_id = json.loads((folder / PG_FILE).read_text())["id"]
+    except (OSError, ValueError, KeyError):
+        return False
+    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id)))
+    if not ray.is_initialized() or placement_group_table(pg).get("state") in (None, "REMOVED"):
+        return False
+    remove_placement_group(pg)
+    return True
 
 
 def trial_spec(base: dict[str, Any], values: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -31,8 +67,6 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from llm.train.loop import train_loop_per_worker
-
     trial_id = ray.tune.get_context().get_trial_id()
     folder = Path(root) / trial_id
     # No Tune checkpoint: a trial cut off by an interruption starts over, and its half-written files
@@ -43,7 +77,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
     (folder / "trial.json").write_text(json.dumps({"trial_id": trial_id, "values": config,
                                                    "train": spec["train"]}, indent=2, default=str))
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        trial_worker,
         train_loop_config=spec,
         scaling_config=ray.train.ScalingConfig(**scaling),
         run_config=ray.train.RunConfig(

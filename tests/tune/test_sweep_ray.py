@@ -11,10 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from llm.errors import TrainingError
 from llm.manifest import manifest_hash, read_manifest
 from llm.tune.results import read_csv
 from tests.train.conftest import build_data_stage, train_config
+
+# What tests.train.conftest.train_config adds to cluster/local.yaml, for the driver started beside this one.
+_TRAIN = ("data.seq_len=32", "pretrain.model.context=32", "pretrain.max_steps=6", "pretrain.micro_batch_size=4",
+          "pretrain.checkpoint_every=3", "pretrain.eval_every=3", "pretrain.eval_batches=2", "pretrain.log_every=1",
+          "pretrain.lr.warmup_steps=2", "pretrain.lr.peak=3e-3", "pretrain.max_failures=0")
 
 pytestmark = [pytest.mark.ray, pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -37,19 +41,42 @@ def _free_again(ray, timeout: float = 60.0) -> tuple[dict, list]:
         time.sleep(1)
 
 
+INTERRUPTED = """
+import sys
+from llm.config import load_config
+from llm.errors import TrainingError
+from llm.tune.stage import run
+try:
+    run(load_config(sys.argv[1], sys.argv[2:]).llm, interrupt_after=3)
+except TrainingError as e:
+    print(e)
+"""
+
+
 @pytest.fixture(scope="module")
 def swept(ray_session, tmp_path_factory):
+    """The sweep interrupted (as Ctrl-C does) in a separate driver once 3 trials ended, as a user's
+    `llmray sweep` would be, then continued here. The other driver exiting ends its Ray job, so what
+    its trials held is Ray's to free, as it is after a real interruption."""
+    import subprocess
+    import sys
+
     from llm.tune.stage import run
+    from tests.conftest import LOCAL_YAML, ROOT
 
     tmp = tmp_path_factory.mktemp("sweep")
     loaded = train_config(tmp, *SWEEP)
     build_data_stage(loaded)
     folder = Path(loaded.llm.stage_dir("sweep"))
     t0 = time.perf_counter()
-    with pytest.raises(TrainingError, match=r"interrupted with [3-9] of 6 trials done; rerun"):
-        run(loaded.llm, interrupt_after=3)
+    address = ray_session.get_runtime_context().gcs_address
+    overrides = [f"storage={tmp / 'runs'}", *_TRAIN, *SWEEP, f"ray.address={address}"]
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED, str(LOCAL_YAML), *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert "interrupted with" in done.stdout and "of 6 trials done; rerun" in done.stdout, done.stderr[-2000:]
     finished_before = {p.parent.name: p.stat().st_mtime_ns for p in (folder / "trials").glob("*/trial.json")}
     assert read_manifest(folder) is None  # an interrupted sweep is never committed
+    _free_again(ray_session)
     result = run(loaded.llm)
     seconds = time.perf_counter() - t0
     return loaded, result, folder, finished_before, seconds
