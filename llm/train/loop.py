@@ -262,8 +262,8 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
     record: dict[str, Any] = {}
     last_saved = resumed_at
     val_cache: list[Any] = []
+    t0 = time.perf_counter()
     while state["step"] < train.max_steps:
-        t0 = time.perf_counter()
         lr = lr_at(state["step"], train.max_steps, train.schedule())
         for group in optimizer.param_groups:  # ZeRO wraps this optimizer; its groups are the ones stepped
             group["lr"] = lr
@@ -283,7 +283,9 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
         state["step"] += 1
         state["tokens"] += int(step_tokens)
         norm = engine.get_global_grad_norm()
-        dt = time.perf_counter() - t0
+        # From the previous step's end: its evaluation, checkpoint and report count in this step's time.
+        now = time.perf_counter()
+        dt, t0 = now - t0, now
         step = state["step"]
         record = {"step": step, "loss": loss_value, "lr": lr,
                   "grad_norm": None if norm is None else float(norm), "step_time_s": dt,
@@ -299,7 +301,9 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
         if log is not None:
             log.log(record)
         save = step % train.checkpoint_every == 0 or step == train.max_steps
-        if save or step % train.log_every == 0 or "val_loss" in record:
+        # Ray Train hears of checkpoints and evaluations only (rank 0 logs every step itself): a report
+        # blocks until the controller's next poll (2 s) has taken the previous one, a stall per report.
+        if save or "val_loss" in record:
             _report(engine, rt, record, _saved_state(state, rt, spec, part) if save else None)
             last_saved = step if save else last_saved
         if spec.fail_at_step == step and spec.out_dir and not (Path(spec.out_dir) / ".failed_once").exists():
