@@ -70,6 +70,10 @@ def ours(method: str, root: Path, steps: int) -> dict[str, Any]:
                     train_files=files, columns=["input_ids", "labels"], pad_id=0, stage="finetune", export=False,
                     model_hook="llm.train.lora:apply" if lora else None, extra={"lora": LORA}, peak_flops=1e12)
     rt = LocalRuntime(device="cpu")
+    import deepspeed  # noqa: F401 - imported before the measured block: memory of training, not of imports
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
     with PeakMemory("cpu") as peak:
         run_loop(spec, rt)
     times = [r["step_time_s"] for r in rt.reports if "step_time_s" in r][WARMUP:]
