@@ -1,9 +1,11 @@
 """Fine-tuning costs, LoRA against full, measured side by side (not a pass/fail test).
 
-    python bench/finetune.py [--steps 10] [--threads N]
+    python bench/finetune.py [--steps 10] [--threads N] [--precision bf16|fp32]
 
 A Llama-style model of ~24M parameters, padded SFT-shaped batches (labels only on the second half of each
-row), bf16, the same micro batch and threads for every run. Each run is its own fresh process, so peak
+row), the same precision (bf16 by default), micro batch and threads for every run. On CPUs without native
+bf16 the weight-gradient matmuls of full fine-tuning take a slow bf16 path, which LoRA (frozen base
+weights) never runs: `--precision fp32` shows the ratios without that effect. Each run is its own fresh process, so peak
 memory is that of one training worker: the growth of the process's resident set from just before the
 model is loaded to the end of training (`llm.eval.PeakMemory`), i.e. weights, DeepSpeed's copies,
 gradients, optimizer state and activations. Step times are medians after warm-up.
@@ -55,14 +57,14 @@ def _setup(root: Path) -> tuple[Path, list[str]]:
     return base, [str(shard)]
 
 
-def ours(method: str, root: Path, steps: int) -> dict[str, Any]:
+def ours(method: str, root: Path, steps: int, precision: str) -> dict[str, Any]:
     from llm.config import ScheduleConfig, TrainConfig
     from llm.eval import PeakMemory
     from llm.train.loop import LoopSpec, run_loop
     from llm.train.runtime import LocalRuntime
 
     base, files = _setup(root)
-    train = TrainConfig(max_steps=steps, micro_batch_size=MICRO, zero_stage=2, precision="bf16", weight_decay=0.0,
+    train = TrainConfig(max_steps=steps, micro_batch_size=MICRO, zero_stage=2, precision=precision, weight_decay=0.0,
                         lr=ScheduleConfig(kind="constant", peak=1e-4, warmup_steps=0), checkpoint_every=10**6,
                         eval_every=10**6, log_every=1, max_failures=0)
     lora = method == "lora"
@@ -96,7 +98,7 @@ def _trainable(base: Path, lora: bool) -> dict[str, int]:
     return {"trainable": sum(p.numel() for p in wrapped.parameters() if p.requires_grad), "params": total}
 
 
-def plain(root: Path, steps: int) -> dict[str, Any]:
+def plain(root: Path, steps: int, precision: str) -> dict[str, Any]:
     import time
 
     import torch
@@ -120,7 +122,7 @@ def plain(root: Path, steps: int) -> dict[str, Any]:
         opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
         for batch in batches:
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -136,18 +138,19 @@ def _cfg(base: Path) -> Any:
     return AutoConfig.from_pretrained(str(base))
 
 
-def one(kind: str, root: Path, steps: int, threads: int) -> None:
+def one(kind: str, root: Path, steps: int, threads: int, precision: str) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    result = plain(root, steps) if kind == "plain" else ours(kind, root, steps)
+    result = plain(root, steps, precision) if kind == "plain" else ours(kind, root, steps, precision)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_one(kind: str, root: Path, steps: int, threads: int) -> dict[str, Any]:
+def run_one(kind: str, root: Path, steps: int, threads: int, precision: str) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, __file__, "--one", kind, "--root", str(root), "--steps", str(steps),
-                          "--threads", str(threads)], capture_output=True, text=True, env=env, check=False)
+                          "--threads", str(threads), "--precision", precision],
+                         capture_output=True, text=True, env=env, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not lines:
         raise SystemExit(f"{kind} run failed:\n{out.stderr[-3000:]}")
@@ -161,17 +164,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
     ap.add_argument("--one", choices=["full", "lora", "plain"])
     ap.add_argument("--root")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     args = ap.parse_args()
     if args.one:
-        one(args.one, Path(args.root), args.steps, args.threads)
+        one(args.one, Path(args.root), args.steps, args.threads, args.precision)
         return
     with tempfile.TemporaryDirectory(prefix="llmray-bench-ft-") as tmp:
         root = Path(tmp)
-        full = run_one("full", root, args.steps, args.threads)
-        lora = run_one("lora", root, args.steps, args.threads)
-        base = run_one("plain", root, args.steps, args.threads)
+        full, lora, base = (run_one(kind, root, args.steps, args.threads, args.precision)
+                            for kind in ("full", "lora", "plain"))
     print(f"model: llama {MODEL['n_layers']}x{MODEL['d_model']}, {full['params'] / 1e6:.1f}M parameters, "
-          f"seq {SEQ}, micro {MICRO}, bf16, {args.threads} threads, {args.steps} steps (median after {WARMUP})")
+          f"seq {SEQ}, micro {MICRO}, {args.precision}, {args.threads} threads, {args.steps} steps "
+          f"(median after {WARMUP})")
     print(f"step s: full {full['step_s']:.3f}, lora {lora['step_s']:.3f}, plain peft lora {base['step_s']:.3f}; "
           f"peak MB: full {full['peak_mb']:.0f}, lora {lora['peak_mb']:.0f}, plain peft lora {base['peak_mb']:.0f}")
     print(f"trainable parameters LoRA / full: {lora['trainable']:,} / {full['trainable']:,} = "
