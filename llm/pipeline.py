@@ -12,7 +12,9 @@ from llm.stage import StageResult
 # A later issue adds its stage here; `llmray run` picks it up.
 STAGES: dict[str, str] = {
     "data": "llm.data.stage:run",
+    "sweep": "llm.tune.stage:run",
     "pretrain": "llm.train.stage:run",
+    "finetune": "llm.train.finetune:run",
     "compress": "llm.compress.stage:run",
     "serve": "llm.serve.stage:run",
 }
