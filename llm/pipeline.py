@@ -28,7 +28,12 @@ def stages_to_run(cfg: PipelineConfig) -> list[str]:
         keys = ", ".join(f"{LLM_PREFIX}.{name}.enabled" for name in missing)
         raise ConfigError(f"{keys}: the {', '.join(missing)} stage{'s are' if len(missing) > 1 else ' is'} not "
                           f"built in this version of llmray (stages: {', '.join(STAGES)}); set enabled: false")
-    return [name for name in STAGES if name in cfg.enabled_stages()]
+    names = [name for name in STAGES if name in cfg.enabled_stages()]
+    if "sweep" in names:  # the sweep runs right before the stage it sweeps for (pretrain or finetune)
+        names.remove("sweep")
+        target = cfg.sweep.target
+        names.insert(names.index(target) if target in names else 0, "sweep")
+    return names
 
 
 def stage_runner(name: str):  # noqa: ANN201 - returns the stage's run function
