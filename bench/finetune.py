@@ -70,7 +70,8 @@ def ours(method: str, root: Path, steps: int, precision: str) -> dict[str, Any]:
     lora = method == "lora"
     spec = LoopSpec(train=train.model_dump(mode="json"), model={"path": str(base)}, vocab_size=VOCAB, seq_len=SEQ,
                     train_files=files, columns=["input_ids", "labels"], pad_id=0, stage="finetune", export=False,
-                    model_hook="llm.train.lora:apply" if lora else None, extra={"lora": LORA}, peak_flops=1e12)
+                    model_hook="llm.train.lora:apply" if lora else None, extra={"lora": LORA}, peak_flops=1e12,
+                    out_dir=str(root / f"out-{method}"))
     rt = LocalRuntime(device="cpu")
     import deepspeed  # noqa: F401 - imported before the measured block: memory of training, not of imports
     import peft  # noqa: F401
@@ -78,7 +79,9 @@ def ours(method: str, root: Path, steps: int, precision: str) -> dict[str, Any]:
 
     with PeakMemory("cpu") as peak:
         run_loop(spec, rt)
-    times = [r["step_time_s"] for r in rt.reports if "step_time_s" in r][WARMUP:]
+    from llm.train.metrics import read_records
+
+    times = [r["step_time_s"] for r in read_records(root / f"out-{method}" / "metrics.jsonl")][WARMUP:]
     trainable = _trainable(base, lora)
     return {"step_s": statistics.median(times), "peak_mb": peak.bytes / 2**20, **trainable}
 
