@@ -58,14 +58,19 @@ class _Router:
         return getattr(self.term, "encoding", "utf-8")
 
 
+_RAY_WORKER_PY = str(Path("ray") / "_private" / "worker.py")
+
+
 def _from_logging() -> bool:
-    """True when the write comes from a logging handler: a library that created its logger during the
-    stage (DeepSpeed does at import) holds our router as its stream, and its records belong in the log."""
+    """True when the write comes from a logging handler (a library that created its logger during the
+    stage holds our router as its stream: DeepSpeed does at import) or from Ray's forwarding of worker
+    output (its last lines are printed from the main thread when Ray shuts down): both belong in the log."""
     frame: Any = sys._getframe(2)
-    for _ in range(3):
+    for _ in range(4):
         if frame is None:
             return False
-        if frame.f_code.co_filename == logging.__file__:
+        name = frame.f_code.co_filename
+        if name == logging.__file__ or name.endswith(_RAY_WORKER_PY):
             return True
         frame = frame.f_back
     return False

@@ -30,7 +30,7 @@ def test_run_data_then_pretrain_then_skip(ray_session, tmp_path: Path) -> None:
         "data.tokenizer.vocab_size=384", "pretrain.model.context=32", "pretrain.max_steps=4",
         "pretrain.micro_batch_size=2", "pretrain.checkpoint_every=2", "pretrain.eval_every=2",
         "pretrain.eval_batches=1", "pretrain.log_every=1", "pretrain.lr.warmup_steps=1",
-        "pretrain.max_failures=0", "serve.enabled=false", "compress.enabled=false",
+        "pretrain.max_failures=0", "serve.enabled=false", "compress.enabled=false", "finetune.enabled=false",
     )
     cfg = tiny_config(tmp_path, *base).llm
     assert list(STAGES)[:2] == ["data", "pretrain"]
