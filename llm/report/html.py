@@ -68,8 +68,14 @@ def _training(stage: str) -> Callable[[LoadedConfig], str | None]:
         if not records:
             return None
         manifest = read_manifest(folder) if folder else None
-        summary = [{k: v for k, v in (manifest.metrics if manifest else {}).items() if not isinstance(v, dict)}]
-        return _img(plots.training_curves(records, stage), f"{stage} curves") + _table(summary)
+        summary = [{k: v for k, v in (manifest.metrics if manifest else {}).items()
+                    if not isinstance(v, dict | list)}]
+        body = _img(plots.training_curves(records, stage), f"{stage} curves") + _table(summary)
+        evals = folder / "eval.json" if folder else None
+        if evals is not None and evals.exists():  # fine-tuning: the base and the tuned model side by side
+            rows = json.loads(evals.read_text())
+            body += _img(plots.model_comparison(rows, f"{stage}: before and after"), f"{stage} eval") + _table(rows)
+        return body
     return section
 
 
@@ -99,7 +105,9 @@ def _compress(loaded: LoadedConfig) -> str | None:
     chosen = json.loads((folder / "chosen.json").read_text()) if (folder / "chosen.json").exists() else {}
     name = chosen.get("variant") or chosen.get("chosen")
     reason = f"<p>chosen: <b>{html.escape(str(name))}</b> ({html.escape(str(chosen.get('reason', '')))})</p>"
-    return reason + _img(plots.size_vs_ppl(rows, name), "size against perplexity") + _table(rows)
+    return (reason + _img(plots.size_vs_ppl(rows, name), "size against perplexity")
+            + _img(plots.model_comparison(rows, "compression: every variant against the original"), "variants")
+            + _table(rows))
 
 
 def _serve(loaded: LoadedConfig) -> str | None:

@@ -96,3 +96,22 @@ def size_vs_ppl(rows: list[dict[str, Any]], chosen: str | None) -> bytes:
     ax.set_ylabel("val perplexity")
     ax.set_title("compression: size against perplexity")
     return _png(fig)
+
+
+def model_comparison(rows: list[dict[str, Any]], title: str,
+                     keys: tuple[str, ...] = ("sft_loss", "val_loss", "rouge_l", "bleu")) -> bytes:
+    """One panel per figure present (assistant-token loss, val loss, ROUGE-L, BLEU), a bar per model."""
+    present = [k for k in keys if any(r.get(k) is not None for r in rows)] or ["params"]
+    _figure()  # selects the Agg backend
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    fig, axes = plt.subplots(1, len(present), figsize=(2.6 * len(present), 3.0), dpi=100, squeeze=False)
+    names = [str(r.get("model")) for r in rows]
+    for ax, key in zip(axes[0], present, strict=True):
+        values = [float(r.get(key) or 0.0) for r in rows]
+        ax.bar(range(len(rows)), values, color=["#8c8c8c"] + ["#4c72b0"] * (len(rows) - 1))
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(key, fontsize=9)
+    fig.suptitle(title)
+    return _png(fig)
