@@ -62,7 +62,7 @@ def serve_port() -> int:
     return free_port()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # Serve is shut down after tests/serve: its replicas hold CPUs others need
 def served(ray_session, tiny_model_dir: Path, serve_port: int, tmp_path_factory: pytest.TempPathFactory):
     """The tiny model deployed by the serve stage itself (`llm.serve.stage.run`); yields the stage result."""
     from ray import serve
@@ -76,7 +76,7 @@ def served(ray_session, tiny_model_dir: Path, serve_port: int, tmp_path_factory:
     serve.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def base_url(served) -> str:
     return str(served.metrics["url"])
 
