@@ -16,10 +16,9 @@ from typing import Any
 from llm.config import PipelineConfig, TrainConfig
 from llm.errors import ConfigError, StageInputError
 from llm.stage import StageResult, execute, input_dir
-from llm.train import checkpoint as ckpt
 from llm.train import ds_config
 from llm.train.data import shard_files
-from llm.train.fit import fit_with_ray, read_records
+from llm.train.fit import fit_with_ray, read_records, resume_point
 from llm.train.loop import LoopSpec
 from llm.train.sft import check_vocab, held_out, prepare_tokenizer, render_sources
 
@@ -116,13 +115,7 @@ def fit(cfg: PipelineConfig, spec: LoopSpec, folder: Path) -> dict[str, Any]:
     sizing = planned(cfg).finetune
     ds_config.build(ft, max(1, sizing.workers), "finetune")  # a bad `finetune.deepspeed` fails before any worker
     root = folder / RAY_DIR
-    choice = ckpt.choose(root, set_aside=True)
-    for aside, problem in choice.damaged:
-        print(f"finetune: damaged checkpoint {aside}: {problem}; set aside", flush=True)
-    if choice.path:
-        print(f"finetune: resuming from step {choice.step} ({choice.path})", flush=True)
-        ckpt.prune(root, ft.keep_checkpoints)
-    spec.resume_from = choice.path
+    spec.resume_from = resume_point(root, ft.keep_checkpoints, "finetune")
     if sizing.workers < 1:
         from llm.train.loop import run_loop
         from llm.train.runtime import LocalRuntime

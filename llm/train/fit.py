@@ -61,6 +61,20 @@ def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, r
     return dict(result.metrics or {})
 
 
+def resume_point(root: Path, keep: int, stage: str) -> str | None:
+    """The newest whole checkpoint under `root` to resume from; damaged ones are named, set aside, passed
+    over; with none left the run starts over and says so."""
+    choice = ckpt.choose(root, set_aside=True)
+    for aside, problem in choice.damaged:
+        print(f"{stage}: damaged checkpoint {aside}: {problem}; set aside", flush=True)
+    if choice.path:
+        print(f"{stage}: resuming from step {choice.step} ({choice.path})", flush=True)
+        ckpt.prune(root, keep)
+    elif choice.damaged:
+        print(f"{stage}: no whole checkpoint left; starting over from step 0", flush=True)
+    return choice.path
+
+
 def log_path(cfg: PipelineConfig, stage: str) -> Path:
     """`<storage>/<run>/logs/<stage>.log`."""
     from llm import console

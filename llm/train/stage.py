@@ -14,10 +14,9 @@ from typing import Any
 from llm.config import PipelineConfig
 from llm.errors import ConfigError
 from llm.stage import StageResult, execute, input_dir
-from llm.train import checkpoint as ckpt
 from llm.train import ds_config
 from llm.train.data import shard_files
-from llm.train.fit import fit_with_ray, read_records, resolve_init
+from llm.train.fit import fit_with_ray, read_records, resolve_init, resume_point
 from llm.train.loop import LoopSpec
 
 RAY_DIR = "ray"
@@ -62,15 +61,7 @@ def fit(cfg: PipelineConfig, folder: Path, init: str | None = None, **extra: Any
     init_fields = _init_fields(cfg, init)
     spec = loop_spec(cfg, folder, data, **init_fields, **extra)
     root = folder / RAY_DIR
-    choice = ckpt.choose(root, set_aside=True)
-    for aside, problem in choice.damaged:
-        print(f"pretrain: damaged checkpoint {aside}: {problem}; set aside", flush=True)
-    if choice.path:
-        print(f"pretrain: resuming from step {choice.step} ({choice.path})", flush=True)
-        ckpt.prune(root, pre.keep_checkpoints)
-    elif choice.damaged:
-        print("pretrain: no whole checkpoint left; starting over from step 0", flush=True)
-    spec.resume_from = choice.path
+    spec.resume_from = resume_point(root, pre.keep_checkpoints, "pretrain")
     if sizing.workers < 1:
         return _fit_local(spec, root, pre.keep_checkpoints)
     return fit_with_ray(cfg, "pretrain", spec, sizing, root, pre.keep_checkpoints, pre.max_failures)
