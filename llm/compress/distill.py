@@ -90,7 +90,7 @@ def use_sft(cfg: PipelineConfig, data: Path, from_finetune: bool) -> bool:
 def distill_spec(cfg: PipelineConfig, work: Path, data: Path, teacher: Path, student: dict[str, Any],
                  sft: bool) -> LoopSpec:
     """The loop's plain-dict config: the student (`{"path": dir}` or `ModelConfig` fields), the teacher in
-    `extra`, packed or SFT rows of the data stage, the packed val split for the loop's own val loss."""
+    `extra`, packed or SFT rows of the data stage, and the val split of the same kind for the loop's val loss."""
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
@@ -115,7 +115,7 @@ def distill_spec(cfg: PipelineConfig, work: Path, data: Path, teacher: Path, stu
         tokenizer_dir=str(teacher),
         out_dir=str(work),
         stage="compress.distill",
-        val_files=shard_files(data, "val"),
+        val_files=shard_files(data, "val", kind),  # the same kind as training: SFT rows carry labels
         data_id=manifest_hash(data) or "",
         loss_hook="llm.compress.distill:kd_loss",
         extra={"teacher": str(teacher), "temperature": dist.temperature, "alpha": dist.alpha},

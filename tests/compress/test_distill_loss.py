@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +74,30 @@ def test_distill_only_fields_are_exactly_the_non_train_fields() -> None:
     from llm.config.compress import DistillConfig
 
     assert set(DistillConfig.model_fields) - set(TrainConfig.model_fields) == DISTILL_ONLY
+
+
+@pytest.mark.parametrize("sft", [False, True])
+def test_spec_reads_train_and_val_of_the_same_kind(sft: bool, model_dir, tmp_path) -> None:  # noqa: ANN001
+    """Distilling a fine-tuned model trains on SFT rows: its val rows must carry labels too (the loop's
+    padded evaluation reads them), not the packed val split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llm.compress.distill import distill_spec
+    from tests.conftest import tiny_config
+
+    data = tmp_path / "data"
+    for kind in ("packed", "sft"):
+        for split in ("train", "val"):
+            (data / kind / split).mkdir(parents=True)
+            cols = {"input_ids": pa.array([[1, 2, 3, 4]] * 4, type=pa.list_(pa.int32()))}
+            if kind == "sft":
+                cols["labels"] = pa.array([[-100, 2, 3, 4]] * 4, type=pa.list_(pa.int32()))
+            pq.write_table(pa.table(cols), data / kind / split / "part-00000.parquet")
+    cfg = tiny_config(tmp_path).llm
+    spec = distill_spec(cfg, tmp_path / "work", data, model_dir, {"path": str(model_dir)}, sft)
+    kind = "sft" if sft else "packed"
+    assert [Path(f).parent.parent.name for f in spec.train_files + spec.val_files] == [kind, kind]
+    assert spec.columns == (["input_ids", "labels"] if sft else ["input_ids"])
+    for f in spec.val_files:
+        assert set(spec.columns) <= set(pq.ParquetFile(f).schema_arrow.names)
