@@ -8,6 +8,7 @@ committed ones (with a whole manifest) are ever read.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ def execute(
     force: bool = False,
     keep_partial: bool = False,
     on_set_aside: Callable[[Path, Path], None] | None = None,
+    record_only: bool = False,
 ) -> StageResult:
     """Run `body(folder)` unless a matching manifest says it is done, then commit the folder.
 
@@ -130,6 +132,8 @@ def execute(
         force: rerun even when the manifest matches, and start over even from a resumable folder.
         keep_partial: resume an uncommitted folder started for the same config and inputs (training).
         on_set_aside: called with (old, new) path when the folder is moved aside, before `body` runs.
+        record_only: the folder records a state of the cluster (serve's endpoint), not an artifact; a rerun
+            replaces it instead of keeping the old record aside.
     """
     folder = local_dir(cfg.stage_dir(stage))
     input_hashes = {name: manifest_hash(input_dir(cfg, name)) or "" for name in inputs}
@@ -140,6 +144,8 @@ def execute(
         return StageResult(stage, str(folder), skipped=True, metrics=manifest.metrics if manifest else {})
     attempt = {"config_hash": digest, "inputs": input_hashes}
     aside: Path | None = None
+    if folder.exists() and record_only:
+        shutil.rmtree(folder)
     if folder.exists():
         committed = read_manifest(folder)
         if committed is not None:

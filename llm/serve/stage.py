@@ -79,7 +79,7 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
         (folder / ENDPOINT).write_text(json.dumps(info, indent=2))
         return info
 
-    result = execute(cfg, "serve", body, sections=("serve",), force=True)
+    result = execute(cfg, "serve", body, sections=("serve",), force=True, record_only=True)
     name = next(iter(models))
     print(f"serve: ready in {result.metrics['ready_s']:.1f}s at {base_url(cfg)} (models: {', '.join(models)})\n"
           f"  {curl_example(cfg, name)}", flush=True)
@@ -90,8 +90,17 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
 
 def _hold() -> None:
     """Keep this process (and the Ray it started) alive until Ctrl-C, then shut Serve down."""
+    import signal
+
     from ray import serve
 
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Training libraries loaded earlier in this process (the whole route runs in one) may have replaced
+    # Python's SIGINT handler with one that does not raise: Ctrl-C and `kill` must still stop serving.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     print("serve: running in the foreground; Ctrl-C stops it", flush=True)
     try:
         while True:
