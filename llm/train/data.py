@@ -14,6 +14,7 @@ pyarrow on a background thread, which also works on `s3://` paths.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -144,6 +145,8 @@ def micro_batches(part: RankSlice, epoch: int, position: int, collate: Collate, 
                 hi = part.start_row(part.batches_per_epoch)
                 pending: dict[str, list[Any]] = {c: [] for c in columns}
                 for block in read_rows(part.index, lo, hi, columns):
+                    if stop.is_set():
+                        return
                     for c in columns:
                         pending[c].extend(block[c])
                     while len(pending[columns[0]]) >= part.micro and not stop.is_set():
@@ -164,9 +167,13 @@ def micro_batches(part: RankSlice, epoch: int, position: int, collate: Collate, 
                 raise item
             yield item
     finally:
+        # Stop the reader before returning: a reader left running would keep reading shards behind the
+        # caller's back (and hold the files open).
         stop.set()
-        while not q.empty():  # unblock a producer waiting on a full queue
-            q.get_nowait()
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):  # unblock a producer waiting on a full queue
+                q.get_nowait()
+            thread.join(timeout=0.05)
 
 
 def collate_packed(batch: dict[str, list[Any]]) -> dict[str, Any]:

@@ -34,7 +34,10 @@ def row_ids(batch) -> list[int]:  # noqa: ANN001
 
 def take(part: RankSlice, n: int, epoch: int = 0, position: int = 0) -> list[tuple[int, int, list[int]]]:
     it = micro_batches(part, epoch, position, collate_packed, [COLUMN])
-    return [(e, p, row_ids(b)) for (e, p, b), _ in zip(it, range(n), strict=False)]
+    try:
+        return [(e, p, row_ids(b)) for (e, p, b), _ in zip(it, range(n), strict=False)]
+    finally:
+        it.close()  # stops its reader thread before the caller looks at which files were opened
 
 
 def test_ranks_read_disjoint_contiguous_slices(shards: list[str]) -> None:
