@@ -18,8 +18,9 @@ from llm.errors import ConfigError, StageInputError
 from llm.stage import StageResult, execute, input_dir
 from llm.train import ds_config
 from llm.train.data import shard_files
-from llm.train.fit import fit_with_ray, read_records, resume_point
+from llm.train.fit import fit_with_ray, resume_point
 from llm.train.loop import LoopSpec
+from llm.train.metrics import training_summary
 from llm.train.sft import check_vocab, held_out, prepare_tokenizer, render_sources
 
 RAY_DIR = "ray"
@@ -168,15 +169,6 @@ def evaluate(cfg: PipelineConfig, folder: Path, base: Path, val: list[str], conv
     return rows
 
 
-def _summary(folder: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    records = read_records(folder / "metrics.jsonl")
-    vals = [r for r in records if "val_loss" in r]
-    return {"steps": records[-1]["step"] if records else 0, "tokens": records[-1]["tokens"] if records else 0,
-            "first_loss": records[0]["loss"] if records else None,
-            "final_loss": metrics.get("loss", records[-1]["loss"] if records else None),
-            "val_loss": vals[-1]["val_loss"] if vals else None}
-
-
 def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
     """Finetune stage: skip if done, else render, train (resuming), export/merge, evaluate, commit.
 
@@ -199,7 +191,7 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
         adapter = folder / "adapter" if ft.method == "lora" else None
         if adapter is not None:
             merge_adapter(base, adapter, folder / "model", folder / "tokenizer")
-        summary = {**_summary(folder, metrics), "method": ft.method, "base": str(base), "data": data_stats,
+        summary = {**training_summary(folder, metrics), "method": ft.method, "base": str(base), "data": data_stats,
                    **param_counts(base, adapter)}
         line = (f"finetune ({ft.method}): {summary['steps']} steps, trainable {summary['trainable_params']:,} of "
                 f"{summary['params']:,} parameters")

@@ -7,13 +7,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from llm import console
 from llm.config import PipelineConfig
 from llm.errors import ConfigError, LLMRayError, TrainingError
 from llm.train import checkpoint as ckpt
 from llm.train.loop import LoopSpec
 from llm.train.metrics import read_records
 
-__all__ = ["build_trainer", "fit_with_ray", "log_path", "read_records", "resolve_init", "worker_error"]
+__all__ = ["build_trainer", "fit_with_ray", "read_records", "resolve_init", "worker_error"]
 
 
 def build_trainer(spec: LoopSpec, scaling: dict[str, Any], root: Path, keep_checkpoints: int,
@@ -56,7 +57,7 @@ def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, r
         with LiveLine(lambda: progress_line(metrics, int(spec.train['max_steps']), spec.stage)):
             result = trainer.fit()
     except Exception as e:  # Ray Train wraps worker errors; the user gets one line and a log file
-        raise worker_error(e, log_path(cfg, stage), stage) from None
+        raise worker_error(e, console.log_path(cfg, stage), stage) from None
     ckpt.prune(root, keep)
     return dict(result.metrics or {})
 
@@ -73,13 +74,6 @@ def resume_point(root: Path, keep: int, stage: str) -> str | None:
     elif choice.damaged:
         print(f"{stage}: no whole checkpoint left; starting over from step 0", flush=True)
     return choice.path
-
-
-def log_path(cfg: PipelineConfig, stage: str) -> Path:
-    """`<storage>/<run>/logs/<stage>.log`."""
-    from llm import console
-
-    return console.log_path(cfg, stage)
 
 
 def _causes(e: BaseException) -> list[BaseException]:
@@ -103,9 +97,10 @@ def worker_error(e: BaseException, log: Path, stage: str) -> LLMRayError:
         f.write("".join(traceback.format_exception(e)))
     causes = _causes(e)
     for cause in causes:
-        if isinstance(cause, LLMRayError):
-            return type(cause)(f"{cause} (full trace: {log})") if not isinstance(cause, TrainingError) \
-                else TrainingError(str(cause), str(log))
+        if isinstance(cause, TrainingError):
+            return TrainingError(str(cause), str(log))
+        if isinstance(cause, LLMRayError):  # keeps its type (and exit code): a ConfigError stays one
+            return type(cause)(f"{cause} (full trace: {log})")
     root = causes[-1]
     lines = [ln for ln in str(root).strip().splitlines() if ln.strip()]
     message = lines[-1] if lines else type(root).__name__

@@ -43,6 +43,18 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 
+def training_summary(folder: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A training stage's manifest metrics from its `metrics.jsonl`: steps, tokens, first and final loss,
+    last validation loss and perplexity, mean MFU."""
+    records = read_records(folder / "metrics.jsonl")
+    vals = [r for r in records if "val_loss" in r]
+    return {"steps": records[-1]["step"] if records else 0, "tokens": records[-1]["tokens"] if records else 0,
+            "first_loss": records[0]["loss"] if records else None,
+            "final_loss": metrics.get("loss", records[-1]["loss"] if records else None),
+            "val_loss": vals[-1]["val_loss"] if vals else None, "val_ppl": vals[-1].get("val_ppl") if vals else None,
+            "mean_mfu": sum(r["mfu"] for r in records) / len(records) if records else None}
+
+
 def progress_line(path: Path, max_steps: int, name: str) -> str | None:
     """The live line of a training run from its `metrics.jsonl` (the driver's view of rank 0's records)."""
     records = read_records(path) if path.exists() else []

@@ -16,8 +16,9 @@ from llm.errors import ConfigError
 from llm.stage import StageResult, execute, input_dir
 from llm.train import ds_config
 from llm.train.data import shard_files
-from llm.train.fit import fit_with_ray, read_records, resolve_init, resume_point
+from llm.train.fit import fit_with_ray, resolve_init, resume_point
 from llm.train.loop import LoopSpec
+from llm.train.metrics import training_summary
 
 RAY_DIR = "ray"
 
@@ -85,17 +86,6 @@ def _fit_local(spec: LoopSpec, root: Path, keep: int) -> dict[str, Any]:
     return run_loop(spec, LocalRuntime(checkpoint_root=str(root), keep=keep))
 
 
-def _summary(folder: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's metrics: last train loss, best and last validation, tokens, first loss."""
-    records = read_records(folder / "metrics.jsonl")
-    vals = [r for r in records if "val_loss" in r]
-    return {"steps": records[-1]["step"] if records else 0, "tokens": records[-1]["tokens"] if records else 0,
-            "first_loss": records[0]["loss"] if records else None,
-            "final_loss": metrics.get("loss", records[-1]["loss"] if records else None),
-            "val_loss": vals[-1]["val_loss"] if vals else None, "val_ppl": vals[-1]["val_ppl"] if vals else None,
-            "mean_mfu": sum(r["mfu"] for r in records) / len(records) if records else None}
-
-
 def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
     """Pretrain stage: skip if done, else train (resuming an interrupted run), export, commit.
 
@@ -122,7 +112,7 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
 
     def body(folder: Path) -> dict[str, Any]:
         metrics = fit(cfg, folder, moved.get("init", init), **extra)
-        summary = _summary(folder, metrics)
+        summary = training_summary(folder, metrics)
         if lr_from is not None:  # the manifest names the sweep (and trial) the schedule came from
             summary["lr_from"] = lr_from
         line = f"pretrain: {summary['steps']} steps, {summary['tokens']:,} tokens"

@@ -157,10 +157,10 @@ def sweep(cfg: PipelineConfig, folder: Path, interrupt_after: int | None = None)
     """Run (or continue) the sweep into `folder`; write trials.csv, best.json, curves.png; return metrics."""
     import json
 
-    from llm.console import LiveLine
+    from llm.console import LiveLine, log_path
     from llm.raycluster import connect
     from llm.train import ds_config
-    from llm.train.fit import log_path, worker_error
+    from llm.train.fit import worker_error
 
     sweep_cfg = cfg.sweep
     target = getattr(cfg, sweep_cfg.target)
