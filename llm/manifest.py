@@ -54,12 +54,32 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+CHECKSUMS = "_CHECKSUMS"
+"""Folder of sidecar files (`<any name>.json`: {relative path: {"size", "sha256"}}) written by the tasks that
+write a stage's files, so the commit does not read every byte again on the driver."""
+
+
+def known_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """The checksums the writing tasks recorded under `<folder>/_CHECKSUMS/`."""
+    out: dict[str, dict[str, Any]] = {}
+    for side in sorted((folder / CHECKSUMS).glob("*.json")):
+        out.update(json.loads(side.read_text()))
+    return out
+
+
 def list_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """Every file under `folder` (the manifest itself excluded) with size and sha256, by relative path."""
+    """Every file under `folder` (the manifest and the checksum sidecars excluded) with size and sha256, by
+    relative path; a file a writing task already hashed (same size) is not read again."""
+    known = known_checksums(folder)
     out: dict[str, dict[str, Any]] = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(f"{MANIFEST}."):
-            out[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        rel = p.relative_to(folder).as_posix()
+        if not p.is_file() or p.name == MANIFEST or p.name.startswith(f"{MANIFEST}.") or \
+                rel.startswith(f"{CHECKSUMS}/"):
+            continue
+        size = p.stat().st_size
+        meta = known.get(rel)
+        out[rel] = {"size": size, "sha256": meta["sha256"] if meta and meta.get("size") == size else file_sha256(p)}
     return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llm.errors import StageInputError
-from llm.manifest import MANIFEST, is_done, manifest_hash, read_manifest, write_manifest
+from llm.manifest import CHECKSUMS, MANIFEST, file_sha256, is_done, manifest_hash, read_manifest, write_manifest
 from llm.stage import config_hash, execute, input_dir
 
 from .conftest import tiny_config
@@ -190,3 +190,16 @@ def test_refuse_names_the_changed_keys_and_force(tmp_path: Path) -> None:
         execute(changed, "pretrain", lambda f: {}, sections=("pretrain",))
     after = read_manifest(folder)
     assert before is not None and after is not None and after.created == before.created
+
+
+def test_checksums_recorded_by_writing_tasks_are_used_and_not_listed(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    (tmp_path / "b.bin").write_bytes(b"defg")
+    (tmp_path / CHECKSUMS).mkdir()
+    # A writer's record for a.bin (a made-up hash proves it is taken as given), a stale one for b.bin.
+    (tmp_path / CHECKSUMS / "task-1.json").write_text(json.dumps({"a.bin": {"size": 3, "sha256": "f" * 64},
+                                                                   "b.bin": {"size": 99, "sha256": "0" * 64}}))
+    files = write_manifest(tmp_path, "s", "h", {}, {}).files
+    assert set(files) == {"a.bin", "b.bin"}
+    assert files["a.bin"]["sha256"] == "f" * 64
+    assert files["b.bin"]["sha256"] == file_sha256(tmp_path / "b.bin")  # the size disagreed: hashed here
