@@ -73,14 +73,17 @@ def searcher(sweep: SweepConfig, concurrent: int) -> Any:
     return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent)
 
 
-def scheduler(sweep: SweepConfig) -> Any:
-    """ASHA on the explicit `step` each report carries (not Tune's report count, which depends on cadence)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def scheduler(sweep: SweepConfig, trials_dir: str) -> Any:
+    """ASHA on the explicit `step` each report carries (not Tune's report count, which depends on cadence),
+    keeping its rungs across an interruption (see `llm.tune.asha`)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from llm.tune.asha import ResumableASHA
 
     if sweep.scheduler == "none":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr=TIME_ATTR, max_t=sweep.max_steps, grace_period=sweep.grace_period,
-                         reduction_factor=sweep.reduction_factor)
+    return ResumableASHA(trials_dir, time_attr=TIME_ATTR, max_t=sweep.max_steps,
+                         grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
 
 
 def schedule_of(values: dict[str, Any], max_steps: int) -> ScheduleConfig:

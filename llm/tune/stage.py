@@ -146,7 +146,8 @@ def _tuner(cfg: PipelineConfig, folder: Path, base: dict[str, Any]) -> tuple[Any
         param_space=space.param_space(sweep),
         tune_config=tune.TuneConfig(
             metric=space.METRIC, mode=space.MODE, search_alg=space.searcher(sweep, sizing.sweep_concurrent_trials),
-            scheduler=space.scheduler(sweep), num_samples=sweep.num_trials if sweep.search != "grid" else 1,
+            scheduler=space.scheduler(sweep, str(folder / TRIALS_DIR)),
+            num_samples=sweep.num_trials if sweep.search != "grid" else 1,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(folder), verbose=0, callbacks=callbacks),

@@ -23,7 +23,7 @@ _TRAIN = ("data.seq_len=32", "pretrain.model.context=32", "pretrain.max_steps=6"
 pytestmark = [pytest.mark.ray, pytest.mark.multiprocess, pytest.mark.slow]
 
 SWEEP = ("sweep.enabled=true", "sweep.num_trials=6", "sweep.max_steps=12", "sweep.eval_every=2",
-         "sweep.eval_batches=2", "sweep.grace_period=4", "sweep.reduction_factor=2", "sweep.seed=3",
+         "sweep.eval_batches=2", "sweep.grace_period=4", "sweep.reduction_factor=2", "sweep.seed=8",
          "sweep.space.kind=[cosine, constant, linear]", "sweep.space.peak=[1e-4, 3e-2]",
          "sweep.sizing.cpus_per_worker=1", "sweep.max_concurrent_trials=2")
 
