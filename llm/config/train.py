@@ -217,8 +217,9 @@ class FinetuneConfig(TrainConfig):
     """Before/after evaluation."""
     max_steps: int = Field(200, ge=1)
     """Optimizer steps."""
-    lr: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(peak=2e-4, warmup_steps=10))
-    """Learning-rate schedule (LoRA usually wants a higher peak than full fine-tuning)."""
+    lr: ScheduleConfig | Literal["best"] = Field(default_factory=lambda: ScheduleConfig(peak=2e-4, warmup_steps=10))
+    """Learning-rate schedule (LoRA usually wants a higher peak than full fine-tuning), or `best`: the winning
+    schedule of the committed sweep with `sweep.target: finetune`."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay (not applied to biases and norms)."""
 

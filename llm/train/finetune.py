@@ -125,6 +125,26 @@ def fit(cfg: PipelineConfig, spec: LoopSpec, folder: Path) -> dict[str, Any]:
     return fit_with_ray(cfg, "finetune", spec, sizing, root, ft.keep_checkpoints, ft.max_failures)
 
 
+def sweep_spec(cfg: PipelineConfig, folder: Path) -> LoopSpec:
+    """The `LoopSpec` every sweep trial of `sweep.target: finetune` starts from: the same base, tokenizer and
+    examples this stage would train on, prepared once under the sweep's folder (`tokenizer/`, `sft/`)."""
+    base = base_dir(cfg)
+    tok = prepare_tokenizer(base, folder / "tokenizer")
+    train, val, _, _ = examples(cfg, folder, tok)
+    if not val:
+        raise StageInputError(f"{folder}: no held-out SFT examples to compare trials on; set "
+                              f"{KEY}.val_fraction (or data.sft.val_fraction) above 0")
+    check_vocab(train + val, int(json.loads((base / "config.json").read_text()).get("vocab_size", 0)), str(base))
+    return loop_spec(cfg, folder, base, tok, train, val)
+
+
+def inputs_of(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The earlier stages fine-tuning reads: the data stage's SFT shards unless `finetune.data` names its own,
+    the pretrain stage's model unless `finetune.base` names one."""
+    ft = cfg.finetune
+    return tuple(name for name, used in (("data", not ft.data), ("pretrain", ft.base is None)) if used)
+
+
 def param_counts(base: Path, adapter: Path | None) -> dict[str, int]:
     """Parameters of the base (from its files' headers) and trainable ones (the adapter's, else all)."""
     from safetensors import safe_open
@@ -177,8 +197,14 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
         force: start over even when a finished or interrupted run exists (the old folder is kept aside).
         **extra: `LoopSpec` fields for tests and callers (e.g. `fail_at_step`).
     """
+    lr_from = None
+    if cfg.finetune.lr == "best":  # the sweep's winner; the hash below covers that schedule, not "best"
+        from llm.tune.best import apply_best, describe
+
+        cfg, lr_from = apply_best(cfg, "finetune")
+        print(f"finetune: {describe(lr_from or {})}", flush=True)
     ft = cfg.finetune
-    inputs = tuple(name for name, used in (("data", not ft.data), ("pretrain", ft.base is None)) if used)
+    inputs = inputs_of(cfg) + (("sweep",) if lr_from is not None else ())
     base = base_dir(cfg)  # before any folder moves: a bad base is a one-line error at once
 
     def body(folder: Path) -> dict[str, Any]:
@@ -193,6 +219,8 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
             merge_adapter(base, adapter, folder / "model", folder / "tokenizer")
         summary = {**training_summary(folder, metrics), "method": ft.method, "base": str(base), "data": data_stats,
                    **param_counts(base, adapter)}
+        if lr_from is not None:  # the manifest names the sweep (and trial) the schedule came from
+            summary["lr_from"] = lr_from
         line = (f"finetune ({ft.method}): {summary['steps']} steps, trainable {summary['trainable_params']:,} of "
                 f"{summary['params']:,} parameters")
         if summary["first_loss"] is not None:

@@ -45,13 +45,8 @@ def base_spec(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
         from llm.train.stage import loop_spec
 
         return loop_spec(cfg, folder, input_dir(cfg, "data")).to_dict()
-    import importlib
+    from llm.train.finetune import sweep_spec
 
-    # The fine-tuning stage exposes `sweep_spec(cfg, folder) -> LoopSpec` for its trials.
-    sweep_spec = getattr(importlib.import_module("llm.train.finetune"), "sweep_spec", None)
-    if sweep_spec is None:
-        raise ConfigError(f"{LLM_PREFIX}.sweep.target: finetune: this version's fine-tuning stage cannot run "
-                          "sweep trials yet; use target: pretrain")
     spec: dict[str, Any] = sweep_spec(cfg, folder).to_dict()
     return spec
 
@@ -231,5 +226,11 @@ def run(cfg: PipelineConfig, force: bool = False, interrupt_after: int | None = 
         interrupt_after: testing hook: interrupt the sweep (as Ctrl-C does) once this many trials ended.
     """
     tcfg = trial_config(cfg)
+    if cfg.sweep.target == "finetune":
+        from llm.train.finetune import inputs_of
+
+        inputs = inputs_of(cfg)
+    else:
+        inputs = ("data",)
     return execute(tcfg, "sweep", lambda folder: sweep(tcfg, folder, interrupt_after),
-                   sections=("sweep", cfg.sweep.target), inputs=("data",), force=force, keep_partial=True)
+                   sections=("sweep", cfg.sweep.target), inputs=inputs, force=force, keep_partial=True)

@@ -165,3 +165,30 @@ def test_lora_zero3_on_a_foreign_gpt2_base_with_its_own_tokenizer(ray_session, s
     assert max(ids) < len(AutoTokenizer.from_pretrained(str(shared["gpt2"]))) == 320
     check_lora_outputs(folder, shared["gpt2"])  # non-empty adapter after a ZeRO-3 save, merge parity
     assert losses(result)[-1] < losses(result)[0]
+
+
+def test_sweep_for_finetune_then_lr_best(ray_session, shared, tmp_path):
+    """`sweep.target: finetune`: LoRA trials on the pretrained model's SFT data; `finetune.lr: best` then
+    trains with the winner, and its manifest names the trial and the sweep it came from."""
+    from llm.manifest import manifest_hash
+    from llm.tune.stage import run as sweep
+
+    loaded = finetune_config(tmp_path, "sweep.enabled=true", "sweep.target=finetune", "sweep.num_trials=2",
+                             "sweep.max_steps=4", "sweep.eval_every=2", "sweep.eval_batches=2", "sweep.scheduler=none",
+                             "sweep.grace_period=2", "sweep.space.kind=[cosine]", "sweep.space.peak=[1e-4, 1e-2]",
+                             "sweep.sizing.cpus_per_worker=1", "sweep.max_concurrent_trials=1", "finetune.lr=best")
+    build_stages(loaded, shared["tok"])
+    swept = sweep(loaded.llm)
+    folder = Path(swept.path)
+    best = json.loads((folder / "best.json").read_text())
+    assert best["target"] == "finetune" and swept.metrics["trials"] == 2
+    trial = folder / "trials" / best["trial_id"]
+    recs = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["step"] == 4 and any("val_loss" in r for r in recs)
+    assert not (trial / "model").exists()  # trials do not export
+
+    result = run(loaded.llm)
+    manifest = read_manifest(Path(result.path))
+    assert manifest is not None and manifest.metrics["lr_from"]["trial_id"] == best["trial_id"]
+    assert manifest.inputs["sweep"] == manifest_hash(folder)
+    assert manifest.metrics["lr_from"]["schedule"]["peak"] == pytest.approx(best["schedule"]["peak"])
