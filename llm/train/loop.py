@@ -268,10 +268,15 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
         for group in optimizer.param_groups:  # ZeRO wraps this optimizer; its groups are the ones stepped
             group["lr"] = lr
         losses, tokens = [], 0
+        step_batches = []
         for _ in range(accum):
             state["epoch"], state["position"], batch = next(batches)
-            batch = {k: v.to(rt.device) for k, v in batch.items()}
-            out = engine(**batch)
+            step_batches.append({k: v.to(rt.device) for k, v in batch.items()})
+        per_item = _label_share(step_batches, rt, accum) if spec.pad_id is not None and not loss_fn else None
+        for batch in step_batches:
+            # Padded rows carry different numbers of labelled tokens: every labelled token of the step (all
+            # micro batches, all ranks) weighs the same, not every micro batch's mean.
+            out = engine(**batch) if per_item is None else engine(**batch, num_items_in_batch=per_item)
             loss = loss_fn(engine, out, batch) if loss_fn else out.loss
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
@@ -315,6 +320,20 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
     if log is not None:
         log.close()
     return record
+
+
+def _label_share(step_batches: list[dict[str, Any]], rt: Any, accum: int) -> Any:
+    """The divisor that makes each micro batch's summed loss a share of the step's token-weighted mean.
+
+    DeepSpeed divides each micro batch's loss by the accumulation steps and averages gradients over ranks;
+    dividing each summed loss by (labelled tokens of the whole step across ranks) / (accum x world) undoes
+    both, so the step's gradient is that of the mean over every labelled token (transformers' loss takes it
+    as `num_items_in_batch` and counts the labels it shifts the same way)."""
+    import torch
+
+    local = sum(int((b["labels"][..., 1:] != -100).sum()) for b in step_batches)
+    (total,) = _sum_across_ranks([float(local)], rt.device)
+    return torch.tensor(max(total, 1.0) / (accum * rt.world_size), device=rt.device)
 
 
 def _saved_state(state: dict[str, Any], rt: Any, spec: LoopSpec, part: RankSlice) -> dict[str, Any]:
