@@ -168,11 +168,31 @@ def _builtin(src: SourceFile) -> Iterator[dict[str, Any]]:
         yield row(doc[1], doc[0])
 
 
+def _hf_arrow(src: SourceFile, field: str, max_chars: int) -> Iterator[dict[str, Any]]:
+    """Rows of one Arrow shard of a `datasets` folder, as a parquet file's: the text field, or a reason."""
+    from llm.data.sources import hf_rows
+
+    try:
+        for i, rec in hf_rows(src.path):
+            key, text = f"{src.path}[{i}]", rec.get(field)
+            if not isinstance(text, str):
+                yield row("", key, "missing_field")
+            elif len(text) > max_chars:
+                yield row("", key, "too_long")
+            else:
+                yield row(text, key)
+    except (OSError, ValueError) as e:
+        yield row(f"{src.path}: unreadable datasets Arrow shard ({e})", src.path, "read_error")
+
+
 def read_rows(src: SourceFile, *, text_field: str, max_chars: int) -> Iterator[dict[str, Any]]:
     """Every row of one source. Errors while reading (a truncated `.gz`, an unreadable file) end this file
     with a `read_error` row naming it, its text the reason; rows read before the error are kept."""
     if src.kind.startswith("builtin"):
         yield from _builtin(src)
+        return
+    if src.kind == "hf-arrow":
+        yield from _hf_arrow(src, text_field, max_chars)
         return
     max_bytes = 4 * max_chars  # UTF-8 needs at most 4 bytes per character
     try:

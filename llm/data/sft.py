@@ -68,6 +68,15 @@ def records(path: str, kind: str, gz: bool) -> Any:
     if kind == "builtin-sft":
         yield from builtin.sft_pairs(path)
         return
+    if kind == "hf-arrow":
+        from llm.data.sources import hf_rows
+
+        try:
+            for i, rec in hf_rows(path):
+                yield f"{path}[{i}]", rec
+        except (OSError, ValueError) as e:
+            yield path, Unreadable(path, f"unreadable datasets Arrow shard ({e})")
+        return
     src = SourceFile(path, kind, gz)
     try:
         with open_binary(src) as f:

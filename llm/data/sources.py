@@ -1,8 +1,10 @@
 """Resolve `data.sources` into a list of files to read, before any Ray work starts.
 
 A source is a local path or glob, an `s3://` / `gs://` URI (globs allowed, listed through pyarrow's
-filesystems, the same layer Ray's readers use), or a built-in corpus name (`builtin:...`). A source that
-matches nothing is a `DataError` that names it: a typo should not produce an empty, "successful" run.
+filesystems, the same layer Ray's readers use), a Hugging Face `datasets` folder written by `save_to_disk`
+(a Dataset or a DatasetDict: every split, one unit per Arrow shard, read with `datasets`), or a built-in
+corpus name (`builtin:...`). A source that matches nothing is a `DataError` that names it: a typo should not
+produce an empty, "successful" run.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import fnmatch
 import glob
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from llm.errors import DataError
 
@@ -24,7 +27,7 @@ class SourceFile:
     """One unit of reading: a file (local or URI) or one piece of a built-in corpus."""
 
     path: str
-    kind: str  # txt | jsonl | parquet | builtin-docs | builtin-topics | builtin-sft
+    kind: str  # txt | jsonl | parquet | hf-arrow | builtin-docs | builtin-topics | builtin-sft
     gz: bool = False
 
 
@@ -69,6 +72,41 @@ def _expand_local(source: str) -> list[str]:
     return sorted(m for m in matches if os.path.isfile(m))
 
 
+def is_hf_dataset(path: str) -> bool:
+    """A local folder written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
+    p = os.path.expanduser(path)
+    return os.path.isdir(p) and any(os.path.exists(os.path.join(p, f)) for f in ("dataset_info.json",
+                                                                                 "dataset_dict.json"))
+
+
+def hf_units(path: str) -> list[SourceFile]:
+    """The Arrow shards of a `save_to_disk` folder, splits in the order the folder lists them."""
+    import json
+
+    root = os.path.expanduser(path)
+    try:
+        if os.path.exists(os.path.join(root, "dataset_dict.json")):
+            with open(os.path.join(root, "dataset_dict.json")) as f:
+                folders = [os.path.join(root, split) for split in json.load(f)["splits"]]
+        else:
+            folders = [root]
+        out = []
+        for folder in folders:
+            with open(os.path.join(folder, "state.json")) as f:
+                shards = [d["filename"] for d in json.load(f)["_data_files"]]
+            out += [SourceFile(os.path.join(folder, name), "hf-arrow") for name in shards]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a readable Hugging Face datasets folder ({type(e).__name__}: {e})") from None
+    return out
+
+
+def hf_rows(path: str) -> Any:
+    """(index, row dict) of one Arrow shard of a `save_to_disk` folder (memory-mapped by `datasets`)."""
+    import datasets
+
+    yield from enumerate(datasets.Dataset.from_file(path))
+
+
 def resolve(sources: list[str], *, builtin_ok: tuple[str, ...] = BUILTINS) -> list[SourceFile]:
     """Every file the sources name, in a stable order.
 
@@ -85,6 +123,9 @@ def resolve(sources: list[str], *, builtin_ok: tuple[str, ...] = BUILTINS) -> li
             if source not in builtin_ok:
                 raise DataError(f"{source}: unknown built-in corpus (known: {', '.join(builtin_ok)})")
             out.extend(builtin.units(source))
+            continue
+        if "://" not in source and is_hf_dataset(source.removeprefix("file://")):
+            out.extend(hf_units(source.removeprefix("file://")))
             continue
         paths = _expand_uri(source) if "://" in source and not source.startswith("file://") \
             else _expand_local(source.removeprefix("file://"))

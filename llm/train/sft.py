@@ -51,27 +51,6 @@ def prepare_tokenizer(base: str | Path, out_dir: str | Path, key: str = "metadat
     return tok
 
 
-def is_hf_dataset(path: str | Path) -> bool:
-    """A folder written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
-    p = Path(path).expanduser()
-    return p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists())
-
-
-def hf_records(path: str) -> Iterator[tuple[str, Any]]:
-    """(key, record) of every row of a `save_to_disk` folder, splits in sorted order."""
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(Path(path).expanduser()))
-    except (OSError, ValueError, FileNotFoundError) as e:
-        raise DataError(f"{path}: not a readable Hugging Face datasets folder ({e})") from None
-    splits = {"": loaded} if isinstance(loaded, datasets.Dataset) else dict(sorted(loaded.items()))
-    for split, ds in splits.items():
-        where = f"{path}[{split}]" if split else path
-        for i, row in enumerate(ds):
-            yield f"{where}[{i}]", row
-
-
 def source_records(sources: list[str], key: str) -> Iterator[tuple[str, Any]]:
     """(key, record, or the reason it cannot be one) of every record the sources name, in order."""
     from llm.data import sources as data_sources
@@ -79,11 +58,8 @@ def source_records(sources: list[str], key: str) -> Iterator[tuple[str, Any]]:
     from llm.data.sft import records
 
     for source in sources:
-        if is_hf_dataset(source):
-            yield from hf_records(source)
-            continue
         for f in data_sources.resolve([source]):
-            if f.kind not in ("jsonl", "builtin-sft"):
+            if f.kind not in ("jsonl", "builtin-sft", "hf-arrow"):
                 raise ConfigError(f"{key}: {f.path}: SFT sources are JSONL, builtin:python-sft or a datasets folder")
             for rec_key, rec in records(f.path, f.kind, f.gz):
                 yield rec_key, ("read_error" if isinstance(rec, Unreadable) else rec)
@@ -192,5 +168,5 @@ def check_vocab(files: list[str], vocab_rows: int, base: str) -> None:
                         "examples were tokenized with another tokenizer")
 
 
-__all__ = ["IGNORE", "Rendered", "check_vocab", "held_out", "hf_records", "is_hf_dataset", "prepare_tokenizer",
+__all__ = ["IGNORE", "Rendered", "check_vocab", "held_out", "prepare_tokenizer",
            "render_sources", "source_records", "split_of"]
