@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import llm
+from llm import storage
 
 MANIFEST = "_MANIFEST.json"
 SCHEMA_VERSION = 1
@@ -59,27 +58,32 @@ CHECKSUMS = "_CHECKSUMS"
 write a stage's files, so the commit does not read every byte again on the driver."""
 
 
-def known_checksums(folder: Path) -> dict[str, dict[str, Any]]:
-    """The checksums the writing tasks recorded under `<folder>/_CHECKSUMS/`."""
+def known_checksums(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """The checksums the writing tasks recorded under `<folder>/_CHECKSUMS/` (local or in a store)."""
     out: dict[str, dict[str, Any]] = {}
-    for side in sorted((folder / CHECKSUMS).glob("*.json")):
-        out.update(json.loads(side.read_text()))
+    sides = storage.join(folder, CHECKSUMS)
+    for rel in sorted(storage.list_files(sides)):
+        if rel.endswith(".json") and "/" not in rel:
+            out.update(json.loads(storage.read_bytes(storage.join(sides, rel))))
     return out
 
 
-def list_files(folder: Path) -> dict[str, dict[str, Any]]:
+def _listed(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return not (name == MANIFEST or name.startswith(f"{MANIFEST}.") or rel.startswith(f"{CHECKSUMS}/"))
+
+
+def list_files(folder: str | Path) -> dict[str, dict[str, Any]]:
     """Every file under `folder` (the manifest and the checksum sidecars excluded) with size and sha256, by
     relative path; a file a writing task already hashed (same size) is not read again."""
     known = known_checksums(folder)
     out: dict[str, dict[str, Any]] = {}
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if not p.is_file() or p.name == MANIFEST or p.name.startswith(f"{MANIFEST}.") or \
-                rel.startswith(f"{CHECKSUMS}/"):
+    for rel, size in sorted(storage.list_files(folder).items()):
+        if not _listed(rel):
             continue
-        size = p.stat().st_size
         meta = known.get(rel)
-        out[rel] = {"size": size, "sha256": meta["sha256"] if meta and meta.get("size") == size else file_sha256(p)}
+        digest = meta["sha256"] if meta and meta.get("size") == size else storage.sha256(storage.join(folder, rel))
+        out[rel] = {"size": size, "sha256": digest}
     return out
 
 
@@ -94,44 +98,33 @@ def _git_commit() -> str | None:
 
 def write_manifest(folder: str | Path, stage: str, config_hash: str, inputs: dict[str, str],
                    metrics: dict[str, Any], config: dict[str, Any] | None = None) -> Manifest:
-    """Commit `folder`: hash its files, then write the manifest to a temp file and rename it into place.
+    """Commit `folder`: hash its files, then write the manifest last, atomically.
 
-    `os.replace` is atomic on POSIX, so a reader sees either no manifest or a whole one.
+    Locally a temp file is renamed into place (`os.replace` is atomic on POSIX); on an object store the
+    manifest is one PUT, which is atomic too. A reader sees either no manifest or a whole one.
     """
-    folder = Path(folder)
     manifest = Manifest(stage=stage, config_hash=config_hash, inputs=dict(inputs), metrics=metrics,
                         files=list_files(folder), config=config or {}, commit=_git_commit())
-    fd, tmp = tempfile.mkstemp(prefix=f"{MANIFEST}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(manifest), f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    blob = json.dumps(asdict(manifest), indent=2, sort_keys=True, default=str)
+    storage.write_text(storage.join(folder, MANIFEST), blob)
     return manifest
 
 
 def read_manifest(folder: str | Path, verify: bool = False) -> Manifest | None:
-    """The folder's manifest, or None when it is missing, torn, or (with `verify`) its files changed."""
-    path = Path(folder) / MANIFEST
+    """The folder's manifest, or None when it is missing, torn, a file it lists is missing or has another
+    size, or (with `verify`) a file's checksum changed."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_bytes(storage.join(folder, MANIFEST)))
         manifest = Manifest(**data)
     except (OSError, ValueError, TypeError):
         return None
     if manifest.schema != SCHEMA_VERSION:
         return None
+    present = storage.list_files(folder) if manifest.files else {}
     for rel, meta in manifest.files.items():
-        f = Path(folder) / rel
-        try:
-            if f.stat().st_size != meta["size"]:
-                return None
-        except OSError:
+        if present.get(rel) != meta["size"]:
             return None
-        if verify and file_sha256(f) != meta["sha256"]:
+        if verify and storage.sha256(storage.join(folder, rel)) != meta["sha256"]:
             return None
     return manifest
 
@@ -139,7 +132,7 @@ def read_manifest(folder: str | Path, verify: bool = False) -> Manifest | None:
 def manifest_hash(folder: str | Path) -> str | None:
     """sha256 of the manifest's bytes: what a downstream stage records as its input."""
     try:
-        return hashlib.sha256((Path(folder) / MANIFEST).read_bytes()).hexdigest()
+        return hashlib.sha256(storage.read_bytes(storage.join(folder, MANIFEST))).hexdigest()
     except OSError:
         return None
 

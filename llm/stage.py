@@ -3,10 +3,15 @@
 A stage module defines `run(cfg, force=False) -> StageResult` and calls `execute` with a body that
 writes into the folder and returns its metrics. Inputs are earlier stages' folders, and only
 committed ones (with a whole manifest) are ever read.
+
+With `storage` in an object store (s3://, gs://) the same contract holds through `llm.storage`: the body
+gets a driver-local staging folder, uploaded before the manifest; writers on other nodes write to
+`target(folder)`, the stage's URI in the store (see `llm.storage` for the rules).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -15,17 +20,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.config import PipelineConfig
 from llm.errors import StageInputError, StaleOutputError
-from llm.manifest import MANIFEST, canonical_hash, is_done, manifest_hash, read_manifest, write_manifest
+from llm.manifest import (
+    CHECKSUMS,
+    MANIFEST,
+    canonical_hash,
+    file_sha256,
+    is_done,
+    manifest_hash,
+    read_manifest,
+    write_manifest,
+)
 
 # Written when a stage's body starts, removed before the manifest: which config a partial folder is for.
 ATTEMPT = "_ATTEMPT.json"
 
 
-def _read_attempt(folder: Path) -> dict[str, Any] | None:
+def _read_attempt(folder: str | Path) -> dict[str, Any] | None:
     try:
-        value = json.loads((folder / ATTEMPT).read_text())
+        value = json.loads(storage.read_bytes(storage.join(folder, ATTEMPT)))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -45,22 +60,48 @@ class StageResult:
 
 
 def local_dir(uri: str) -> Path:
-    """The local folder of a stage. Remote storage (s3://, gs://) is reached by the stages through
-    pyarrow/Ray filesystems; the contract's bookkeeping needs a local path today."""
-    if "://" in uri and not uri.startswith("file://"):
-        raise StageInputError(f"storage {uri!r}: remote storage is written by Ray's writers; this step "
-                              "needs a local or shared-filesystem path")
+    """The local folder of a stage, for steps that need one; object-store storage is a one-line error."""
+    if storage.is_remote(uri):
+        raise StageInputError(f"storage {uri!r}: this step needs a local or shared-filesystem `storage` "
+                              "(object stores are not supported here yet)")
     return Path(uri.removeprefix("file://"))
 
 
-def input_dir(cfg: PipelineConfig, stage: str) -> Path:
-    """A committed earlier stage's folder; a clear error when it is missing or incomplete."""
-    folder = local_dir(cfg.stage_dir(stage))
-    if read_manifest(folder) is None:
+_STAGING: dict[Path, str] = {}
+"""Driver-local staging folder -> the stage URI in the object store it is uploaded to."""
+
+
+def target(folder: Path) -> str:
+    """Where writers that may run on any node write the stage's files: the store URI for a staging folder,
+    else the folder itself (local or shared storage)."""
+    return _STAGING.get(Path(folder), str(folder))
+
+
+def input_uri(cfg: PipelineConfig, stage: str) -> str:
+    """A committed earlier stage's folder as a path or URI (parquet is read from there directly)."""
+    uri = cfg.stage_dir(stage)
+    if read_manifest(uri) is None:
         raise StageInputError(
-            f"{folder}: no complete {stage} output ({MANIFEST} missing or torn); run `llmray {stage}` first"
+            f"{uri}: no complete {stage} output ({MANIFEST} missing or torn); run `llmray {stage}` first"
         )
-    return folder
+    return uri
+
+
+def input_dir(cfg: PipelineConfig, stage: str, parts: tuple[str, ...] | None = None) -> Path:
+    """A committed earlier stage's folder on this machine; a clear error when it is missing or incomplete.
+
+    With object-store storage: a local cache copy of its committed files (only those under `parts`, when
+    given) and its manifest, each checked against the manifest's size and sha256.
+    """
+    uri = input_uri(cfg, stage)
+    if not storage.is_remote(uri):
+        return Path(uri)
+    manifest = read_manifest(uri)
+    blob = storage.read_bytes(storage.join(uri, MANIFEST))
+    files = {rel: meta for rel, meta in (manifest.files if manifest else {}).items()
+             if parts is None or any(rel.startswith(f"{p.rstrip('/')}/") or rel == p for p in parts)}
+    files[MANIFEST] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    return storage.cached_copy(uri, files)
 
 
 def hashed_config(cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
@@ -85,15 +126,17 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def set_aside(folder: Path) -> Path:
-    """Rename `folder` to `<name>.<UTC time>` beside it (never delete: it may hold a finished run)."""
+def set_aside(folder: str | Path) -> str:
+    """Move `folder` to `<name>.<UTC time>` beside it (never delete: it may hold a finished run). On an
+    object store every object is copied and checked before the originals are deleted."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    aside = folder.with_name(f"{folder.name}.{stamp}")
+    base = str(folder).rstrip("/")
+    aside = f"{base}.{stamp}"
     n = 1
-    while aside.exists():
+    while storage.exists(aside):
         n += 1
-        aside = folder.with_name(f"{folder.name}.{stamp}-{n}")
-    folder.rename(aside)
+        aside = f"{base}.{stamp}-{n}"
+    storage.move_tree(base, aside)
     return aside
 
 
@@ -135,39 +178,67 @@ def execute(
         record_only: the folder records a state of the cluster (serve's endpoint), not an artifact; a rerun
             replaces it instead of keeping the old record aside.
     """
-    folder = local_dir(cfg.stage_dir(stage))
-    input_hashes = {name: manifest_hash(input_dir(cfg, name)) or "" for name in inputs}
+    uri = cfg.stage_dir(stage)
+    remote = storage.is_remote(uri)
+    input_hashes = {name: manifest_hash(input_uri(cfg, name)) or "" for name in inputs}
     hashed = hashed_config(cfg, *sections)
     digest = canonical_hash(hashed)
-    if not force and is_done(folder, digest, input_hashes):
-        manifest = read_manifest(folder)
-        return StageResult(stage, str(folder), skipped=True, metrics=manifest.metrics if manifest else {})
+    if not force and is_done(uri, digest, input_hashes):
+        manifest = read_manifest(uri)
+        return StageResult(stage, uri, skipped=True, metrics=manifest.metrics if manifest else {})
     attempt = {"config_hash": digest, "inputs": input_hashes}
-    aside: Path | None = None
-    if folder.exists() and record_only:
-        shutil.rmtree(folder)
-    if folder.exists():
-        committed = read_manifest(folder)
+    aside: str | None = None
+    if record_only and storage.exists(uri):
+        storage.remove_tree(uri)
+    if storage.exists(uri):
+        committed = read_manifest(uri)
         if committed is not None:
             why = _why_stale(committed, hashed, input_hashes, force)
             if cfg.on_change == "refuse" and not force:
-                raise StaleOutputError(f"{folder}: committed for another config ({why}); rerun with --force "
+                raise StaleOutputError(f"{uri}: committed for another config ({why}); rerun with --force "
                                        "(the committed folder is kept aside) or set on_change: keep")
-            aside = set_aside(folder)
+            aside = set_aside(uri)
             print(f"{stage}: {why}; the committed output was kept at {aside}", flush=True)
-        elif not (keep_partial and not force and _read_attempt(folder) == attempt):
-            (folder / MANIFEST).unlink(missing_ok=True)  # a torn manifest: no half commit travels along
-            aside = set_aside(folder)
+        elif not (keep_partial and not force and _read_attempt(uri) == attempt):
+            storage.remove_file(storage.join(uri, MANIFEST))  # a torn manifest: no half commit travels along
+            aside = set_aside(uri)
             print(f"{stage}: an unfinished run of another config was moved to {aside}", flush=True)
-        if aside is not None and on_set_aside is not None:
-            on_set_aside(folder, aside)
+        if aside is not None and on_set_aside is not None and not remote:
+            on_set_aside(Path(uri), Path(aside))
+    folder = _staging(uri) if remote else Path(uri)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ATTEMPT).write_text(json.dumps(attempt, sort_keys=True))
+    storage.write_text(storage.join(uri, ATTEMPT), json.dumps(attempt, sort_keys=True))
     t0 = time.perf_counter()
-    metrics = body(folder)
+    try:
+        metrics = body(folder)
+        if remote:
+            _upload_staged(folder, uri)
+    finally:
+        _STAGING.pop(folder, None)
     seconds = time.perf_counter() - t0
     metrics = {**metrics, "seconds": round(seconds, 3)}
-    (folder / ATTEMPT).unlink(missing_ok=True)
-    write_manifest(folder, stage, digest, input_hashes, metrics, config=hashed)
-    return StageResult(stage, str(folder), skipped=False, metrics=metrics, seconds=seconds,
-                       kept_aside=str(aside) if aside else None)
+    storage.remove_file(storage.join(uri, ATTEMPT))
+    write_manifest(uri, stage, digest, input_hashes, metrics, config=hashed)
+    if remote:
+        shutil.rmtree(folder, ignore_errors=True)
+    return StageResult(stage, uri, skipped=False, metrics=metrics, seconds=seconds, kept_aside=aside)
+
+
+def _staging(uri: str) -> Path:
+    """A fresh driver-local folder for the stage's driver-written files (the store holds everything else)."""
+    folder = storage.cache_dir() / "staging" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    _STAGING[folder] = uri
+    return folder
+
+
+def _upload_staged(folder: Path, uri: str) -> None:
+    """Upload the staging folder with a checksum sidecar, so the commit does not read them back."""
+    sums = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.relative_to(folder).as_posix()
+            .startswith(f"{CHECKSUMS}/")}
+    if sums:
+        (folder / CHECKSUMS).mkdir(exist_ok=True)
+        (folder / CHECKSUMS / "_driver.json").write_text(json.dumps(sums, sort_keys=True))
+        storage.upload(folder, uri)

@@ -10,7 +10,6 @@ training.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from llm import storage
 from llm.config import PipelineConfig
 from llm.data import clean, dedup, pack, report, sft, sources
 from llm.data.tokenizer import copy_tokenizer, train_tokenizer
-from llm.stage import StageResult, execute
+from llm.stage import StageResult, execute, target
 
 
 def units(files: list[sources.SourceFile], n_units: int) -> list[list[sources.SourceFile]]:
@@ -67,7 +67,9 @@ def map_units(items: list[dict[str, Any]], fn: Any, kwargs: dict[str, Any]) -> l
     ctx.op_resource_reservation_enabled = False
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        out = ds.map_batches(fn, batch_size=1, fn_kwargs=kwargs, num_cpus=1, batch_format="pandas")
+        # Object-store storage: each task writes on its own node and uploads (`llm.storage.remote_task`).
+        task = storage.remote_task(fn, local_args=("tokenizer_dir",))
+        out = ds.map_batches(task, batch_size=1, fn_kwargs=kwargs, num_cpus=1, batch_format="pandas")
         return out.take_all()
     finally:
         ctx.op_resource_reservation_enabled = reservation
@@ -141,11 +143,13 @@ def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
     files = sources.resolve(dc.sources)  # before any Ray work: a bad source fails fast
     sft_files = sources.resolve(dc.sft.sources) if dc.sft.sources else []
     cpus = _setup_ray(cfg)
-    work = folder / "_work" / "clean"
-    work.mkdir(parents=True, exist_ok=True)
+    store = target(folder)  # where tasks write: this folder, or the stage's URI in an object store
+    work = storage.join(store, "_work", "clean")
+    if not storage.is_remote(work):
+        Path(work).mkdir(parents=True, exist_ok=True)
 
     groups = units(files, max(4 * cpus, len(files) // 64))
-    cleaned = map_units(_unit_items(groups), clean.clean_unit, {"cfg": dc, "out_dir": str(work)})
+    cleaned = map_units(_unit_items(groups), clean.clean_unit, {"cfg": dc, "out_dir": work})
     cleaned = sorted(cleaned, key=lambda r: r["unit"])
     paths = [r["path"] for r in cleaned]
     read_errors = [e for r in cleaned for e in json.loads(r["read_errors"])]
@@ -163,21 +167,25 @@ def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
 
     import ray
 
+    tok_src = str(tok_dir)
+    if storage.is_remote(store):  # the pack and SFT tasks read the tokenizer from the store, on any node
+        tok_src = storage.join(store, "tokenizer")
+        storage.upload(tok_dir, tok_src)
     drop_ref = ray.put(drop)
     packed = map_units([{"unit": i, "paths": "\n".join(g)} for i, g in enumerate(_path_groups(paths, cpus))],
                         pack.pack_unit,
-                        {"tokenizer_dir": str(tok_dir), "out_dir": str(folder / "packed"), "seq_len": dc.seq_len,
+                        {"tokenizer_dir": tok_src, "out_dir": storage.join(store, "packed"), "seq_len": dc.seq_len,
                          "val_fraction": dc.val_fraction, "rows_per_shard": dc.rows_per_shard, "drop_ids": drop_ref})
     sft_counts: dict[str, int] = {}
     if sft_files:
         items = _unit_items(units(sft_files, max(cpus, len(sft_files) // 64)))
-        rendered = map_units(items, sft.sft_unit, {"tokenizer_dir": str(tok_dir), "out_dir": str(folder / "sft"),
+        rendered = map_units(items, sft.sft_unit, {"tokenizer_dir": tok_src, "out_dir": storage.join(store, "sft"),
                                                    "max_len": dc.sft.max_len, "val_fraction": dc.sft.val_fraction})
         for r in sorted(rendered, key=lambda r: r["unit"]):
             for k, v in json.loads(r["counts"]).items():
                 sft_counts[k] = sft_counts.get(k, 0) + v
             read_errors += json.loads(r["read_errors"])
-    shutil.rmtree(folder / "_work")
+    storage.remove_tree(storage.join(store, "_work"))
 
     total = {k: int(sum(r[k] for r in packed)) for k in packed[0] if k != "unit"}
     tokens = total["tokens_train"] + total["tokens_val"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.manifest import file_sha256
 
 TAG = "ds"
@@ -57,31 +58,31 @@ def commit_part(folder: Path, rank: int) -> None:
 
 
 def verify(folder: str | Path, checksums: bool = True) -> str | None:
-    """None when the checkpoint in `folder` is whole, else one line naming the file and what is wrong."""
-    folder = Path(folder)
+    """None when the checkpoint in `folder` (local or in an object store) is whole, else one line naming the
+    file and what is wrong."""
     try:
-        state = json.loads((folder / "loop_state.json").read_text())
+        state = json.loads(storage.read_bytes(storage.join(folder, "loop_state.json")))
         world = int(state.get("world_size", 1))
     except FileNotFoundError:
         return "loop_state.json: missing"
     except (OSError, ValueError, TypeError) as e:
         return f"loop_state.json: unreadable ({e})"
+    present = storage.list_files(folder)
     for rank in range(world):
-        commit = folder / COMMIT.format(rank=rank)
+        commit = COMMIT.format(rank=rank)
         try:
-            files = json.loads(commit.read_text())["files"]
+            files = json.loads(storage.read_bytes(storage.join(folder, commit)))["files"]
         except FileNotFoundError:
-            return f"{commit.name}: missing (rank {rank}'s part was never committed)"
+            return f"{commit}: missing (rank {rank}'s part was never committed)"
         except (OSError, ValueError, KeyError, TypeError) as e:
-            return f"{commit.name}: unreadable ({e})"
+            return f"{commit}: unreadable ({e})"
         for rel, meta in files.items():
-            path = folder / rel
-            if not path.is_file():
+            size = present.get(rel)
+            if size is None:
                 return f"{rel}: missing"
-            size = path.stat().st_size
             if size != meta["size"]:
                 return f"{rel}: {size:,} bytes, {meta['size']:,} were written"
-            if checksums and file_sha256(path) != meta["sha256"]:
+            if checksums and storage.sha256(storage.join(folder, rel)) != meta["sha256"]:
                 return f"{rel}: checksum differs from the one recorded at save"
     return None
 
@@ -89,7 +90,7 @@ def verify(folder: str | Path, checksums: bool = True) -> str | None:
 def step_of(folder: str | Path) -> int:
     """The loop step a checkpoint folder was saved at (-1 when unreadable)."""
     try:
-        return int(json.loads((Path(folder) / "loop_state.json").read_text())["step"])
+        return int(json.loads(storage.read_bytes(storage.join(folder, "loop_state.json")))["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return -1
 
@@ -104,8 +105,14 @@ class Choice:
     """(folder, problem) of each newer checkpoint that was not whole."""
 
 
-def candidates(root: str | Path) -> list[Path]:
-    """Checkpoint folders of every Ray Train attempt under `root`, newest step first."""
+def candidates(root: str | Path) -> list[Any]:
+    """Checkpoint folders of every Ray Train attempt under `root`, newest step first (`Path`s; URIs in an
+    object store)."""
+    if storage.is_remote(root):
+        names = {rel.split("/")[0] + "/" + rel.split("/")[1] for rel in storage.list_files(root) if rel.count("/") >= 2}
+        remote = [storage.join(root, n) for n in names if n.split("/")[1].startswith("checkpoint_")
+                  and not n.endswith((DAMAGED_SUFFIX, ".tmp"))]
+        return sorted(remote, key=lambda p: (step_of(p), p), reverse=True)
     root = Path(root)
     found = [p for p in root.glob("*/checkpoint_*") if p.is_dir() and not p.name.endswith((DAMAGED_SUFFIX, ".tmp"))]
     return sorted(found, key=lambda p: (step_of(p), p.stat().st_mtime), reverse=True)
@@ -120,8 +127,8 @@ def choose(root: str | Path, set_aside: bool = False, checksums: bool = True) ->
         if problem is None:
             return Choice(str(folder), step_of(folder), damaged)
         if set_aside:
-            aside = folder.with_name(folder.name + DAMAGED_SUFFIX)
-            folder.rename(aside)
+            aside = f"{folder}{DAMAGED_SUFFIX}"
+            storage.move_tree(folder, aside)
             damaged.append((str(aside), problem))
         else:
             damaged.append((str(folder), problem))
@@ -131,12 +138,10 @@ def choose(root: str | Path, set_aside: bool = False, checksums: bool = True) ->
 def prune(root: str | Path, keep: int) -> list[str]:
     """Delete whole checkpoints beyond the newest `keep` across attempts (Ray Train prunes only within one
     attempt); damaged ones stay set aside. Returns the deleted folders."""
-    import shutil
-
     whole = [p for p in candidates(root) if verify(p, checksums=False) is None]
     gone = []
     for folder in whole[keep:]:
-        shutil.rmtree(folder, ignore_errors=True)
+        storage.remove_tree(folder)
         gone.append(str(folder))
     return gone
 

@@ -7,7 +7,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from llm import console
+from llm import console, storage
 from llm.config import PipelineConfig
 from llm.errors import ConfigError, LLMRayError, TrainingError
 from llm.train import checkpoint as ckpt
@@ -17,7 +17,7 @@ from llm.train.metrics import read_records
 __all__ = ["build_trainer", "fit_with_ray", "read_records", "resolve_init", "worker_error"]
 
 
-def build_trainer(spec: LoopSpec, scaling: dict[str, Any], root: Path, keep_checkpoints: int,
+def build_trainer(spec: LoopSpec, scaling: dict[str, Any], root: Path | str, keep_checkpoints: int,
                   max_failures: int, name: str | None = None) -> Any:
     """The `TorchTrainer` that runs the one loop, its run folder `<root>/<name>` (a new attempt each call
     by default: resume is chosen by the stage from verified checkpoints, not by Ray Train's restore)."""
@@ -25,23 +25,36 @@ def build_trainer(spec: LoopSpec, scaling: dict[str, Any], root: Path, keep_chec
     from ray.train.torch import TorchTrainer
 
     from llm.train.loop import train_loop_per_worker
+    from llm.train.runtime import store_loop_per_worker
 
-    root.mkdir(parents=True, exist_ok=True)
-    name = name or f"attempt-{1 + sum(1 for p in root.glob('attempt-*') if p.is_dir())}"
+    config = spec.to_dict()
+    resume = None
+    if storage.is_remote(root):  # checkpoints go to the store from every worker, through Ray Train
+        attempts = {rel.split("/")[0] for rel in storage.list_files(root) if rel.startswith("attempt-")}
+        name = name or f"attempt-{1 + len(attempts)}"
+        if spec.resume_from:  # every worker downloads it on its own node (`ray.train.get_checkpoint`)
+            fs, path = storage.resolve(spec.resume_from)
+            resume, config["resume_from"] = ray.train.Checkpoint(path, filesystem=fs), None
+    else:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        name = name or f"attempt-{1 + sum(1 for p in Path(root).glob('attempt-*') if p.is_dir())}"
+    storage_path, filesystem = storage.ray_storage(root)
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=spec.to_dict(),
+        store_loop_per_worker if spec.extra.get("store") else train_loop_per_worker,
+        train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(**scaling),
+        resume_from_checkpoint=resume,
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(root.resolve()),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
 
 
-def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, root: Path, keep: int,
+def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, root: Path | str, keep: int,
                  max_failures: int) -> dict[str, Any]:
     """Reserve the planned workers (the autoscaler starts nodes), fit, prune old checkpoints."""
     from llm.raycluster import connect, reserve
@@ -53,6 +66,8 @@ def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, r
 
     trainer = build_trainer(spec, sizing.scaling_config_kwargs(), root, keep, max_failures)
     metrics = Path(spec.out_dir or root) / "metrics.jsonl"
+    if spec.extra.get("store"):  # rank 0's own folder; seen live when rank 0 runs on the driver's node
+        metrics = Path(str(spec.out_dir)) / "rank0" / "metrics.jsonl"
     try:
         with LiveLine(lambda: progress_line(metrics, int(spec.train['max_steps']), spec.stage)):
             result = trainer.fit()
@@ -62,7 +77,7 @@ def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, r
     return dict(result.metrics or {})
 
 
-def resume_point(root: Path, keep: int, stage: str) -> str | None:
+def resume_point(root: Path | str, keep: int, stage: str) -> str | None:
     """The newest whole checkpoint under `root` to resume from; damaged ones are named, set aside, passed
     over; with none left the run starts over and says so."""
     choice = ckpt.choose(root, set_aside=True)

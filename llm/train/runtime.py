@@ -28,6 +28,9 @@ class RayRuntime:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.node = ray.get_runtime_context().get_node_id()
+        self.publish: tuple[str, str] | None = None
+        """(local out_dir, store URI): with an object store, rank 0's metrics.jsonl is uploaded at each
+        checkpoint so the driver's view (and a restart) sees the records up to it."""
 
     @contextlib.contextmanager
     def reported_checkpoint(self) -> Iterator[str | None]:
@@ -46,6 +49,12 @@ class RayRuntime:
 
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        if folder and self.publish and self.rank == 0:
+            from llm import storage
+
+            local, store = self.publish
+            if (Path(local) / "metrics.jsonl").exists():
+                storage.write_bytes(storage.join(store, "metrics.jsonl"), (Path(local) / "metrics.jsonl").read_bytes())
 
 
 class LocalRuntime:
@@ -88,3 +97,34 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def store_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point when the stage folder is in an object store (`config["extra"]["store"]`).
+
+    Inputs a library needs on disk (the tokenizer, a base model) are copied from the store into this node's
+    cache; the loop writes its outputs (metrics.jsonl, ranks/, model/) to a node-local folder, and this
+    rank uploads what it wrote there into the store, so nothing depends on which node rank 0 ran on.
+    Checkpoints go to the store through Ray Train's `storage_path`.
+    """
+    from llm import storage
+    from llm.train.loop import LoopSpec, run_loop
+
+    spec = LoopSpec(**config)
+    store = spec.extra["store"]
+    if spec.tokenizer_dir and storage.is_remote(spec.tokenizer_dir):
+        spec.tokenizer_dir = str(storage.cached_copy(spec.tokenizer_dir))
+    if spec.model.get("path") and storage.is_remote(spec.model["path"]):
+        spec.model = {**spec.model, "path": str(storage.cached_copy(spec.model["path"]))}
+    rt = RayRuntime()
+    if spec.out_dir:  # one folder per rank: ranks sharing a node never upload each other's half-written files
+        spec.out_dir = str(Path(spec.out_dir) / f"rank{rt.rank}")
+        shutil.rmtree(spec.out_dir, ignore_errors=True)  # a node reused by a restarted group: no stale files
+        Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+        records = storage.join(store, "metrics.jsonl")
+        if rt.rank == 0 and storage.size(records) is not None:  # a resumed run appends to the stored records
+            (Path(spec.out_dir) / "metrics.jsonl").write_bytes(storage.read_bytes(records))
+        rt.publish = (spec.out_dir, store)
+    run_loop(spec, rt)
+    if spec.out_dir:
+        storage.upload(spec.out_dir, store)

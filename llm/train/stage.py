@@ -8,12 +8,14 @@ damaged one is named and set aside) and starts a new attempt from it; `--force` 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.config import PipelineConfig
 from llm.errors import ConfigError
-from llm.stage import StageResult, execute, input_dir
+from llm.stage import StageResult, execute, input_dir, input_uri, target
 from llm.train import ds_config
 from llm.train.data import shard_files
 from llm.train.fit import fit_with_ray, resolve_init, resume_point
@@ -23,49 +25,72 @@ from llm.train.metrics import training_summary
 RAY_DIR = "ray"
 
 
-def loop_spec(cfg: PipelineConfig, folder: Path, data: Path, **extra: Any) -> LoopSpec:
-    """The loop's plain-dict config for this stage."""
+def loop_spec(cfg: PipelineConfig, folder: Path, data: Path | str, **extra: Any) -> LoopSpec:
+    """The loop's plain-dict config for this stage (`data`: the data stage's folder, a path or a store URI)."""
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
     from llm.manifest import manifest_hash
 
-    tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
-    train_files = shard_files(data, "train")
+    remote = storage.is_remote(data)
+    local_tok = input_dir(cfg, "data", parts=("tokenizer",)) / "tokenizer" if remote else Path(data) / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(str(local_tok))
+    train_files = data_shards(data, "train")
     first = pq.ParquetFile(train_files[0]).read_row_group(0, columns=["input_ids"]).column(0)
     pre = cfg.pretrain
-    return LoopSpec(
+    spec = LoopSpec(
         train=pre.model_dump(mode="json", exclude={"model"}),
         model=pre.model.model_dump(mode="json"),
         vocab_size=len(tokenizer),
         seq_len=len(first[0]),  # what the data stage packed, whatever the config says now
         train_files=train_files,
-        tokenizer_dir=str(data / "tokenizer"),
+        tokenizer_dir=storage.join(data, "tokenizer") if remote else str(local_tok),
         out_dir=str(folder),
         stage="pretrain",
-        val_files=shard_files(data, "val"),
+        val_files=data_shards(data, "val"),
         data_id=manifest_hash(data) or "",
         **extra,
     )
+    store = target(folder)
+    if storage.is_remote(store):  # workers write on their own nodes and upload (`store_loop_per_worker`)
+        spec.out_dir = str(storage.cache_dir() / "out" / hashlib.sha256(store.encode()).hexdigest()[:16])
+        spec.extra = {**spec.extra, "store": store}
+    return spec
+
+
+def data_shards(data: Path | str, split: str) -> list[str]:
+    """The packed parquet shards of a data stage folder (local, or URIs in an object store: read directly)."""
+    if not storage.is_remote(data):
+        return shard_files(data, split)
+    base = storage.join(data, "packed", split)
+    return sorted(storage.join(base, rel) for rel in storage.list_files(base) if rel.endswith(".parquet")
+                  and "/" not in rel)
 
 
 def fit(cfg: PipelineConfig, folder: Path, init: str | None = None, **extra: Any) -> dict[str, Any]:
     """Run (or resume) training into `folder`; returns the final metrics."""
     from llm.sizing import planned
 
-    data = input_dir(cfg, "data")
-    if not shard_files(data, "train"):
+    data = input_uri(cfg, "data")
+    if not data_shards(data, "train"):
         raise ConfigError(f"{data}/packed/train: no parquet shards; rerun `llmray data`")
     pre = cfg.pretrain
     sizing = planned(cfg).pretrain
     ds_config.build(pre, max(1, sizing.workers))  # a bad `pretrain.deepspeed` fails here, before any worker
     init_fields = _init_fields(cfg, init)
     spec = loop_spec(cfg, folder, data, **init_fields, **extra)
-    root = folder / RAY_DIR
+    store = target(folder)
+    root: Path | str = storage.join(store, RAY_DIR) if storage.is_remote(store) else folder / RAY_DIR
     spec.resume_from = resume_point(root, pre.keep_checkpoints, "pretrain")
     if sizing.workers < 1:
-        return _fit_local(spec, root, pre.keep_checkpoints)
-    return fit_with_ray(cfg, "pretrain", spec, sizing, root, pre.keep_checkpoints, pre.max_failures)
+        if storage.is_remote(store):
+            raise ConfigError(f"metadata.llm.pretrain.sizing.workers: 0 trains without Ray and needs a local "
+                              f"`storage` (got {cfg.storage})")
+        return _fit_local(spec, Path(root), pre.keep_checkpoints)
+    metrics = fit_with_ray(cfg, "pretrain", spec, sizing, root, pre.keep_checkpoints, pre.max_failures)
+    if storage.is_remote(store):  # the records the summary reads, from the store (rank 0 uploaded them)
+        folder.joinpath("metrics.jsonl").write_bytes(storage.read_bytes(storage.join(store, "metrics.jsonl")))
+    return metrics
 
 
 def _init_fields(cfg: PipelineConfig, init: str | None) -> dict[str, Any]:
@@ -120,7 +145,9 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
             line += f", loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
         if summary["val_ppl"] is not None:
             line += f", val loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.1f})"
-        print(f"{line}\n  model: {folder / 'model'}\n  metrics: {folder / 'metrics.jsonl'}", flush=True)
+        out = target(folder)
+        print(f"{line}\n  model: {storage.join(out, 'model')}\n  metrics: {storage.join(out, 'metrics.jsonl')}",
+              flush=True)
         return summary
 
     inputs = ("data", "sweep") if lr_from is not None else ("data",)

@@ -1,0 +1,89 @@
+"""The filesystem layer and the stage contract on a real S3 API (moto's server): commit, skip, not-done,
+set-aside keeping every object."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llm import storage
+from llm.config import load_config
+from llm.errors import StageInputError
+from llm.manifest import MANIFEST, read_manifest
+from llm.stage import execute, input_dir, target
+from tests.conftest import LOCAL_YAML
+
+
+def test_files_round_trip_and_move(s3_prefix: str, tmp_path: Path) -> None:
+    storage.write_text(storage.join(s3_prefix, "a", "x.json"), '{"x": 1}')
+    storage.write_bytes(storage.join(s3_prefix, "a", "sub", "y.bin"), b"12345")
+    assert storage.read_text(f"{s3_prefix}/a/x.json") == '{"x": 1}'
+    assert storage.list_files(f"{s3_prefix}/a") == {"x.json": 8, "sub/y.bin": 5}
+    assert storage.exists(f"{s3_prefix}/a") and not storage.exists(f"{s3_prefix}/b")
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"{s3_prefix}/a/none.json")
+    storage.move_tree(f"{s3_prefix}/a", f"{s3_prefix}/b")
+    assert storage.list_files(f"{s3_prefix}/b") == {"x.json": 8, "sub/y.bin": 5}
+    assert storage.list_files(f"{s3_prefix}/a") == {} and not storage.exists(f"{s3_prefix}/a")
+    (tmp_path / "up" / "d").mkdir(parents=True)
+    (tmp_path / "up" / "d" / "z.txt").write_text("zz")
+    storage.upload(tmp_path / "up", f"{s3_prefix}/c")
+    got = storage.download(f"{s3_prefix}/c", tmp_path / "down")
+    assert (got / "d" / "z.txt").read_text() == "zz"
+
+
+def test_cached_copy_checks_the_committed_sizes(s3_prefix: str, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("LLMRAY_CACHE", str(tmp_path / "cache"))
+    storage.write_text(f"{s3_prefix}/m/config.json", "{}")
+    copy = storage.cached_copy(f"{s3_prefix}/m", {"config.json": {"size": 2}})
+    assert (copy / "config.json").read_text() == "{}"
+    with pytest.raises(OSError, match="differs from the committed one"):
+        storage.cached_copy(f"{s3_prefix}/m", {"config.json": {"size": 3}})
+
+
+def _cfg(prefix: str, *overrides: str):  # noqa: ANN202
+    return load_config(LOCAL_YAML, [f"storage={prefix}", *overrides]).llm
+
+
+def _body(folder: Path) -> dict[str, int]:
+    (folder / "out").mkdir()
+    (folder / "out" / "part-0.txt").write_text("hello")
+    storage.write_text(storage.join(target(folder), "remote.txt"), "written by a task")  # as a Ray task does
+    return {"rows": 1}
+
+
+def test_stage_commit_skip_and_not_done_on_s3(s3_prefix: str) -> None:
+    cfg = _cfg(s3_prefix)
+    first = execute(cfg, "data", _body, sections=("data",))
+    uri = cfg.stage_dir("data")
+    assert first.path == uri and not first.skipped
+    manifest = read_manifest(uri)
+    assert manifest is not None and set(manifest.files) == {"out/part-0.txt", "remote.txt"}
+    assert manifest.files["out/part-0.txt"]["size"] == 5
+    assert "_ATTEMPT.json" not in storage.list_files(uri)
+    assert execute(cfg, "data", _body, sections=("data",)).skipped
+    assert (input_dir(cfg, "data") / "out" / "part-0.txt").read_text() == "hello"  # a verified local copy
+
+    storage.write_text(f"{uri}/remote.txt", "changed size")  # a listed object no longer as committed
+    assert read_manifest(uri) is None
+    storage.remove_file(f"{uri}/remote.txt")  # a listed object missing
+    assert read_manifest(uri) is None
+    with pytest.raises(StageInputError, match="no complete data output"):
+        input_dir(cfg, "data")
+    assert not execute(cfg, "data", _body, sections=("data",)).skipped  # not done: it runs again
+
+
+def test_changed_config_keeps_the_old_objects_aside(s3_prefix: str) -> None:
+    cfg = _cfg(s3_prefix)
+    execute(cfg, "data", _body, sections=("data",))
+    uri = cfg.stage_dir("data")
+    before = storage.list_files(uri)
+    changed = _cfg(s3_prefix, "data.min_chars=7")
+    result = execute(changed, "data", _body, sections=("data",))
+    assert not result.skipped and result.kept_aside and result.kept_aside.startswith(f"{uri}.")
+    assert storage.list_files(result.kept_aside) == before  # every object, manifest included, at the new prefix
+    old = read_manifest(result.kept_aside)
+    assert old is not None and json.loads(storage.read_text(f"{result.kept_aside}/{MANIFEST}"))["config"]
+    assert read_manifest(uri) is not None and read_manifest(uri).config_hash != old.config_hash
