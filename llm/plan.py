@@ -1,12 +1,51 @@
-"""`llmray plan`: derived sizing per stage plus the run's arithmetic and a wall-time estimate."""
+"""`llmray plan`: derived sizing per stage, the run's arithmetic, and what a cloud run will cost.
+
+For every GPU training stage: nodes, wall time at the assumed MFU, GPU-hours and cost from an hourly
+price per node type; and the memory each GPU needs per ZeRO stage (`llm.sizing.gpu_memory`), with the
+smallest change that fits when the configured one does not. Prices, MFU and the memory model are
+estimates and the output says so.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from llm.config import STAGE_SECTIONS, LoadedConfig, ModelConfig
+from llm.config import STAGE_SECTIONS, LoadedConfig, ModelConfig, PipelineConfig, TrainConfig
 from llm.hardware import GPU_PEAK_TFLOPS
-from llm.sizing import Sizing, derive
+from llm.sizing import (
+    USABLE_GPU_FRACTION,
+    ZERO_OPTIONS,
+    MemorySetting,
+    ModelShape,
+    Sizing,
+    derive,
+    gpu_memory,
+    smallest_fit,
+)
+
+GIB = 2**30
+
+# GPU memory by EC2 instance family (longest prefix first): p4d carries 40 GB A100s, p4de 80 GB ones.
+INSTANCE_GPU_MEMORY_GIB: dict[str, float] = {
+    "p5en.": 141, "p5e.": 141, "p5.": 80, "p4de.": 80, "p4d.": 40, "g6e.": 48, "g6.": 24, "g5.": 24,
+    "p3dn.": 32, "p3.": 16,
+}
+GPU_MEMORY_GIB: dict[str, float] = {
+    "B200": 180, "H200": 141, "H100": 80, "A100": 80, "L40S": 48, "L4": 24, "A10G": 24, "V100": 16,
+}
+
+# On-demand Linux list prices in USD per hour (us-west-2, late 2025), for the shipped file's instance types
+# and a few common ones. Estimates: check the provider's price page, or set `plan.prices` (reserved and
+# spot prices differ a lot).
+DEFAULT_PRICES: dict[str, float] = {
+    "m6i.2xlarge": 0.384, "m6i.4xlarge": 0.768, "p5.48xlarge": 55.04, "p4d.24xlarge": 21.96,
+    "g5.xlarge": 1.006, "g5.12xlarge": 5.672, "g6.xlarge": 0.805,
+}
+
+# Training FLOPs per parameter and token: forward 2, backward 4; LoRA's frozen base skips the weight
+# gradients (2 of the 4), its adapters are too small to count.
+FLOPS_PER_PARAM = {"full": 6.0, "lora": 4.0}
 
 
 def param_counts(model: ModelConfig, vocab: int) -> dict[str, int]:
@@ -30,10 +69,182 @@ def param_counts(model: ModelConfig, vocab: int) -> dict[str, int]:
     return {"total": total, "compute": matmuls + vocab * d}
 
 
-def flops_per_token(model: ModelConfig, vocab: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N plus the attention term 12 * layers * d_model * seq_len (PaLM, app. B)."""
+def flops_per_token(model: ModelConfig, vocab: int, seq_len: int, method: str = "full") -> float:
+    """Training FLOPs per token: 6N (4N for LoRA) plus the attention term 12 x layers x d_model x seq_len
+    (PaLM, app. B)."""
     n = param_counts(model, vocab)["compute"]
-    return 6.0 * n + 12.0 * model.n_layers * model.d_model * seq_len
+    return FLOPS_PER_PARAM[method] * n + 12.0 * model.n_layers * model.d_model * seq_len
+
+
+def model_shape(model: ModelConfig, vocab: int, lora_rank: int | None = None) -> ModelShape:
+    """The memory estimate's view of a model built from a config; with `lora_rank`, only adapters on every
+    linear layer of the blocks train (the stage's default targets)."""
+    total = param_counts(model, vocab)["total"]
+    d, ff = model.d_model, model.ff_width()
+    kv = d // model.n_heads * (model.n_kv_heads or model.n_heads)
+    largest = max(vocab * d, d * ff + ff, 3 * d * d + 3 * d)
+    trainable = total
+    if lora_rank:
+        if model.arch == "gpt2":  # c_attn (d -> 3d), c_proj (d -> d), c_fc (d -> ff), mlp c_proj (ff -> d)
+            per_layer = (d + 3 * d) + 2 * d + 2 * (d + ff)
+        else:  # q, o (d -> d); k, v (d -> kv); gate, up (d -> ff); down (ff -> d)
+            per_layer = 2 * 2 * d + 2 * (d + kv) + 3 * (d + ff)
+        trainable = model.n_layers * lora_rank * per_layer
+    return ModelShape(total=total, trainable=trainable, largest_layer=largest, n_layers=model.n_layers,
+                      d_model=d, vocab=vocab)
+
+
+def _pruned(model: ModelConfig, cfg: PipelineConfig) -> ModelConfig:
+    """The pruned student's shape, MLP channels only (head pruning makes it smaller still: an upper bound)."""
+    p = cfg.compress.prune
+    kept = max(p.multiple_of, round(model.ff_width() * (1 - p.mlp_ratio) / p.multiple_of) * p.multiple_of)
+    return model.model_copy(update={"d_ff": kept})
+
+
+def _gpu_hardware(loaded: LoadedConfig, sizing: Sizing) -> dict[str, Any] | None:
+    """The GPU node type's name, instance, GPUs per node, peak FLOP/s and memory; None without GPUs."""
+    cfg, cluster = loaded.llm, loaded.cluster
+    types = cluster.get("available_node_types") or {}
+    local = (cluster.get("provider") or {}).get("type") == "local" or not types
+    gpu_types = [(n, s) for n, s in types.items() if (s.get("resources") or {}).get("GPU")]
+    if local or not gpu_types:
+        if not sizing.cluster_gpus:
+            return None
+        name, instance, per_node = "local", None, int(sizing.cluster_gpus)
+    else:
+        name, spec = gpu_types[0]
+        instance = (spec.get("node_config") or {}).get("InstanceType")
+        per_node = int(spec["resources"]["GPU"])
+    model = cfg.plan.gpu or sizing.gpu_model
+    peak = cfg.plan.peak_tflops or (GPU_PEAK_TFLOPS.get(model) if model else None)
+    memory = cfg.plan.gpu_memory_gib or next(
+        (v for k, v in sorted(INSTANCE_GPU_MEMORY_GIB.items(), key=lambda kv: -len(kv[0]))
+         if instance and instance.startswith(k)), None) or (GPU_MEMORY_GIB.get(model) if model else None)
+    return {"node_type": name, "instance": instance, "gpus_per_node": per_node, "gpu": model,
+            "peak_tflops": peak, "memory_gib": memory, "local": local}
+
+
+def _price(cfg: PipelineConfig, node_type: str | None, instance: str | None) -> tuple[float | None, str]:
+    """USD per hour of one node and where it came from: `configured` or `estimate`."""
+    for key in (node_type, instance):
+        if key is not None and key in cfg.plan.prices:
+            return cfg.plan.prices[key], "configured"
+    if instance in DEFAULT_PRICES:
+        return DEFAULT_PRICES[instance], "estimate"
+    return None, "unknown"
+
+
+def _head(loaded: LoadedConfig) -> tuple[str | None, str | None]:
+    head = loaded.cluster.get("head_node_type")
+    spec = (loaded.cluster.get("available_node_types") or {}).get(head) or {}
+    return head, (spec.get("node_config") or {}).get("InstanceType")
+
+
+def _training_stages(loaded: LoadedConfig, sizing: Sizing) -> list[dict[str, Any]]:
+    """Each enabled GPU training stage: its section, model, workers, tokens, FLOPs and override prefix."""
+    cfg = loaded.llm
+    vocab, seq = cfg.data.tokenizer.vocab_size, cfg.data.seq_len
+    pre, fin = cfg.pretrain, cfg.finetune
+    base = pre.model if fin.base is None else None  # a local directory's shape is not read here
+    out: list[dict[str, Any]] = []
+
+    def add(stage: str, section: TrainConfig, model: ModelConfig | None, workers: int, steps: int, seq_len: int,
+            prefix: str, method: str = "full", runs: int = 1, concurrent: int = 1, extra_fpt: float = 0.0,
+            lora_rank: int | None = None, teacher: ModelConfig | None = None) -> None:
+        tokens = steps * section.micro_batch_size * section.grad_accum * max(1, workers) * seq_len
+        fpt = None if model is None else flops_per_token(model, vocab, seq_len, method) + extra_fpt
+        out.append({"stage": stage, "section": section, "model": model, "workers": workers, "seq_len": seq_len,
+                    "prefix": prefix, "runs": runs, "concurrent": concurrent, "tokens_per_run": tokens,
+                    "flops_per_token": fpt, "lora_rank": lora_rank, "teacher": teacher})
+
+    if cfg.sweep.enabled:
+        target = getattr(cfg, cfg.sweep.target)
+        trials = (len(cfg.sweep.space.kind) * cfg.sweep.grid_peaks if cfg.sweep.search == "grid"
+                  else cfg.sweep.num_trials)
+        t_model = pre.model if cfg.sweep.target == "pretrain" else base
+        t_seq = seq if cfg.sweep.target == "pretrain" else fin.max_len or cfg.data.sft.max_len
+        add("sweep", target, t_model, sizing.sweep_trial.workers, cfg.sweep.max_steps, t_seq,
+            f"{cfg.sweep.target}.", runs=trials, concurrent=sizing.sweep_concurrent_trials)
+    if pre.enabled:
+        add("pretrain", pre, pre.model if pre.model.path is None else None, sizing.pretrain.workers,
+            pre.max_steps, seq, "pretrain.")
+    if fin.enabled:
+        lora = fin.method == "lora"
+        add("finetune", fin, base, sizing.finetune.workers, fin.max_steps, fin.max_len or cfg.data.sft.max_len,
+            "finetune.", method=fin.method, lora_rank=fin.lora.rank if lora else None)
+    distilled = [v for v in cfg.compress.variants if "distilled" in v]
+    if cfg.compress.enabled and distilled and base is not None:
+        dist = cfg.compress.distill
+        student = dist.student if "student-distilled" in distilled and dist.student else _pruned(base, cfg)
+        teacher_fpt = 2.0 * param_counts(base, vocab)["compute"]  # the frozen teacher's forward pass
+        add("compress", dist, student, sizing.compress.workers, dist.max_steps, seq, "compress.distill.",
+            extra_fpt=teacher_fpt, teacher=base)
+    return out
+
+
+def _time_and_cost(run: dict[str, Any], hw: dict[str, Any], cfg: PipelineConfig, head_price: float | None,
+                   node_price: float | None) -> dict[str, Any]:
+    concurrent = max(1, min(run["concurrent"], run["runs"]))
+    gpus_at_once = max(1, run["workers"]) * concurrent
+    nodes = math.ceil(gpus_at_once / hw["gpus_per_node"])
+    row: dict[str, Any] = {"stage": run["stage"], "workers": run["workers"], "runs": run["runs"],
+                           "gpu_nodes": nodes, "tokens": run["tokens_per_run"] * run["runs"]}
+    if run["flops_per_token"] is None or not hw["peak_tflops"]:
+        return {**row, "wall_hours": None, "gpu_hours": None, "cost_usd": None}
+    per_run_s = run["tokens_per_run"] * run["flops_per_token"] / (
+        max(1, run["workers"]) * hw["peak_tflops"] * 1e12 * cfg.plan.mfu)
+    hours = per_run_s * math.ceil(run["runs"] / concurrent) / 3600
+    cost = None
+    if node_price is not None and not hw["local"]:
+        cost = hours * (nodes * node_price + (head_price or 0.0))
+    return {**row, "flops": run["tokens_per_run"] * run["runs"] * run["flops_per_token"], "wall_hours": hours,
+            "gpu_hours": hours * nodes * hw["gpus_per_node"], "cost_usd": cost}
+
+
+def _memory(run: dict[str, Any], cfg: PipelineConfig, hw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The configured setting's estimate per GPU, its fit, the smallest change that fits, and every ZeRO row."""
+    if run["model"] is None:
+        return None
+    s: TrainConfig = run["section"]
+    vocab = cfg.data.tokenizer.vocab_size
+    shape = model_shape(run["model"], vocab, run["lora_rank"])
+    per_node = min(max(1, run["workers"]), hw["gpus_per_node"]) if hw else 1
+    nodes = math.ceil(max(1, run["workers"]) / per_node)
+    extra = 0
+    if run["teacher"] is not None:  # distillation holds the fp32 teacher and its fp32 logits on every GPU
+        extra = 4 * param_counts(run["teacher"], vocab)["total"] + 4 * s.micro_batch_size * run["seq_len"] * vocab
+    setting = MemorySetting(s.zero_stage, s.offload_optimizer, s.offload_params, s.micro_batch_size,
+                            s.gradient_checkpointing)
+
+    def estimate(m: MemorySetting) -> dict[str, float]:
+        e = gpu_memory(shape, m, run["seq_len"], per_node, nodes, s.precision)
+        return {"states_gib": (e.model_states + extra) / GIB, "activations_gib": e.activations / GIB,
+                "total_gib": (e.total + extra) / GIB, "cpu_per_node_gib": e.cpu_per_node / GIB}
+
+    capacity = hw["memory_gib"] * USABLE_GPU_FRACTION if hw and hw["memory_gib"] else None
+    mine = estimate(setting)
+    result: dict[str, Any] = {"stage": run["stage"], "setting": setting.label, "params": shape.total,
+                              "trainable": shape.trainable, "capacity_gib": capacity, **mine,
+                              "fits": None if capacity is None else mine["total_gib"] <= capacity, "change": None}
+    result["zero_table"] = [{"setting": o.label, "configured": o.label == setting.label,
+                             **estimate(MemorySetting(o.zero_stage, o.offload_optimizer, o.offload_params,
+                                                      s.micro_batch_size, s.gradient_checkpointing))}
+                            for o in ZERO_OPTIONS]
+    if result["fits"] is False:
+        change = smallest_fit(shape, setting, run["seq_len"], per_node, nodes, capacity * GIB - extra, s.precision)
+        result["change"] = None if change is None else _overrides(change, run["prefix"], s)
+    return result
+
+
+def _overrides(change: dict[str, Any], prefix: str, section: TrainConfig) -> list[str]:
+    """A change as the dotted overrides a user can paste (grad_accum raised to keep the global batch)."""
+    out = []
+    for key, value in change.items():
+        if key == "grad_accum_factor":
+            out.append(f"{prefix}grad_accum={section.grad_accum * value}")
+        else:
+            out.append(f"{prefix}{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
 
 
 def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None) -> dict[str, Any]:
@@ -56,17 +267,27 @@ def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None) -> dict[str, 
         "flops_per_token": fpt,
         "total_flops": total_flops,
     }
+    hw = _gpu_hardware(loaded, sizing)
+    runs = _training_stages(loaded, sizing)
+    head, head_instance = _head(loaded)
+    head_price, head_src = _price(cfg, head, head_instance)
+    node_price, node_src = _price(cfg, hw["node_type"], hw["instance"]) if hw else (None, "unknown")
+    stages = [_time_and_cost(r, hw, cfg, head_price, node_price) for r in runs] if hw else []
     estimate: dict[str, Any] | None = None
-    if sizing.pretrain.use_gpu and sizing.gpu_model in GPU_PEAK_TFLOPS:
-        peak = GPU_PEAK_TFLOPS[sizing.gpu_model] * 1e12
-        seconds = total_flops / (sizing.pretrain.workers * peak * cfg.plan.mfu)
-        estimate = {
-            "gpu": sizing.gpu_model,
-            "peak_tflops_per_gpu": GPU_PEAK_TFLOPS[sizing.gpu_model],
-            "mfu_assumed": cfg.plan.mfu,
-            "wall_hours": seconds / 3600,
-            "gpu_hours": seconds * sizing.pretrain.workers / 3600,
-        }
+    pre_row = next((r for r in stages if r["stage"] == "pretrain"), None)
+    if sizing.pretrain.use_gpu and pre_row and pre_row["wall_hours"] is not None:
+        estimate = {"gpu": hw["gpu"], "peak_tflops_per_gpu": hw["peak_tflops"], "mfu_assumed": cfg.plan.mfu,
+                    "wall_hours": pre_row["wall_hours"], "gpu_hours": pre_row["gpu_hours"],
+                    "cost_usd": pre_row["cost_usd"]}
+    known = [r for r in stages if r["wall_hours"] is not None]
+    total = {"wall_hours": sum(r["wall_hours"] for r in known), "gpu_hours": sum(r["gpu_hours"] for r in known),
+             "cost_usd": (sum(r["cost_usd"] for r in known)
+                          if known and all(r["cost_usd"] is not None for r in known) else None)}
+    serve_per_hour = None
+    if hw and node_price is not None and not hw["local"] and cfg.serve.enabled:
+        def per_hour(n: int) -> float:
+            return math.ceil(n / hw["gpus_per_node"]) * node_price + (head_price or 0.0)
+        serve_per_hour = [per_hour(sizing.serve_min_replicas), per_hour(sizing.serve_max_replicas)]
     return {
         "config": str(loaded.path),
         "run": cfg.run,
@@ -75,12 +296,95 @@ def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None) -> dict[str, 
         "sizing": sizing.as_dict(),
         "pretrain": arithmetic,
         "estimate": estimate,
+        "hardware": hw,
+        "prices": {"head": head, "head_instance": head_instance, "head_usd_per_hour": head_price,
+                   "head_source": head_src, "gpu_node_usd_per_hour": node_price, "gpu_node_source": node_src},
+        "training": stages,
+        "total": total,
+        "serve_usd_per_hour": serve_per_hour,
+        "memory": [m for m in (_memory(r, cfg, hw) for r in runs if (hw or r["stage"] == "pretrain")) if m],
     }
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _hours(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value * 60:.1f} min" if value < 1 else f"{value:.2f} h"
+
+
+def _usd(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+
+
+def _time_lines(plan: dict[str, Any]) -> list[str]:
+    hw, p, rows = plan["hardware"], plan["prices"], plan["training"]
+    if hw is None:
+        return ["time and cost: no GPUs in the node types, training runs on CPU: wall time and cost n/a "
+                "(measure a CPU run with bench/train.py)"]
+    if not hw["peak_tflops"]:
+        return [f"time and cost: n/a, the GPU of node type {hw['node_type']} is unknown: set plan.gpu "
+                "(or plan.peak_tflops and plan.gpu_memory_gib)"]
+    mfu = plan["estimate"]["mfu_assumed"] if plan["estimate"] else None
+    price = ("no cloud cost (local provider)" if hw["local"] else
+             f"{hw['instance']} ${_num(p['gpu_node_usd_per_hour'], '.2f')}/h ({p['gpu_node_source']}), "
+             f"head {p['head_instance']} ${_num(p['head_usd_per_hour'], '.3f')}/h ({p['head_source']})")
+    lines = [f"time and cost (ESTIMATES: {hw['gpu']} {hw['peak_tflops']:g} TFLOP/s bf16 at "
+             f"{_num(mfu, '.0%') if mfu else 'the assumed'} MFU (plan.mfu); {price}; prices: plan.prices)",
+             f"  {'stage':<9} {'runs':>4} {'GPU nodes':>9} {'tokens':>10} {'wall':>9} {'GPU-h':>8} {'cost $':>10}"]
+    for r in rows:
+        lines.append(f"  {r['stage']:<9} {r['runs']:>4} {r['gpu_nodes']:>9} {r['tokens']:>10.3g} "
+                     f"{_hours(r['wall_hours']):>9} {_num(r['gpu_hours'], '.1f'):>8} {_usd(r['cost_usd']):>10}")
+    t = plan["total"]
+    lines.append(f"  {'total':<9} {'':>4} {'':>9} {'':>10} {_hours(t['wall_hours']):>9} "
+                 f"{t['gpu_hours']:>8.1f} {_usd(t['cost_usd']):>10}")
+    if any(r["stage"] == "sweep" for r in rows):
+        lines.append("  sweep: every trial run to its max_steps (ASHA stops most earlier: an upper bound)")
+    if plan["serve_usd_per_hour"]:
+        low, high = plan["serve_usd_per_hour"]
+        lines.append(f"  serve: ${low:,.2f}/h at min replicas .. ${high:,.2f}/h at max, while it runs")
+    lines.append("  compute time only: node start-up, data loading, checkpoints and evaluations come on top; "
+                 "the data stage's CPU time depends on the corpus (not estimated)")
+    return lines
+
+
+def _memory_lines(plan: dict[str, Any]) -> list[str]:
+    mem = plan["memory"]
+    if not mem:
+        return []
+    first = next((m for m in mem if m["stage"] == "pretrain"), mem[0])
+    cap = first["capacity_gib"]
+    hw = plan["hardware"]
+    where = f"{cap:.0f} of {hw['memory_gib']:g} GiB usable" if cap else "no GPU memory to compare"
+    unit = "GPU" if hw else "worker"
+    lines = [f"memory per {unit}, {first['stage']} (ESTIMATES: model states by DeepSpeed's estimators, activations "
+             f"34·s·b·d per layer + logits; {where})",
+             f"  {'':1} {'setting':<25} {'states':>8} {'activ.':>8} {'total':>8} {'CPU/node':>9}  fits"]
+    for row in first["zero_table"]:
+        fits = "n/a" if cap is None else "yes" if row["total_gib"] <= cap else "NO"
+        lines.append(f"  {'*' if row['configured'] else ' '} {row['setting']:<25} {row['states_gib']:>8.2f} "
+                     f"{row['activations_gib']:>8.2f} {row['total_gib']:>8.2f} {row['cpu_per_node_gib']:>9.1f}  {fits}")
+    for m in mem:
+        head = f"  {m['stage']}: {m['setting']} needs {m['total_gib']:.2f} GiB per {unit}"
+        if m["fits"] is None:
+            lines.append(f"{head} (no GPU memory to compare)")
+        elif m["fits"]:
+            lines.append(f"{head} of {cap:.0f}: fits")
+        elif m["change"]:
+            lines.append(f"WARNING: {m['stage']}: {m['setting']} needs {m['total_gib']:.1f} GiB per GPU, "
+                         f"{cap:.0f} usable; smallest change that fits: {' '.join(m['change'])}")
+        else:
+            lines.append(f"WARNING: {m['stage']}: {m['total_gib']:.1f} GiB per GPU, {cap:.0f} usable, and no "
+                         "ZeRO stage, offload, micro batch or checkpointing fits: a larger GPU or a smaller model")
+    return lines
 
 
 def format_plan(plan: dict[str, Any]) -> str:
     """One screen of plan for people."""
-    s, a, e = plan["sizing"], plan["pretrain"], plan["estimate"]
+    s, a = plan["sizing"], plan["pretrain"]
 
     def train(t: dict[str, Any]) -> str:
         dev = "GPU" if t["use_gpu"] else "CPU"
@@ -102,10 +406,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"  {a['global_batch_sequences']} sequences x seq_len = {a['tokens_per_step']:,} tokens/step"
         f" x {a['steps']:,} steps = {a['tokens']:,} tokens",
         f"  {a['flops_per_token']:.3g} FLOPs/token, {a['total_flops']:.3g} FLOPs in all",
+        *_time_lines(plan),
+        *_memory_lines(plan),
     ]
-    if e:
-        lines.append(
-            f"  estimate on {e['gpu']} ({e['peak_tflops_per_gpu']:g} TFLOP/s bf16) at {e['mfu_assumed']:.0%} MFU: "
-            f"{e['wall_hours']:.2f} h wall, {e['gpu_hours']:.1f} GPU-hours"
-        )
     return "\n".join(lines)

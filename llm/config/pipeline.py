@@ -29,12 +29,26 @@ class RayConfig(Section):
 
 
 class PlanConfig(Section):
-    """Assumptions of `llmray plan`'s time estimate."""
+    """Assumptions of `llmray plan`'s time, cost and memory estimates."""
 
     mfu: float = Field(0.4, gt=0, le=1)
     """Model FLOPs utilization assumed for the wall-time estimate."""
     gpu: str | None = None
     """GPU model for the peak FLOP/s (e.g. H100, A100); default: from the worker's instance type."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Dense bf16 peak TFLOP/s of one GPU; default: the datasheet figure of `gpu`."""
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """Memory of one GPU in GiB; default: from the instance type (or `gpu`)."""
+    prices: dict[str, float] = Field(default_factory=dict)
+    """USD per node-hour by node type name or instance type, over the built-in on-demand estimates (the
+    shipped file's instance types); a node type without a price shows no cost."""
+
+    @model_validator(mode="after")
+    def _prices(self) -> PlanConfig:
+        bad = {k: v for k, v in self.prices.items() if v < 0}
+        if bad:
+            raise ValueError(f"prices must be >= 0 USD per hour (got {bad})")
+        return self
 
 
 class PipelineConfig(Section):
