@@ -9,17 +9,20 @@ estimates and the output says so.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from llm.config import STAGE_SECTIONS, LoadedConfig, ModelConfig, PipelineConfig, TrainConfig
 from llm.hardware import GPU_PEAK_TFLOPS
 from llm.sizing import (
+    USABLE_CPU_FRACTION,
     USABLE_GPU_FRACTION,
     ZERO_OPTIONS,
     MemorySetting,
     ModelShape,
     Sizing,
     derive,
+    fits,
     gpu_memory,
     smallest_fit,
 )
@@ -33,6 +36,12 @@ INSTANCE_GPU_MEMORY_GIB: dict[str, float] = {
 }
 GPU_MEMORY_GIB: dict[str, float] = {
     "B200": 180, "H200": 141, "H100": 80, "A100": 80, "L40S": 48, "L4": 24, "A10G": 24, "V100": 16,
+}
+
+# Node RAM in GiB, for offloaded ZeRO states (a node type's `resources: {memory: bytes}` wins).
+INSTANCE_RAM_GIB: dict[str, float] = {
+    "p5.48xlarge": 2048, "p5en.48xlarge": 2048, "p4d.24xlarge": 1152, "p4de.24xlarge": 1152, "g5.xlarge": 16,
+    "g5.12xlarge": 192, "g5.48xlarge": 768, "g6.xlarge": 16, "g6e.xlarge": 32,
 }
 
 # On-demand Linux list prices in USD per hour (us-west-2, late 2025), for the shipped file's instance types
@@ -110,7 +119,7 @@ def _gpu_hardware(loaded: LoadedConfig, sizing: Sizing) -> dict[str, Any] | None
     if local or not gpu_types:
         if not sizing.cluster_gpus:
             return None
-        name, instance, per_node = "local", None, int(sizing.cluster_gpus)
+        name, instance, per_node, spec = "local", None, int(sizing.cluster_gpus), {}
     else:
         name, spec = gpu_types[0]
         instance = (spec.get("node_config") or {}).get("InstanceType")
@@ -120,8 +129,10 @@ def _gpu_hardware(loaded: LoadedConfig, sizing: Sizing) -> dict[str, Any] | None
     memory = cfg.plan.gpu_memory_gib or next(
         (v for k, v in sorted(INSTANCE_GPU_MEMORY_GIB.items(), key=lambda kv: -len(kv[0]))
          if instance and instance.startswith(k)), None) or (GPU_MEMORY_GIB.get(model) if model else None)
+    ram = (spec.get("resources") or {}).get("memory")
+    ram_gib = ram / GIB if ram else INSTANCE_RAM_GIB.get(instance or "")
     return {"node_type": name, "instance": instance, "gpus_per_node": per_node, "gpu": model,
-            "peak_tflops": peak, "memory_gib": memory, "local": local}
+            "peak_tflops": peak, "memory_gib": memory, "node_ram_gib": ram_gib, "local": local}
 
 
 def _price(cfg: PipelineConfig, node_type: str | None, instance: str | None) -> tuple[float | None, str]:
@@ -216,22 +227,25 @@ def _memory(run: dict[str, Any], cfg: PipelineConfig, hw: dict[str, Any] | None)
     setting = MemorySetting(s.zero_stage, s.offload_optimizer, s.offload_params, s.micro_batch_size,
                             s.gradient_checkpointing)
 
-    def estimate(m: MemorySetting) -> dict[str, float]:
-        e = gpu_memory(shape, m, run["seq_len"], per_node, nodes, s.precision)
-        return {"states_gib": (e.model_states + extra) / GIB, "activations_gib": e.activations / GIB,
-                "total_gib": (e.total + extra) / GIB, "cpu_per_node_gib": e.cpu_per_node / GIB}
+    capacity = hw["memory_gib"] * USABLE_GPU_FRACTION * GIB if hw and hw["memory_gib"] else None
+    ram = hw["node_ram_gib"] * USABLE_CPU_FRACTION * GIB if hw and hw["node_ram_gib"] else None
 
-    capacity = hw["memory_gib"] * USABLE_GPU_FRACTION if hw and hw["memory_gib"] else None
-    mine = estimate(setting)
-    result: dict[str, Any] = {"stage": run["stage"], "setting": setting.label, "params": shape.total,
-                              "trainable": shape.trainable, "capacity_gib": capacity, **mine,
-                              "fits": None if capacity is None else mine["total_gib"] <= capacity, "change": None}
-    result["zero_table"] = [{"setting": o.label, "configured": o.label == setting.label,
-                             **estimate(MemorySetting(o.zero_stage, o.offload_optimizer, o.offload_params,
-                                                      s.micro_batch_size, s.gradient_checkpointing))}
+    def estimate(m: MemorySetting) -> dict[str, Any]:
+        e = gpu_memory(shape, m, run["seq_len"], per_node, nodes, s.precision)
+        e = replace(e, model_states=e.model_states + extra)
+        return {"setting": m.label, "states_gib": e.model_states / GIB, "activations_gib": e.activations / GIB,
+                "total_gib": e.total / GIB, "cpu_per_node_gib": e.cpu_per_node / GIB,
+                "fits": None if capacity is None else fits(e, m, capacity, ram)}
+
+    result: dict[str, Any] = {"stage": run["stage"], "params": shape.total, "trainable": shape.trainable,
+                              "capacity_gib": capacity / GIB if capacity else None,
+                              "cpu_capacity_gib": ram / GIB if ram else None, **estimate(setting), "change": None}
+    result["zero_table"] = [{"configured": o.label == setting.label,
+                             **estimate(replace(o, micro_batch_size=s.micro_batch_size,
+                                                gradient_checkpointing=s.gradient_checkpointing))}
                             for o in ZERO_OPTIONS]
     if result["fits"] is False:
-        change = smallest_fit(shape, setting, run["seq_len"], per_node, nodes, capacity * GIB - extra, s.precision)
+        change = smallest_fit(shape, setting, run["seq_len"], per_node, nodes, capacity - extra, s.precision, ram)
         result["change"] = None if change is None else _overrides(change, run["prefix"], s)
     return result
 
@@ -364,7 +378,7 @@ def _memory_lines(plan: dict[str, Any]) -> list[str]:
              f"34·s·b·d per layer + logits; {where})",
              f"  {'':1} {'setting':<25} {'states':>8} {'activ.':>8} {'total':>8} {'CPU/node':>9}  fits"]
     for row in first["zero_table"]:
-        fits = "n/a" if cap is None else "yes" if row["total_gib"] <= cap else "NO"
+        fits = {None: "n/a", True: "yes", False: "NO"}[row["fits"]]
         lines.append(f"  {'*' if row['configured'] else ' '} {row['setting']:<25} {row['states_gib']:>8.2f} "
                      f"{row['activations_gib']:>8.2f} {row['total_gib']:>8.2f} {row['cpu_per_node_gib']:>9.1f}  {fits}")
     for m in mem:
@@ -378,7 +392,8 @@ def _memory_lines(plan: dict[str, Any]) -> list[str]:
                          f"{cap:.0f} usable; smallest change that fits: {' '.join(m['change'])}")
         else:
             lines.append(f"WARNING: {m['stage']}: {m['total_gib']:.1f} GiB per GPU, {cap:.0f} usable, and no "
-                         "ZeRO stage, offload, micro batch or checkpointing fits: a larger GPU or a smaller model")
+                         "ZeRO stage, offload, micro batch or checkpointing fits: a larger GPU or a smaller model"
+                         + (" (or more GPUs per trial: sweep.sizing.workers)" if m["stage"] == "sweep" else ""))
     return lines
 
 

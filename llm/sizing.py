@@ -224,6 +224,9 @@ def planned(cfg: PipelineConfig) -> Sizing:
 # --- Memory per GPU: model states from DeepSpeed's own estimators, plus activations ---------------------------
 
 USABLE_GPU_FRACTION = 0.9
+USABLE_CPU_FRACTION = 0.6
+"""Share of a node's RAM left for offloaded ZeRO states: Ray's object store takes 30% by default, the OS,
+Ray Data and the workers' own processes part of the rest."""
 """Share of a GPU's memory left for model states and activations: the CUDA context, NCCL buffers and the
 caching allocator's fragmentation take the rest (a rule of thumb, not a measurement)."""
 
@@ -348,38 +351,44 @@ ZERO_OPTIONS: tuple[MemorySetting, ...] = (
 """The rows of the plan's memory table: every ZeRO stage, with and without CPU offload."""
 
 
-def _candidates(cur: MemorySetting) -> list[dict[str, Any]]:
-    """Single changes first, cheapest in throughput first: a higher ZeRO stage costs communication only; a
-    smaller micro batch (grad_accum raised to keep the global batch) costs some efficiency; recomputing
-    activations costs about a third more compute; CPU offload is the slowest. Then combinations."""
-    out: list[dict[str, Any]] = [{"zero_stage": s} for s in range(cur.zero_stage + 1, 4)]
-    m = cur.micro_batch_size // 2
-    while m >= 1:
-        if cur.micro_batch_size % m == 0:
-            out.append({"micro_batch_size": m})
-        m //= 2
-    if not cur.gradient_checkpointing:
-        out.append({"gradient_checkpointing": True})
-    if not cur.offload_optimizer:
-        out.append({"zero_stage": max(2, cur.zero_stage), "offload_optimizer": True})
-    out.append({"zero_stage": 3, "gradient_checkpointing": True})
-    out.append({"zero_stage": 3, "offload_optimizer": True, "offload_params": True})
-    out.append({"zero_stage": 3, "offload_optimizer": True, "offload_params": True, "gradient_checkpointing": True})
-    out.append({"zero_stage": 3, "offload_optimizer": True, "offload_params": True, "gradient_checkpointing": True,
-                "micro_batch_size": 1})
-    return out
+def _cost(cur: MemorySetting, new: MemorySetting) -> float:
+    """How much a change slows training, roughly: a higher ZeRO stage costs communication only; each halving
+    of the micro batch (grad_accum raised to keep the global batch) some efficiency; recomputing activations
+    about a third more compute; CPU offload most of all (optimizer steps on the CPU, then parameters over PCIe)."""
+    halvings = max(0, cur.micro_batch_size.bit_length() - new.micro_batch_size.bit_length())
+    return (0.5 * max(0, new.zero_stage - cur.zero_stage) + halvings
+            + 2 * (new.gradient_checkpointing and not cur.gradient_checkpointing)
+            + 4 * (new.offload_optimizer and not cur.offload_optimizer)
+            + 8 * (new.offload_params and not cur.offload_params))
+
+
+def _candidates(cur: MemorySetting) -> list[MemorySetting]:
+    """Every setting that saves memory over `cur` (never undoing what it already does), cheapest first."""
+    micros = [m for m in (cur.micro_batch_size >> k for k in range(cur.micro_batch_size.bit_length()))
+              if m >= 1 and cur.micro_batch_size % m == 0]
+    out = [MemorySetting(z.zero_stage, z.offload_optimizer or cur.offload_optimizer and z.zero_stage > 0,
+                         z.offload_params or cur.offload_params and z.zero_stage == 3, m, ckpt)
+           for z in ZERO_OPTIONS if z.zero_stage >= cur.zero_stage
+           for m in micros for ckpt in {cur.gradient_checkpointing, True}]
+    return sorted({c for c in out if c != cur}, key=lambda c: (_cost(cur, c), -c.micro_batch_size, c.zero_stage))
+
+
+def fits(estimate: MemoryEstimate, setting: MemorySetting, capacity: float, cpu_capacity: float | None) -> bool:
+    """Within a GPU's `capacity` bytes and, when states are offloaded, within the node's `cpu_capacity`
+    (None: unknown, not checked)."""
+    offloaded = setting.offload_optimizer or setting.offload_params
+    return estimate.total <= capacity and not (offloaded and cpu_capacity is not None
+                                               and estimate.cpu_per_node > cpu_capacity)
 
 
 def smallest_fit(shape: ModelShape, cur: MemorySetting, seq_len: int, gpus_per_node: int, nodes: int,
-                 capacity: float, precision: str = "bf16") -> dict[str, Any] | None:
-    """The first change (in `_candidates` order) under which the estimate fits `capacity` bytes; None when
+                 capacity: float, precision: str = "bf16", cpu_capacity: float | None = None) -> dict[str, Any] | None:
+    """The cheapest change (`_cost`) under which the estimate `fits`, as the fields that differ; None when
     nothing does. A micro batch change comes with the `grad_accum_factor` that keeps the global batch."""
-    from dataclasses import replace
-
-    for change in _candidates(cur):
-        trial = replace(cur, **change)
-        if gpu_memory(shape, trial, seq_len, gpus_per_node, nodes, precision).total <= capacity:
+    for trial in _candidates(cur):
+        if fits(gpu_memory(shape, trial, seq_len, gpus_per_node, nodes, precision), trial, capacity, cpu_capacity):
+            change: dict[str, Any] = {k: v for k, v in asdict(trial).items() if v != getattr(cur, k)}
             if "micro_batch_size" in change:
-                change = {**change, "grad_accum_factor": cur.micro_batch_size // change["micro_batch_size"]}
+                change["grad_accum_factor"] = cur.micro_batch_size // trial.micro_batch_size
             return change
     return None

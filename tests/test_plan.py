@@ -137,3 +137,17 @@ def test_cli_prints_the_table() -> None:
     assert "memory per GPU, pretrain" in out.stdout and "* ZeRO-2" in out.stdout
     assert len(lines) <= 50  # one screen
     assert "WARNING" not in out.stderr + out.stdout
+
+
+def test_offload_needs_node_ram(tmp_path: Path) -> None:
+    """Offloaded states must fit the node's RAM: with 64 GiB nodes the sweep trial's offload is ruled out."""
+    roomy = _mem(build_plan(load_config(CONFIG_YAML, BIG)), "sweep")
+    assert "pretrain.offload_optimizer=true" in roomy["change"]  # 2 TiB p5 nodes hold the offloaded states
+    doc = yaml.safe_load(CONFIG_YAML.read_text())
+    doc["available_node_types"]["gpu_worker"]["resources"]["memory"] = 64 * 2**30
+    path = tmp_path / "small-ram.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    tight = _mem(build_plan(load_config(path, BIG)), "sweep")
+    assert tight["fits"] is False and tight["cpu_capacity_gib"] == pytest.approx(64 * 0.6)
+    # a 7B model's ZeRO states on one 80 GB GPU need offload (fits nowhere else), and offload needs ~170 GB RAM
+    assert tight["change"] is None
