@@ -1,110 +1,197 @@
-"""Exact and fuzzy deduplication over the cleaned corpus; both return the doc ids to drop.
+"""Exact and fuzzy deduplication of the cleaned units as Ray tasks; both write the positions to drop.
 
-Exact: among kept documents with the same normalized-content hash, the smallest doc id survives (a doc id
-is a hash of `file:line`, so the survivor does not depend on scheduling).
+Nothing per document reaches the driver: it starts tasks over folders and sums their counts. Rows move
+through the file shuffle of `llm.data.shuffle` (16 bytes each) and documents are named by position
+(`unit << 32 | row`), so the survivor of every group is the first occurrence in corpus order, whatever
+the scheduling or the number of units.
 
-Fuzzy: MinHash signatures (computed while cleaning) are cut into LSH bands; Ray Data groups documents by
-band bucket and, inside each bucket, keeps the pairs whose estimated Jaccard reaches the threshold (this
-check is what keeps precision high: a shared bucket alone is only a candidate). The pairs come back to the
-driver as integers, connected components join them into clusters, and each cluster keeps its smallest id.
+Exact: (content hash, position) rows shuffled by hash; a reducer marks every position but the first of a hash.
+
+Fuzzy: MinHash signatures stay where cleaning wrote them (`<unit>.sig`, fixed-width rows). Band tasks
+shuffle only (band key, position) rows; a reducer sorts its keys into buckets, reads the signatures of the
+documents in buckets of two or more (candidates, usually few) straight from the signature files, and keeps
+the pairs whose estimated Jaccard reaches the threshold (a shared bucket alone is only a candidate). A
+bucket larger than `block` is compared block against block, every pair still checked: recall does not
+depend on bucket size. Connected components of the verified pairs run as Ray tasks too
+(`llm.data.components`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from llm.data import minhash
+from llm import storage
+from llm.data import components, minhash, shuffle
 
-_MAX_BUCKET = 2000  # beyond this, a bucket is compared against its first member only (O(n) not O(n^2))
-
-
-def exact_duplicates(doc_ids: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-    """Doc ids whose content hash belongs to a smaller doc id too."""
-    order = np.lexsort((doc_ids, hashes))
-    h = hashes[order]
-    dup = np.concatenate([[False], h[1:] == h[:-1]])
-    return np.sort(doc_ids[order][dup])
-
-
-def kept_rows(batch: dict[str, np.ndarray], *, drop: np.ndarray) -> dict[str, np.ndarray]:
-    """Ray Data UDF: the rows not dropped by a filter (empty reason) nor listed in `drop`."""
-    keep = (batch["reason"] == "") & ~np.isin(batch["doc_id"], drop)
-    return {"doc_id": batch["doc_id"][keep], "sig": batch["sig"][keep]}
+BLOCK = 256  # members compared at once in a large bucket: block x block x num_perm bytes (8 MiB at 128)
+_ROWS_PER_PART = 1 << 21  # shuffle rows per reducer (32 MiB): more data, more reducers, same memory each
+_CHUNK = 1 << 16  # documents hashed into band keys at once
+_CELLS = 1 << 24  # pair x permutation cells compared at once (16 MiB of booleans)
+_TASK = {"num_cpus": 1}
 
 
-def bucket_rows(batch: dict[str, Any], *, bands: int, rows: int) -> dict[str, np.ndarray]:
-    """Ray Data UDF: one row per (document, band) with the band's bucket key and the full signature."""
-    sig = np.asarray(batch["sig"]).astype(np.uint32)
-    if sig.ndim == 1:  # an empty batch or object array of lists
-        sig = np.stack(list(sig)) if len(sig) else np.zeros((0, bands * rows), np.uint32)
-    keys = minhash.band_keys(sig, bands, rows)
-    return {"key": keys.ravel().view(np.int64), "doc_id": np.repeat(np.asarray(batch["doc_id"]), bands),
-            "sig": np.repeat(sig, bands, axis=0)}
+def sig_path(clean_path: str) -> str:
+    """The signature file beside a cleaned unit file: (rows, num_perm) uint32, raw, one row per parquet row."""
+    return clean_path.removesuffix(".parquet") + ".sig"
 
 
-def pairs_in_bucket(ids: np.ndarray, sig: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) doc-id pairs of one bucket whose estimated Jaccard is at least `threshold`."""
-    if len(ids) > _MAX_BUCKET:
-        est = minhash.estimated_jaccard(sig[:1], sig[1:])
-        keep = np.flatnonzero(est >= threshold) + 1
-        return np.full(len(keep), ids[0]), ids[keep]
-    i, j = np.triu_indices(len(ids), k=1)
-    est = minhash.estimated_jaccard(sig[i], sig[j])
-    ok = est >= threshold
-    return ids[i[ok]], ids[j[ok]]
+def read_column(uri: str, name: str) -> Any:
+    """One column of a parquet file, local or in an object store."""
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, columns=[name], filesystem=fs).column(name)
 
 
-def verify_bucket(group: dict[str, Any], *, threshold: float) -> dict[str, np.ndarray]:
-    """Ray Data `map_groups` UDF: the verified pairs of one bucket."""
-    ids = np.asarray(group["doc_id"], dtype=np.int64)
-    if len(ids) < 2:
-        return {"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64)}
-    sig = np.asarray(group["sig"])
-    sig = np.stack(list(sig)) if sig.ndim == 1 else sig
-    a, b = pairs_in_bucket(ids, sig, threshold)
-    return {"a": a.astype(np.int64), "b": b.astype(np.int64)}
+def kept_rows(clean_path: str, unit: int, marks: list[str]) -> np.ndarray:
+    """Rows of a unit that passed the filters and are not marked for dropping (sorted)."""
+    rows = np.flatnonzero(pc.equal(read_column(clean_path, "reason"), "").to_numpy(zero_copy_only=False))
+    dropped = shuffle.marks_of_unit(marks, unit)
+    return rows[~np.isin(rows, dropped, assume_unique=True)] if len(dropped) else rows
 
 
-def candidate_pairs(ds: Any, *, threshold: float, num_perm: int) -> np.ndarray:
-    """(n, 2) verified near-duplicate pairs of a Ray Dataset with `doc_id` and `sig` columns."""
-    bands, rows = minhash.lsh_params(threshold, num_perm)
-    buckets = ds.map_batches(bucket_rows, fn_kwargs={"bands": bands, "rows": rows}, batch_format="numpy")
-    pairs = buckets.groupby("key").map_groups(verify_bucket, fn_kwargs={"threshold": threshold},
-                                              batch_format="numpy")
-    out = [np.stack([b["a"], b["b"]], axis=1) for b in pairs.iter_batches(batch_format="numpy", batch_size=None)
-           if len(b["a"])]
-    if not out:
-        return np.zeros((0, 2), np.int64)
-    return np.unique(np.sort(np.concatenate(out), axis=1), axis=0)
+def exact_map(clean_path: str, unit: int, out: str, n_parts: int) -> int:
+    """(content hash, position) of the unit's kept documents, shuffled by hash."""
+    rows = kept_rows(clean_path, unit, [])
+    h = read_column(clean_path, "content_hash").to_numpy()[rows]
+    shuffle.write_parts(storage.join(out, f"{unit:06d}"), np.stack([h, shuffle.position(unit, rows)], axis=1),
+                        n_parts)
+    return len(rows)
 
 
-def components(pairs: np.ndarray) -> dict[int, list[int]]:
-    """Connected components of the pair graph (union-find): smallest id -> sorted members (size >= 2)."""
-    parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        root = x
-        while parent.get(root, root) != root:
-            root = parent[root]
-        while parent.get(x, x) != root:  # path compression
-            parent[x], x = root, parent[x]
-        return root
-
-    for a, b in pairs.tolist():
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)  # the smaller id is always the root: the survivor
-    clusters: dict[int, list[int]] = {}
-    for x in list(parent):
-        clusters.setdefault(find(x), []).append(x)
-    return {root: sorted({root, *members}) for root, members in clusters.items()}
+def exact_reduce(src: str, marks: str, p: int) -> int:
+    """Mark every position but the smallest of each content hash; returns how many."""
+    e = shuffle.read_part(src, p)
+    e = e[np.lexsort((e[:, 1], e[:, 0]))]
+    dup = np.concatenate([[False], e[1:, 0] == e[:-1, 0]]) if len(e) else np.zeros(0, bool)
+    shuffle.write_marks(storage.join(marks, f"{p:05d}"), e[dup, 1])
+    return int(dup.sum())
 
 
-def fuzzy_duplicates(ds: Any, *, threshold: float, num_perm: int) -> tuple[np.ndarray, int, int]:
-    """Doc ids to drop (every cluster member but its smallest id), the cluster count and the pair count."""
-    pairs = candidate_pairs(ds, threshold=threshold, num_perm=num_perm)
-    clusters = components(pairs)
-    drop = [m for root, members in clusters.items() for m in members if m != root]
-    return np.array(sorted(drop), dtype=np.int64), len(clusters), len(pairs)
+def band_map(clean_path: str, unit: int, marks: list[str], out: str, n_parts: int, bands: int, rows: int,
+             num_perm: int) -> int:
+    """(band key, position) of the unit's kept, not exact-duplicate documents, shuffled by key; no signature."""
+    kept = kept_rows(clean_path, unit, marks)
+    parts = []
+    for lo in range(0, len(kept), _CHUNK):
+        r = kept[lo:lo + _CHUNK]
+        sig = shuffle.take(sig_path(clean_path), np.uint32, num_perm, r)
+        keys = minhash.band_keys(sig, bands, rows).view(np.int64)
+        parts.append(np.stack([keys.ravel(), np.repeat(shuffle.position(unit, r), bands)], axis=1))
+    shuffle.write_parts(storage.join(out, f"{unit:06d}"), np.concatenate(parts) if parts else np.zeros((0, 2)),
+                        n_parts)
+    return len(kept)
+
+
+def _signatures_of(positions: np.ndarray, clean_dir: str, num_perm: int) -> np.ndarray:
+    """Signature rows of sorted `positions`, read from their units' files."""
+    out = np.empty((len(positions), num_perm), np.uint32)
+    units = positions >> shuffle.ROW_BITS
+    for u in np.unique(units):
+        at = np.flatnonzero(units == u)
+        out[at] = shuffle.take(storage.join(clean_dir, f"{int(u):06d}.sig"), np.uint32, num_perm,
+                               positions[at] & shuffle.ROW_MASK)
+    return out
+
+
+def _similar(sig: np.ndarray, a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:
+    """Which index pairs (a[i], b[i]) of `sig` reach `threshold` estimated Jaccard, in bounded chunks."""
+    step = max(1, _CELLS // sig.shape[1])
+    return np.concatenate([minhash.estimated_jaccard(sig[a[i:i + step]], sig[b[i:i + step]]) >= threshold
+                           for i in range(0, len(a), step)]) if len(a) else np.zeros(0, bool)
+
+
+def bucket_pairs(members: list[np.ndarray], block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every index pair (i < j) inside each bucket (arrays of member indices), vectorized per bucket size;
+    a bucket over `block` members is cut into blocks and every block pair is enumerated (nothing truncated)."""
+    a, b = [], []
+    by_size: dict[int, list[np.ndarray]] = {}
+    for m in members:
+        if len(m) <= block:
+            by_size.setdefault(len(m), []).append(m)
+            continue
+        cuts = [m[i:i + block] for i in range(0, len(m), block)]
+        for x, bx in enumerate(cuts):
+            for by in cuts[x:]:
+                i, j = np.triu_indices(len(bx), k=1) if by is bx else np.indices((len(bx), len(by))).reshape(2, -1)
+                a.append(bx[i])
+                b.append(by[j])
+    for size, group in by_size.items():
+        mat = np.stack(group)
+        i, j = np.triu_indices(size, k=1)
+        a.append(mat[:, i].ravel())
+        b.append(mat[:, j].ravel())
+    return (np.concatenate(a), np.concatenate(b)) if a else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def verify_reduce(src: str, clean_dir: str, edges: str, p: int, n_parts: int, threshold: float, num_perm: int,
+                  block: int) -> dict[str, int]:
+    """Buckets of partition `p` to verified pairs of positions, written as components' round-0 edges."""
+    e = shuffle.read_part(src, p)
+    e = e[np.lexsort((e[:, 1], e[:, 0]))]
+    start = np.flatnonzero(np.concatenate([[True], e[1:, 0] != e[:-1, 0]])) if len(e) else np.zeros(0, np.int64)
+    size = np.diff(np.append(start, len(e)))
+    multi = size >= 2
+    cand = np.unique(e[np.repeat(multi, size), 1])
+    index = np.searchsorted(cand, e[:, 1])  # a row's candidate index (meaningful in multi-member buckets)
+    members = [index[s:s + n] for s, n in zip(start[multi], size[multi], strict=True)]
+    i, j = bucket_pairs(members, block)
+    ok = _similar(_signatures_of(cand, clean_dir, num_perm), i, j, threshold) if len(i) else i.astype(bool)
+    a, b = cand[i[ok]], cand[j[ok]]
+    shuffle.write_parts(storage.join(edges, f"{p:05d}"), components.edge_rows(a, b), n_parts)
+    return {"buckets": int(multi.sum()), "candidates": len(cand), "compared": len(i), "verified": len(a)}
+
+
+def _parts(rows: int, cpus: int) -> int:
+    return max(cpus, math.ceil(rows / _ROWS_PER_PART))
+
+
+def run(clean_paths: list[str], work: str, *, documents: int, exact: bool, fuzzy: Any, cpus: int,
+        block: int = BLOCK) -> tuple[list[str], dict[str, int]]:
+    """Dedup the cleaned units `clean_paths` (unit i is `clean_paths[i]`) with Ray tasks under `work`.
+
+    Args:
+        clean_paths: the cleaned unit files in unit order; their `.sig` files beside them.
+        work: an empty scratch folder.
+        documents: rows of all units together (sizes the shuffles: memory per reducer stays bounded).
+        exact: drop documents whose normalized content repeats an earlier one.
+        fuzzy: `FuzzyDedupConfig`; near duplicates (MinHash-LSH, verified) when `fuzzy.enabled`.
+        cpus: CPUs the tasks spread over (at least one reducer each).
+        block: bucket members compared at once (larger buckets are split, never truncated).
+
+    Returns:
+        The folders of mark files (positions to drop, see `shuffle.marks_of_unit`) and the counts.
+    """
+    import ray
+
+    stats = {"exact_duplicates": 0, "fuzzy_duplicates": 0, "fuzzy_clusters": 0, "fuzzy_pairs": 0,
+             "fuzzy_documents": 0, "fuzzy_candidates": 0}
+    marks: list[str] = []
+    units = list(enumerate(clean_paths))
+    if exact:
+        rows_dir, marks_dir = storage.join(work, "exact-rows"), storage.join(work, "exact-marks")
+        n_parts = _parts(documents, cpus)
+        mapper, reducer = ray.remote(**_TASK)(exact_map), ray.remote(**_TASK)(exact_reduce)
+        ray.get([mapper.remote(path, u, rows_dir, n_parts) for u, path in units])
+        stats["exact_duplicates"] = sum(ray.get([reducer.remote(rows_dir, marks_dir, p)
+                                                 for p in range(n_parts)]))
+        marks.append(marks_dir)
+    if fuzzy.enabled:
+        bands, rows = minhash.lsh_params(fuzzy.threshold, fuzzy.num_perm)
+        keys_dir, edges_dir = storage.join(work, "band-keys"), storage.join(work, "edges")
+        n_parts = _parts(documents * bands, cpus)
+        mapper, reducer = ray.remote(**_TASK)(band_map), ray.remote(**_TASK)(verify_reduce)
+        stats["fuzzy_documents"] = sum(ray.get([mapper.remote(
+            path, u, marks, keys_dir, n_parts, bands, rows, fuzzy.num_perm)
+            for u, path in units]))
+        clean_dir = clean_paths[0].rsplit("/", 1)[0] if clean_paths else ""
+        verified = ray.get([reducer.remote(keys_dir, clean_dir, edges_dir, p, n_parts, fuzzy.threshold,
+                                           fuzzy.num_perm, block) for p in range(n_parts)])
+        stats["fuzzy_candidates"] = sum(v["candidates"] for v in verified)
+        fuzzy_marks, cc = components.run(edges_dir, storage.join(work, "components"), n_parts, _TASK)
+        stats.update(fuzzy_duplicates=cc["duplicates"], fuzzy_clusters=cc["clusters"], fuzzy_pairs=cc["pairs"])
+        marks.append(fuzzy_marks)
+    return marks, stats

@@ -88,14 +88,16 @@ class _Split:
 
 
 def pack_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, seq_len: int, val_fraction: float,
-              rows_per_shard: int, drop_ids: Any) -> dict[str, list]:
-    """Ray Data UDF: one unit (`unit`, `paths` of cleaned files) tokenized and packed into shards."""
-    import ray
-
+              rows_per_shard: int, marks: list[str]) -> dict[str, list]:
+    """Ray Data UDF: one unit (`unit`, `paths` of cleaned files) tokenized and packed into shards under
+    `<out_dir>/packed/{train,val}/` (`out_dir` is the stage folder), checksummed in
+    `<out_dir>/_CHECKSUMS/pack-<unit>.json`; documents marked in `marks` (dedup's folders) are left out."""
+    from llm import storage
+    from llm.data import checksums, shuffle
+    from llm.data.clean import unit_of
     from llm.data.tokenizer import EOS, fast_tokenizer
 
     unit = int(batch["unit"][0])
-    drop = ray.get(drop_ids) if isinstance(drop_ids, ray.ObjectRef) else drop_ids
     tok = fast_tokenizer(tokenizer_dir)
     eos = tok.token_to_id(EOS)
     if eos is None:  # a given tokenizer: its own eos, recorded at save time
@@ -104,14 +106,18 @@ def pack_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, seq_le
         cfg = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text())
         eos_tok = cfg.get("eos_token")
         eos = tok.token_to_id(eos_tok["content"] if isinstance(eos_tok, dict) else eos_tok)
-    splits = [_Split(Path(out_dir) / name, unit, eos, seq_len, rows_per_shard) for name in ("train", "val")]
+    splits = [_Split(Path(out_dir) / "packed" / name, unit, eos, seq_len, rows_per_shard) for name in ("train", "val")]
     text_bytes = 0
     for path in str(batch["paths"][0]).split("\n"):
-        pf = pq.ParquetFile(path)
-        for rb in pf.iter_batches(batch_size=_DOCS_PER_ENCODE, columns=["text", "reason", "doc_id", "content_hash"]):
+        drop = shuffle.marks_of_unit(marks, unit_of(path))
+        fs, inside = storage.resolve(path)
+        pf = pq.ParquetFile(fs.open_input_file(inside))
+        row = 0
+        for rb in pf.iter_batches(batch_size=_DOCS_PER_ENCODE, columns=["text", "reason", "content_hash"]):
             keep = pc.equal(rb.column("reason"), "").to_numpy(zero_copy_only=False)
             if len(drop):
-                keep &= ~np.isin(rb.column("doc_id").to_numpy(), drop)
+                keep &= ~np.isin(np.arange(row, row + len(keep)), drop)
+            row += len(keep)
             if not keep.any():
                 continue
             text = rb.column("text").filter(pa.array(keep))
@@ -123,6 +129,7 @@ def pack_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, seq_le
                 split.add([e for e, v in zip(encoded, val, strict=True) if v == side])
     for split in splits:
         split.close()
+    checksums.record(out_dir, f"pack-{unit:05d}", [p for split in splits for p in split.shards])
     train_split, val_split = splits
     return {"unit": [unit], "docs_train": [train_split.docs], "docs_val": [val_split.docs],
             "tokens_train": [train_split.tokens], "tokens_val": [val_split.tokens],

@@ -94,8 +94,10 @@ def records(path: str, kind: str, gz: bool) -> Any:
 
 def sft_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, max_len: int,
              val_fraction: float) -> dict[str, list]:
-    """Ray Data UDF: one unit of SFT files rendered into `<out_dir>/{train,val}/part-<unit>.parquet`; returns
-    its counts and its files that failed to read (`read_errors`: JSON list of `{"file", "error"}`)."""
+    """Ray Data UDF: one unit of SFT files rendered into `<out_dir>/sft/{train,val}/part-<unit>.parquet`
+    (`out_dir` is the stage folder; checksums in `<out_dir>/_CHECKSUMS/sft-<unit>.json`); returns its counts and
+    its files that failed to read (`read_errors`: JSON list of `{"file", "error"}`)."""
+    from llm.data import checksums
     from llm.data.clean import stable_id
     from llm.data.pack import is_val
     from llm.data.read import Unreadable
@@ -125,12 +127,15 @@ def sft_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, max_len
             h = stable_id(json.dumps(msgs, sort_keys=True))
             out[bool(is_val(np.array([h]), val_fraction)[0])].append((ids, labels))
             counts["examples"] += 1
+    written = []
     for side, name in ((False, "train"), (True, "val")):
         if out[side]:
-            folder = Path(out_dir) / name
+            folder = Path(out_dir) / "sft" / name
             folder.mkdir(parents=True, exist_ok=True)
             table = pa.table({"input_ids": pa.array([e[0] for e in out[side]], pa.list_(pa.int32())),
                               "labels": pa.array([e[1] for e in out[side]], pa.list_(pa.int32()))})
             pq.write_table(table, folder / f"part-{unit:05d}.parquet")
+            written.append(folder / f"part-{unit:05d}.parquet")
+    checksums.record(out_dir, f"sft-{unit:05d}", written)
     counts.update(train=len(out[False]), val=len(out[True]))
     return {"unit": [unit], "counts": [json.dumps(counts)], "read_errors": [json.dumps(errors)]}

@@ -1,10 +1,10 @@
 """The data stage: read + clean, dedup, tokenizer, tokenize + pack, SFT; committed with the manifest.
 
-Every heavy step is a Ray Data operator over *units* (contiguous runs of files in the resolved order) so
-that output file names and contents depend only on the inputs, never on scheduling. Only small things come
-back to the driver: per-unit counts, the files that failed to read (with their errors), doc ids and content
-hashes for exact dedup, verified duplicate pairs for clustering, and a bounded text sample for tokenizer
-training.
+Every heavy step is a Ray task over *units* (contiguous runs of files in the resolved order) so that output
+file names and contents depend only on the inputs, never on scheduling. Nothing per document comes back to
+the driver: per-unit counts, the files that failed to read (with their errors) and folder names. Dedup
+shuffles through files (`llm.data.dedup`), the tokenizer trains in one task on a streamed sample, and each
+task that writes a stage file records its checksum beside it (`llm.data.checksums`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from llm import storage
 from llm.config import PipelineConfig
 from llm.data import clean, dedup, pack, report, sft, sources
-from llm.data.tokenizer import copy_tokenizer, train_tokenizer
+from llm.data.tokenizer import copy_tokenizer, tokenizer_unit
 from llm.stage import StageResult, execute, target
 
 
@@ -75,66 +73,19 @@ def map_units(items: list[dict[str, Any]], fn: Any, kwargs: dict[str, Any]) -> l
         ctx.op_resource_reservation_enabled = reservation
 
 
-def _clean_stats(paths: list[str]) -> tuple[dict[str, int], dict[str, int], int, dict[str, Any]]:
-    """Counts per drop reason, PII replacements per kind, invalid UTF-8 replacements, and the kept index."""
+def _clean_counts(cleaned: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int], int]:
+    """Counts per drop reason, PII replacements per kind and invalid UTF-8 replacements: the units' sums."""
     reasons: dict[str, int] = {}
     pii: dict[str, int] = {}
     utf8 = 0
-    ids, hashes = [], []
-    for path in paths:
-        cols = ["reason", "utf8_errors", "doc_id", "content_hash"]
-        t = pq.read_table(path, columns=cols + [c for c in pq.read_schema(path).names if c.startswith("pii_")])
-        for value in t.column("reason").to_pylist():
-            reasons[value or "kept"] = reasons.get(value or "kept", 0) + 1
-        utf8 += int(pc.sum(t.column("utf8_errors")).as_py() or 0)
-        for name in t.column_names:
-            if name.startswith("pii_"):
-                pii[name[4:]] = pii.get(name[4:], 0) + int(pc.sum(t.column(name)).as_py() or 0)
-        kept = pc.equal(t.column("reason"), "")
-        ids.append(t.column("doc_id").filter(kept).to_numpy())
-        hashes.append(t.column("content_hash").filter(kept).to_numpy())
-    index = {"ids": np.concatenate(ids) if ids else np.zeros(0, np.int64),
-             "hashes": np.concatenate(hashes) if hashes else np.zeros(0, np.int64)}
-    return reasons, pii, utf8, index
-
-
-def _write_dropped(paths: list[str], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        t = pq.read_table(path, columns=["text", "source", "reason"])
-        t = t.filter(pc.not_equal(t.column("reason"), ""))
-        if t.num_rows:
-            pq.write_table(t, folder / Path(path).name)
-
-
-def _sample(paths: list[str], drop: np.ndarray, limit: int):  # noqa: ANN202 - a generator of str
-    """Kept, non-duplicate texts in file order until `limit` bytes: the tokenizer's training sample."""
-    seen = 0
-    for path in paths:
-        for rb in pq.ParquetFile(path).iter_batches(columns=["text", "reason", "doc_id"]):
-            keep = (rb.column("reason").to_numpy(zero_copy_only=False) == "") & ~np.isin(rb.column("doc_id"), drop)
-            for text, k in zip(rb.column("text").to_pylist(), keep, strict=True):
-                if k:
-                    yield text
-                    seen += len(text.encode("utf-8"))
-                    if seen >= limit:
-                        return
-
-
-def _dedup(cfg: PipelineConfig, paths: list[str], index: dict[str, Any]) -> tuple[np.ndarray, dict[str, int]]:
-    import ray
-
-    d = cfg.data.dedup
-    exact = dedup.exact_duplicates(index["ids"], index["hashes"]) if d.exact else np.zeros(0, np.int64)
-    stats = {"exact_duplicates": len(exact), "fuzzy_duplicates": 0, "fuzzy_clusters": 0, "fuzzy_pairs": 0}
-    drop = exact
-    if d.fuzzy.enabled and len(index["ids"]) - len(exact) > 1:
-        ds = ray.data.read_parquet(paths, columns=["doc_id", "reason", "sig"])
-        ds = ds.map_batches(dedup.kept_rows, fn_kwargs={"drop": exact}, batch_format="numpy")  # type: ignore[arg-type]
-        fuzzy, clusters, pairs = dedup.fuzzy_duplicates(ds, threshold=d.fuzzy.threshold, num_perm=d.fuzzy.num_perm)
-        stats.update(fuzzy_duplicates=len(fuzzy), fuzzy_clusters=clusters, fuzzy_pairs=pairs)
-        drop = np.union1d(exact, fuzzy)
-    return drop, stats
+    for r in cleaned:
+        c = json.loads(r["counts"])
+        for k, v in c["reasons"].items():
+            reasons[k] = reasons.get(k, 0) + v
+        for k, v in c["pii"].items():
+            pii[k] = pii.get(k, 0) + v
+        utf8 += c["utf8"]
+    return reasons, pii, utf8
 
 
 def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
@@ -143,43 +94,42 @@ def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
     files = sources.resolve(dc.sources)  # before any Ray work: a bad source fails fast
     sft_files = sources.resolve(dc.sft.sources) if dc.sft.sources else []
     cpus = _setup_ray(cfg)
-    store = target(folder)  # where tasks write: this folder, or the stage's URI in an object store
-    work = storage.join(store, "_work", "clean")
-    if not storage.is_remote(work):
-        Path(work).mkdir(parents=True, exist_ok=True)
-
+    # Tasks write the stage's files (and their checksum sidecars) under `store`: this folder, or the stage's URI
+    # in an object store. The driver gets counts and paths back, never a row.
+    store = target(folder)
     groups = units(files, max(4 * cpus, len(files) // 64))
-    cleaned = map_units(_unit_items(groups), clean.clean_unit, {"cfg": dc, "out_dir": work})
+    cleaned = map_units(_unit_items(groups), clean.clean_unit, {"cfg": dc, "out_dir": store})
     cleaned = sorted(cleaned, key=lambda r: r["unit"])
     paths = [r["path"] for r in cleaned]
     read_errors = [e for r in cleaned for e in json.loads(r["read_errors"])]
-    reasons, pii, utf8, index = _clean_stats(paths)
-    if dc.keep_dropped:
-        _write_dropped(paths, folder / "dropped")
-    drop, dedup_stats = _dedup(cfg, paths, index)
+    reasons, pii, utf8 = _clean_counts(cleaned)
+    t_dedup = time.perf_counter()
+    marks, dedup_stats = dedup.run(paths, storage.join(store, "_work", "dedup"), documents=sum(reasons.values()),
+                                   exact=dc.dedup.exact, fuzzy=dc.dedup.fuzzy, cpus=cpus)
+    dedup_stats["dedup_seconds"] = round(time.perf_counter() - t_dedup, 2)
 
     tok_dir = folder / "tokenizer"
-    if dc.tokenizer.path:
-        tok = copy_tokenizer(dc.tokenizer.path, tok_dir)
-    else:
-        tok = train_tokenizer(_sample(paths, drop, dc.tokenizer.sample_bytes), tok_dir,
-                              vocab_size=dc.tokenizer.vocab_size, min_frequency=dc.tokenizer.min_frequency)
-
-    import ray
-
-    tok_src = str(tok_dir)
-    if storage.is_remote(store):  # the pack and SFT tasks read the tokenizer from the store, on any node
+    if dc.tokenizer.path:  # a folder on the driver's machine: copied here, uploaded with the driver's files
+        vocab_size = len(copy_tokenizer(dc.tokenizer.path, tok_dir))
+        tok_src = str(tok_dir)
+        if storage.is_remote(store):  # the pack and SFT tasks read the tokenizer from the store, on any node
+            tok_src = storage.join(store, "tokenizer")
+            storage.upload(tok_dir, tok_src)
+    else:  # trained in one task on a sample streamed from the cleaned units
+        t = dc.tokenizer
+        vocab_size = int(map_units([{"unit": 0}], tokenizer_unit, {
+            "paths": paths, "marks": marks, "sample_bytes": t.sample_bytes, "vocab_size": t.vocab_size,
+            "min_frequency": t.min_frequency, "out_dir": store})[0]["vocab_size"])
         tok_src = storage.join(store, "tokenizer")
-        storage.upload(tok_dir, tok_src)
-    drop_ref = ray.put(drop)
+
     packed = map_units([{"unit": i, "paths": "\n".join(g)} for i, g in enumerate(_path_groups(paths, cpus))],
                         pack.pack_unit,
-                        {"tokenizer_dir": tok_src, "out_dir": storage.join(store, "packed"), "seq_len": dc.seq_len,
-                         "val_fraction": dc.val_fraction, "rows_per_shard": dc.rows_per_shard, "drop_ids": drop_ref})
+                        {"tokenizer_dir": tok_src, "out_dir": store, "seq_len": dc.seq_len,
+                         "val_fraction": dc.val_fraction, "rows_per_shard": dc.rows_per_shard, "marks": marks})
     sft_counts: dict[str, int] = {}
     if sft_files:
         items = _unit_items(units(sft_files, max(cpus, len(sft_files) // 64)))
-        rendered = map_units(items, sft.sft_unit, {"tokenizer_dir": tok_src, "out_dir": storage.join(store, "sft"),
+        rendered = map_units(items, sft.sft_unit, {"tokenizer_dir": tok_src, "out_dir": store,
                                                    "max_len": dc.sft.max_len, "val_fraction": dc.sft.val_fraction})
         for r in sorted(rendered, key=lambda r: r["unit"]):
             for k, v in json.loads(r["counts"]).items():
@@ -198,7 +148,7 @@ def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
         "sequences_train": total["rows_train"], "sequences_val": total["rows_val"],
         "remainder_tokens_dropped": total["remainder_tokens"],
         "bytes_per_token": round(total["text_bytes"] / max(tokens, 1), 4), "shards": total["shards"],
-        "vocab_size": len(tok), "seq_len": dc.seq_len, "sft": sft_counts,
+        "vocab_size": vocab_size, "seq_len": dc.seq_len, "sft": sft_counts,
         "wall_seconds": round(time.perf_counter() - t0, 2),
     }
     (folder / "stats.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -7,7 +7,7 @@ Special tokens: `<|endoftext|>` (document separator and eos), `<|pad|>`, and the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,46 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, *, vocab_size: int, min
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def sample(paths: list[str], marks: list[str], limit: int) -> Iterator[str]:
+    """Kept, non-duplicate texts of the cleaned units `paths`, in corpus order, until `limit` bytes: the
+    training sample, streamed (one parquet batch at a time) so its size alone bounds memory."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from llm import storage
+    from llm.data.clean import unit_of
+    from llm.data.shuffle import marks_of_unit
+
+    seen = 0
+    for path in paths:
+        drop = marks_of_unit(marks, unit_of(path))
+        fs, inside = storage.resolve(path)
+        row = 0
+        for rb in pq.ParquetFile(fs.open_input_file(inside)).iter_batches(columns=["text", "reason"]):
+            keep = rb.column("reason").to_numpy(zero_copy_only=False) == ""
+            keep &= ~np.isin(np.arange(row, row + len(keep)), drop)
+            row += len(keep)
+            for text, k in zip(rb.column("text").to_pylist(), keep, strict=True):
+                if k:
+                    yield text
+                    seen += len(text.encode("utf-8"))
+                    if seen >= limit:
+                        return
+
+
+def tokenizer_unit(batch: dict[str, Any], *, paths: list[str], marks: list[str], sample_bytes: int, vocab_size: int,
+                   min_frequency: int, out_dir: str) -> dict[str, list]:
+    """Ray Data UDF (one row): train the tokenizer in this task on a sample streamed from the cleaned units, save
+    it to `<out_dir>/tokenizer/` (`out_dir` is the stage folder) with its checksums; returns its vocab size."""
+    from llm.data import checksums
+
+    folder = Path(out_dir) / "tokenizer"
+    tok = train_tokenizer(sample(paths, marks, sample_bytes), folder, vocab_size=vocab_size,
+                          min_frequency=min_frequency)
+    checksums.record(out_dir, "tokenizer", sorted(p for p in folder.rglob("*") if p.is_file()))
+    return {"unit": [int(batch["unit"][0])], "vocab_size": [len(tok)]}
 
 
 def copy_tokenizer(path: str, out_dir: Path) -> Any:

@@ -1,13 +1,12 @@
-"""MinHash signatures, LSH parameters, exact dedup and clustering, without Ray."""
+"""MinHash signatures and LSH parameters, without Ray."""
 
 from __future__ import annotations
 
 import random
 
 import numpy as np
-import pytest
 
-from llm.data import dedup, minhash
+from llm.data import minhash
 
 random.seed(0)
 VOCAB = [f"word{i}" for i in range(3000)]
@@ -69,25 +68,3 @@ def test_band_keys_equal_only_for_equal_bands():
     assert keys[0, 1] == minhash.band_keys(np.array([[7, 7, 3, 4]], np.uint32), 2, 2)[0, 1]
     # Different band index: the same rows (3, 4) in band 0 are never band 1's bucket.
     assert minhash.band_keys(np.array([[3, 4, 7, 7]], np.uint32), 2, 2)[0, 0] != keys[0, 1]
-
-
-def test_exact_duplicates_keep_smallest_id():
-    ids = np.array([50, 10, 30, 20, 40])
-    hashes = np.array([7, 7, 8, 7, 9])
-    assert dedup.exact_duplicates(ids, hashes).tolist() == [20, 50]
-
-
-def test_components_and_survivor():
-    pairs = np.array([[5, 3], [3, 9], [11, 12]])
-    clusters = dedup.components(pairs)
-    assert clusters == {3: [3, 5, 9], 11: [11, 12]}
-
-
-@pytest.mark.parametrize("threshold", [0.8])
-def test_pairs_in_bucket_verifies(threshold):
-    base = doc(300)
-    near = base + " one extra"
-    other = doc(300)
-    sig = minhash.signatures([base, near, other], num_perm=128, ngram=5, seed=0)
-    a, b = dedup.pairs_in_bucket(np.array([1, 2, 3]), sig, threshold)
-    assert list(zip(a.tolist(), b.tolist(), strict=True)) == [(1, 2)]

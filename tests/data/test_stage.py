@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from llm.data import dedup, minhash
 from llm.data.stage import run
 from llm.data.tokenizer import load_tokenizer
 from tests.conftest import tiny_config
@@ -60,17 +59,6 @@ def corpus(tmp_path_factory):
         + "".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n" for i in range(30))
         + "not json\n")
     return root, {"base": base, "near": near, "distinct": docs[2:]}
-
-
-def test_fuzzy_pairs_through_ray_data(ray_session):
-    rng = random.Random(1)
-    texts = [prose(rng, 200) for _ in range(30)]
-    texts.append(texts[3] + " lantern")  # near-duplicate of 3 (id 30)
-    texts.append(texts[3].replace("river", "harbor", 1))  # near-duplicate of 3 (id 31)
-    sig = minhash.signatures(texts, num_perm=128, ngram=5, seed=42)
-    ds = ray_session.data.from_items([{"doc_id": i, "sig": s} for i, s in enumerate(sig)])
-    drop, clusters, pairs = dedup.fuzzy_duplicates(ds, threshold=0.8, num_perm=128)
-    assert drop.tolist() == [30, 31] and clusters == 1 and pairs == 3
 
 
 def _busy_unit(batch):
@@ -160,6 +148,23 @@ def test_stage_end_to_end(ray_session, corpus, tmp_path, capsys):
     stats = json.loads(open(f"{folder}/stats.json").read())
     assert stats["exact_duplicates"] == 1 and stats["seq_len"] == 16
     assert stats["read_errors"] == unreadable and stats["dropped"]["read_error"] == 1
+
+    # The tasks that wrote the files checksummed them: one sidecar per task, each entry the file's real hash.
+    from pathlib import Path
+
+    from llm.manifest import file_sha256, read_manifest
+
+    sides = sorted(Path(folder, "_CHECKSUMS").glob("*.json"))
+    names = {p.stem for p in sides}
+    assert {"tokenizer", "pack-00000", "sft-00000"} <= names and any(n.startswith("clean-") for n in names)
+    recorded = {rel: meta for p in sides for rel, meta in json.loads(p.read_text()).items()}
+    for rel, meta in recorded.items():
+        assert meta == {"size": Path(folder, rel).stat().st_size, "sha256": file_sha256(Path(folder, rel))}, rel
+    written = {p.relative_to(folder).as_posix() for d in ("packed", "sft", "tokenizer", "dropped")
+               for p in Path(folder, d).rglob("*") if p.is_file()}
+    assert written <= set(recorded)
+    manifest = read_manifest(folder)
+    assert manifest is not None and all(manifest.files[rel] == recorded[rel] for rel in written)
 
     again = run(cfg)
     assert again.skipped
