@@ -184,7 +184,9 @@ def _internal_error(e: Exception, loaded: LoadedConfig | None) -> int:
     import traceback
     from pathlib import Path
 
-    folder = Path(loaded.llm.storage) / loaded.llm.run / "logs" if loaded else Path(tempfile.gettempdir())
+    from llm.console import log_path
+
+    folder = log_path(loaded.llm, "error").parent if loaded else Path(tempfile.gettempdir())
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "error.log"
     with log.open("a") as f:

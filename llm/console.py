@@ -24,7 +24,12 @@ from llm.config import PipelineConfig
 
 
 def log_path(cfg: PipelineConfig, stage: str) -> Path:
-    """`<storage>/<run>/logs/<stage>.log`."""
+    """`<storage>/<run>/logs/<stage>.log`; with object-store storage, `<cache>/logs/<run>/<stage>.log` on the
+    driver (a log is appended line by line, which an object store cannot do)."""
+    from llm import storage
+
+    if storage.is_remote(cfg.storage):
+        return storage.cache_dir() / "logs" / cfg.run / f"{stage}.log"
     return Path(cfg.storage) / cfg.run / "logs" / f"{stage}.log"
 
 

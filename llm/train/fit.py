@@ -27,23 +27,17 @@ def build_trainer(spec: LoopSpec, scaling: dict[str, Any], root: Path | str, kee
     from llm.train.loop import train_loop_per_worker
     from llm.train.runtime import store_loop_per_worker
 
-    config = spec.to_dict()
-    resume = None
     if storage.is_remote(root):  # checkpoints go to the store from every worker, through Ray Train
         attempts = {rel.split("/")[0] for rel in storage.list_files(root) if rel.startswith("attempt-")}
         name = name or f"attempt-{1 + len(attempts)}"
-        if spec.resume_from:  # every worker downloads it on its own node (`ray.train.get_checkpoint`)
-            fs, path = storage.resolve(spec.resume_from)
-            resume, config["resume_from"] = ray.train.Checkpoint(path, filesystem=fs), None
     else:
         Path(root).mkdir(parents=True, exist_ok=True)
         name = name or f"attempt-{1 + sum(1 for p in Path(root).glob('attempt-*') if p.is_dir())}"
     storage_path, filesystem = storage.ray_storage(root)
     return TorchTrainer(
         store_loop_per_worker if spec.extra.get("store") else train_loop_per_worker,
-        train_loop_config=config,
+        train_loop_config=spec.to_dict(),
         scaling_config=ray.train.ScalingConfig(**scaling),
-        resume_from_checkpoint=resume,
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,11 @@ def store_loop_per_worker(config: dict[str, Any]) -> None:
         if rt.rank == 0 and storage.size(records) is not None:  # a resumed run appends to the stored records
             (Path(spec.out_dir) / "metrics.jsonl").write_bytes(storage.read_bytes(records))
         rt.publish = (spec.out_dir, store)
-    run_loop(spec, rt)
+    with tempfile.TemporaryDirectory(prefix="llmray-resume-") as tmp:
+        for name in ("resume_from", "init_checkpoint"):  # every rank copies the checkpoint to its own node
+            uri = getattr(spec, name)
+            if uri and storage.is_remote(uri):
+                setattr(spec, name, str(storage.download(uri, Path(tmp) / name)))
+        run_loop(spec, rt)
     if spec.out_dir:
         storage.upload(spec.out_dir, store)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ def s3_env() -> Iterator[dict[str, str]]:
     """Start moto's S3 server, point the AWS variables at it (for this process and any child it starts)."""
     pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
