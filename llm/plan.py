@@ -100,7 +100,35 @@ def model_shape(model: ModelConfig, vocab: int, lora_rank: int | None = None) ->
             per_layer = 2 * 2 * d + 2 * (d + kv) + 3 * (d + ff)
         trainable = model.n_layers * lora_rank * per_layer
     return ModelShape(total=total, trainable=trainable, largest_layer=largest, n_layers=model.n_layers,
-                      d_model=d, vocab=vocab)
+                      d_model=d, vocab=vocab, compute=param_counts(model, vocab)["compute"])
+
+
+def dir_shape(path: str, lora_rank: int | None = None, targets: list[str] | None = None) -> ModelShape | None:
+    """The shape of a local Hugging Face model directory, from its config on the meta device (no weights
+    read, nothing allocated); None when the directory is not readable here (e.g. it exists on the cluster)."""
+    from pathlib import Path
+
+    if not (Path(path).expanduser() / "config.json").is_file():
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    conf = AutoConfig.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    head = model.get_output_embeddings()
+    linears = [(name.rsplit(".", 1)[-1], m) for name, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
+    matmuls = sum(m.weight.numel() for _, m in linears) + head.weight.numel()
+    trainable = total
+    if lora_rank:
+        trainable = sum(lora_rank * sum(m.weight.shape) for leaf, m in linears if not targets or leaf in targets)
+    d = conf.get_text_config().hidden_size
+    return ModelShape(total=total, trainable=trainable, largest_layer=largest, d_model=d,
+                      n_layers=conf.get_text_config().num_hidden_layers, vocab=head.weight.shape[0], compute=matmuls)
 
 
 def _pruned(model: ModelConfig, cfg: PipelineConfig) -> ModelConfig:
@@ -152,44 +180,60 @@ def _head(loaded: LoadedConfig) -> tuple[str | None, str | None]:
 
 
 def _training_stages(loaded: LoadedConfig, sizing: Sizing) -> list[dict[str, Any]]:
-    """Each enabled GPU training stage: its section, model, workers, tokens, FLOPs and override prefix."""
+    """Each enabled GPU training stage: its section, model shape, workers, tokens, FLOPs and override prefix.
+    A model directory that is not readable here has no shape (its time and memory show as n/a)."""
     cfg = loaded.llm
-    vocab, seq = cfg.data.tokenizer.vocab_size, cfg.data.seq_len
+    vocab, seq, sft_len = cfg.data.tokenizer.vocab_size, cfg.data.seq_len, cfg.data.sft.max_len
     pre, fin = cfg.pretrain, cfg.finetune
-    base = pre.model if fin.base is None else None  # a local directory's shape is not read here
+    built = pre.model if pre.model.path is None else None
+    pre_shape = model_shape(built, vocab) if built else dir_shape(pre.model.path or "")
+    lora = fin.lora.rank if fin.method == "lora" else None
     out: list[dict[str, Any]] = []
 
-    def add(stage: str, section: TrainConfig, model: ModelConfig | None, workers: int, steps: int, seq_len: int,
-            prefix: str, method: str = "full", runs: int = 1, concurrent: int = 1, extra_fpt: float = 0.0,
-            lora_rank: int | None = None, teacher: ModelConfig | None = None) -> None:
+    def base_shape(rank: int | None = None) -> ModelShape | None:
+        if fin.base is not None:
+            return dir_shape(fin.base, rank, fin.lora.target_modules)
+        if built is not None:
+            return model_shape(built, vocab, rank) if not (rank and fin.lora.target_modules) else None
+        return dir_shape(pre.model.path or "", rank, fin.lora.target_modules)
+
+    def add(stage: str, section: TrainConfig, shape: ModelShape | None, workers: int, steps: int, seq_len: int,
+            prefix: str, method: str = "full", runs: int = 1, concurrent: int = 1,
+            teacher: ModelShape | None = None) -> None:
         tokens = steps * section.micro_batch_size * section.grad_accum * max(1, workers) * seq_len
-        fpt = None if model is None else flops_per_token(model, vocab, seq_len, method) + extra_fpt
-        out.append({"stage": stage, "section": section, "model": model, "workers": workers, "seq_len": seq_len,
+        fpt = None
+        if shape is not None:
+            fpt = FLOPS_PER_PARAM[method] * shape.compute + 12.0 * shape.n_layers * shape.d_model * seq_len
+            fpt += 2.0 * teacher.compute if teacher else 0.0  # the frozen teacher's forward pass
+        out.append({"stage": stage, "section": section, "shape": shape, "workers": workers, "seq_len": seq_len,
                     "prefix": prefix, "runs": runs, "concurrent": concurrent, "tokens_per_run": tokens,
-                    "flops_per_token": fpt, "lora_rank": lora_rank, "teacher": teacher})
+                    "flops_per_token": fpt, "teacher": teacher})
 
     if cfg.sweep.enabled:
         target = getattr(cfg, cfg.sweep.target)
         trials = (len(cfg.sweep.space.kind) * cfg.sweep.grid_peaks if cfg.sweep.search == "grid"
                   else cfg.sweep.num_trials)
-        t_model = pre.model if cfg.sweep.target == "pretrain" else base
-        t_seq = seq if cfg.sweep.target == "pretrain" else fin.max_len or cfg.data.sft.max_len
-        add("sweep", target, t_model, sizing.sweep_trial.workers, cfg.sweep.max_steps, t_seq,
-            f"{cfg.sweep.target}.", runs=trials, concurrent=sizing.sweep_concurrent_trials)
+        on_pre = cfg.sweep.target == "pretrain"
+        add("sweep", target, pre_shape if on_pre else base_shape(lora), sizing.sweep_trial.workers,
+            cfg.sweep.max_steps, seq if on_pre else fin.max_len or sft_len, f"{cfg.sweep.target}.",
+            method="full" if on_pre else fin.method, runs=trials, concurrent=sizing.sweep_concurrent_trials)
     if pre.enabled:
-        add("pretrain", pre, pre.model if pre.model.path is None else None, sizing.pretrain.workers,
-            pre.max_steps, seq, "pretrain.")
+        add("pretrain", pre, pre_shape, sizing.pretrain.workers, pre.max_steps, seq, "pretrain.")
     if fin.enabled:
-        lora = fin.method == "lora"
-        add("finetune", fin, base, sizing.finetune.workers, fin.max_steps, fin.max_len or cfg.data.sft.max_len,
-            "finetune.", method=fin.method, lora_rank=fin.lora.rank if lora else None)
+        add("finetune", fin, base_shape(lora), sizing.finetune.workers, fin.max_steps, fin.max_len or sft_len,
+            "finetune.", method=fin.method)
     distilled = [v for v in cfg.compress.variants if "distilled" in v]
-    if cfg.compress.enabled and distilled and base is not None:
+    teacher = base_shape()
+    if cfg.compress.enabled and distilled:
         dist = cfg.compress.distill
-        student = dist.student if "student-distilled" in distilled and dist.student else _pruned(base, cfg)
-        teacher_fpt = 2.0 * param_counts(base, vocab)["compute"]  # the frozen teacher's forward pass
-        add("compress", dist, student, sizing.compress.workers, dist.max_steps, seq, "compress.distill.",
-            extra_fpt=teacher_fpt, teacher=base)
+        if "student-distilled" in distilled and dist.student:
+            student: ModelShape | None = model_shape(dist.student, vocab)
+        elif fin.base is None and built is not None:
+            student = model_shape(_pruned(built, cfg), vocab)
+        else:
+            student = teacher  # the pruned directory's shape is known only after pruning: an upper bound
+        add("compress", dist, student if teacher else None, sizing.compress.workers, dist.max_steps, seq,
+            "compress.distill.", teacher=teacher)
     return out
 
 
@@ -214,16 +258,16 @@ def _time_and_cost(run: dict[str, Any], hw: dict[str, Any], cfg: PipelineConfig,
 
 def _memory(run: dict[str, Any], cfg: PipelineConfig, hw: dict[str, Any] | None) -> dict[str, Any] | None:
     """The configured setting's estimate per GPU, its fit, the smallest change that fits, and every ZeRO row."""
-    if run["model"] is None:
+    shape: ModelShape | None = run["shape"]
+    if shape is None:
         return None
     s: TrainConfig = run["section"]
-    vocab = cfg.data.tokenizer.vocab_size
-    shape = model_shape(run["model"], vocab, run["lora_rank"])
+    vocab = shape.vocab
     per_node = min(max(1, run["workers"]), hw["gpus_per_node"]) if hw else 1
     nodes = math.ceil(max(1, run["workers"]) / per_node)
     extra = 0
     if run["teacher"] is not None:  # distillation holds the fp32 teacher and its fp32 logits on every GPU
-        extra = 4 * param_counts(run["teacher"], vocab)["total"] + 4 * s.micro_batch_size * run["seq_len"] * vocab
+        extra = 4 * run["teacher"].total + 4 * s.micro_batch_size * run["seq_len"] * vocab
     setting = MemorySetting(s.zero_stage, s.offload_optimizer, s.offload_params, s.micro_batch_size,
                             s.gradient_checkpointing)
 
@@ -296,7 +340,8 @@ def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None) -> dict[str, 
     known = [r for r in stages if r["wall_hours"] is not None]
     total = {"wall_hours": sum(r["wall_hours"] for r in known), "gpu_hours": sum(r["gpu_hours"] for r in known),
              "cost_usd": (sum(r["cost_usd"] for r in known)
-                          if known and all(r["cost_usd"] is not None for r in known) else None)}
+                          if known and all(r["cost_usd"] is not None for r in known) else None),
+             "leaves_out": [r["stage"] for r in stages if r["wall_hours"] is None]}
     serve_per_hour = None
     if hw and node_price is not None and not hw["local"] and cfg.serve.enabled:
         def per_hour(n: int) -> float:
@@ -355,6 +400,8 @@ def _time_lines(plan: dict[str, Any]) -> list[str]:
     t = plan["total"]
     lines.append(f"  {'total':<9} {'':>4} {'':>9} {'':>10} {_hours(t['wall_hours']):>9} "
                  f"{t['gpu_hours']:>8.1f} {_usd(t['cost_usd']):>10}")
+    if t["leaves_out"]:
+        lines.append(f"  total leaves out {', '.join(t['leaves_out'])}: a model directory not readable here")
     if any(r["stage"] == "sweep" for r in rows):
         lines.append("  sweep: every trial run to its max_steps (ASHA stops most earlier: an upper bound)")
     if plan["serve_usd_per_hour"]:

@@ -244,6 +244,8 @@ class ModelShape:
     n_layers: int
     d_model: int
     vocab: int
+    compute: int = 0
+    """Parameters that cost FLOPs per token: matmul weights, the output head even when tied."""
 
 
 @dataclass(frozen=True)

@@ -151,3 +151,32 @@ def test_offload_needs_node_ram(tmp_path: Path) -> None:
     assert tight["fits"] is False and tight["cpu_capacity_gib"] == pytest.approx(64 * 0.6)
     # a 7B model's ZeRO states on one 80 GB GPU need offload (fits nowhere else), and offload needs ~170 GB RAM
     assert tight["change"] is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_model_directory_shape_on_meta_device(arch: str, tmp_path: Path) -> None:
+    """A local base directory is sized from its config.json on the meta device, the same as the built config."""
+    from llm.config import ModelConfig
+    from llm.plan import dir_shape, model_shape
+    from llm.train.model import hf_config
+
+    m = ModelConfig(arch=arch, n_layers=3, d_model=128, n_heads=4, n_kv_heads=2 if arch == "llama" else None,
+                    context=256)
+    hf_config(m, 1000).save_pretrained(tmp_path)  # config only: no weights are read
+    for rank in (None, 8):
+        assert dir_shape(str(tmp_path), rank) == model_shape(m, 1000, rank)
+    assert dir_shape(str(tmp_path / "absent")) is None
+
+
+def test_finetune_base_directory(tmp_path: Path) -> None:
+    from llm.config import ModelConfig
+    from llm.train.model import hf_config
+
+    hf_config(ModelConfig(n_layers=4, d_model=256, n_heads=4, context=2048), 32768).save_pretrained(tmp_path)
+    plan = build_plan(load_config(CONFIG_YAML, [f"finetune.base={tmp_path}"]))
+    fin = _mem(plan, "finetune")
+    assert fin["params"] != _mem(plan, "pretrain")["params"] and fin["fits"] is True
+    assert _row(plan, "finetune")["wall_hours"] > 0
+    absent = build_plan(load_config(CONFIG_YAML, [f"finetune.base={tmp_path / 'on-the-cluster'}"]))
+    assert _row(absent, "finetune")["wall_hours"] is None and "finetune" not in {m["stage"] for m in absent["memory"]}
+    assert "n/a" in format_plan(absent)
