@@ -1,7 +1,7 @@
 """`llmray plan`: derived sizing per stage, the run's arithmetic, and what a cloud run will cost.
 
 For every GPU training stage: nodes, wall time at the assumed MFU, GPU-hours and cost from an hourly
-price per node type; and the memory each GPU needs per ZeRO stage (`llm.sizing.gpu_memory`), with the
+price per node type; and the memory each GPU needs per ZeRO stage (`llm.memory.gpu_memory`), with the
 smallest change that fits when the configured one does not. Prices, MFU and the memory model are
 estimates and the output says so.
 """
@@ -14,18 +14,17 @@ from typing import Any
 
 from llm.config import STAGE_SECTIONS, LoadedConfig, ModelConfig, PipelineConfig, TrainConfig
 from llm.hardware import GPU_PEAK_TFLOPS
-from llm.sizing import (
+from llm.memory import (
     USABLE_CPU_FRACTION,
     USABLE_GPU_FRACTION,
     ZERO_OPTIONS,
     MemorySetting,
     ModelShape,
-    Sizing,
-    derive,
     fits,
     gpu_memory,
     smallest_fit,
 )
+from llm.sizing import Sizing, derive
 
 GIB = 2**30
 
@@ -147,7 +146,8 @@ def _gpu_hardware(loaded: LoadedConfig, sizing: Sizing) -> dict[str, Any] | None
     if local or not gpu_types:
         if not sizing.cluster_gpus:
             return None
-        name, instance, per_node, spec = "local", None, int(sizing.cluster_gpus), {}
+        spec: dict[str, Any] = {}
+        name, instance, per_node = "local", None, int(sizing.cluster_gpus)
     else:
         name, spec = gpu_types[0]
         instance = (spec.get("node_config") or {}).get("InstanceType")
@@ -288,7 +288,7 @@ def _memory(run: dict[str, Any], cfg: PipelineConfig, hw: dict[str, Any] | None)
                              **estimate(replace(o, micro_batch_size=s.micro_batch_size,
                                                 gradient_checkpointing=s.gradient_checkpointing))}
                             for o in ZERO_OPTIONS]
-    if result["fits"] is False:
+    if result["fits"] is False and capacity is not None:
         change = smallest_fit(shape, setting, run["seq_len"], per_node, nodes, capacity - extra, s.precision, ram)
         result["change"] = None if change is None else _overrides(change, run["prefix"], s)
     return result
@@ -333,7 +333,7 @@ def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None) -> dict[str, 
     stages = [_time_and_cost(r, hw, cfg, head_price, node_price) for r in runs] if hw else []
     estimate: dict[str, Any] | None = None
     pre_row = next((r for r in stages if r["stage"] == "pretrain"), None)
-    if sizing.pretrain.use_gpu and pre_row and pre_row["wall_hours"] is not None:
+    if hw and sizing.pretrain.use_gpu and pre_row and pre_row["wall_hours"] is not None:
         estimate = {"gpu": hw["gpu"], "peak_tflops_per_gpu": hw["peak_tflops"], "mfu_assumed": cfg.plan.mfu,
                     "wall_hours": pre_row["wall_hours"], "gpu_hours": pre_row["gpu_hours"],
                     "cost_usd": pre_row["cost_usd"]}

@@ -66,7 +66,7 @@ def test_hardware_tables() -> None:
 
 def test_model_states_are_deepspeeds_arithmetic() -> None:
     """ZeRO-2/3 through DeepSpeed's estimators, checked against their documented multipliers by hand."""
-    from llm.sizing import MemorySetting, model_states_bytes
+    from llm.memory import MemorySetting, model_states_bytes
 
     p, largest = 1_000_000_000, 100_000_000
     assert model_states_bytes(p, largest, MemorySetting(0), 8, 2)[0] == 20 * p  # nothing partitioned
@@ -78,7 +78,7 @@ def test_model_states_are_deepspeeds_arithmetic() -> None:
 
 
 def test_activation_bytes_by_hand() -> None:
-    from llm.sizing import ModelShape, activation_bytes
+    from llm.memory import ModelShape, activation_bytes
 
     shape = ModelShape(total=1, trainable=1, largest_layer=1, n_layers=12, d_model=768, vocab=32768)
     tokens = 16 * 1024
