@@ -6,18 +6,27 @@
    `encode_batch` throughput on the same text (goal >= 0.85).
 2. MinHash signatures per second per CPU / `datasketch` MinHash (`update_batch`) on the same documents with
    the same `num_perm` and shingles (goal >= 3).
-3. Near-duplicate pair recall and precision of MinHash-LSH (through Ray Data) against exact Jaccard on a
+3. Near-duplicate pair recall and precision of MinHash-LSH (the stage's Ray tasks) against exact Jaccard on a
    corpus with planted near-duplicates, threshold 0.8 (goals 0.95 and 0.9).
+4. Corpus scale (`python bench/data.py scale` runs only this): a synthetic JSONL corpus of 1 GB made from the
+   built-in text (random sentence mixes, 8% planted near-duplicates with 1-3 words changed, 2% exact copies),
+   written to a temp folder (`--work DIR` keeps it), and the whole data stage run on its first 250 MB and on
+   all of it, each in a fresh driver process with its own 2-CPU Ray: dedup documents/s per CPU at 1 GB /
+   250 MB (goal >= 0.8) and the driver's peak RSS (kernel high-water mark) at 1 GB / 250 MB (goal <= 1.2).
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import random
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +37,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from llm.data import dedup, minhash, pack  # noqa: E402
+from llm.config.data import FuzzyDedupConfig  # noqa: E402
+from llm.data import dedup, minhash, pack, shuffle  # noqa: E402
 from llm.data.clean import content_hash, stable_id  # noqa: E402
 from llm.data.filters import normalize  # noqa: E402
 from llm.data.read import read_rows  # noqa: E402
@@ -56,7 +66,7 @@ def bench_tokenize(docs: list[str], tmp: Path) -> None:
     paths = []
     for i in range(4 * CPUS):  # cleaned-file layout, as the stage's clean step writes it
         part = texts[i::4 * CPUS]
-        paths.append(str(tmp / f"clean-{i}.parquet"))
+        paths.append(str(tmp / f"{i:06d}.parquet"))
         pq.write_table(pa.table({"text": part, "reason": [""] * len(part),
                                  "doc_id": [stable_id(f"{i}:{j}") for j in range(len(part))],
                                  "content_hash": [content_hash(t) for t in part]}), paths[-1])
@@ -67,7 +77,7 @@ def bench_tokenize(docs: list[str], tmp: Path) -> None:
     def run_stage(out: str) -> tuple[float, int]:
         items = [{"unit": i, "paths": "\n".join(g)} for i, g in enumerate(groups)]
         kwargs = {"tokenizer_dir": str(tok_dir), "out_dir": out, "seq_len": 512, "val_fraction": 0.02,
-                  "rows_per_shard": 4096, "drop_ids": np.zeros(0, np.int64)}
+                  "rows_per_shard": 4096, "marks": []}
         t = time.perf_counter()
         rows = map_units(items, pack.pack_unit, kwargs)  # the stage's own unit runner
         return time.perf_counter() - t, sum(r["tokens_train"] + r["tokens_val"] - r["docs_train"] - r["docs_val"]
@@ -152,22 +162,132 @@ def bench_recall(docs: list[str]) -> None:
     sharing = {(a, b) for ids in index.values() if len(ids) < 200 for k, a in enumerate(ids) for b in ids[k + 1:]}
     truth = {(a, b) for a, b in sharing if len(sets[a] & sets[b]) / len(sets[a] | sets[b]) >= 0.8}
 
-    sig = minhash.signatures(texts, num_perm=128, ngram=5, seed=42)
-    ds = ray.data.from_items([{"doc_id": i, "sig": s} for i, s in enumerate(sig)])
-    found = {tuple(p) for p in dedup.candidate_pairs(ds, threshold=0.8, num_perm=128).tolist()}
+    with tempfile.TemporaryDirectory() as tmp:  # one cleaned unit: a document's position is its index
+        unit = str(Path(tmp) / "000000.parquet")
+        pq.write_table(pa.table({"text": texts, "reason": [""] * len(texts), "content_hash": list(range(len(texts)))}),
+                       unit)
+        minhash.signatures(texts, num_perm=128, ngram=5, seed=42).tofile(dedup.sig_path(unit))
+        dedup.run([unit], str(Path(tmp) / "work"), documents=len(texts), exact=False, fuzzy=FuzzyDedupConfig(),
+                  cpus=CPUS)
+        edges = np.concatenate([shuffle.read_part(str(Path(tmp) / "work" / "edges"), p) for p in range(CPUS)])
+    found = {(int(a), int(b)) for a, b in edges if a < b}  # verified pairs (written both ways)
     hit = len(found & truth)
     print(f"near-duplicate pairs (threshold 0.8, {len(texts)} docs, {len(truth)} true pairs, {len(found)} found): "
           f"recall {hit / max(len(truth), 1):.3f} (goal >= 0.95), precision {hit / max(len(found), 1):.3f} "
           f"(goal >= 0.9)")
 
 
+FILE_BYTES = 16 << 20  # one synthetic JSONL file; 250 MB = the first 16 files of the 1 GB corpus
+
+
+def write_corpus(docs: list[str], folder: Path, total: int, seed: int = 0) -> list[Path]:
+    """Synthetic JSONL files of `total` bytes: each document 12-40 random sentences of the built-in text;
+    8% are an earlier document with 1-3 words replaced (near duplicates), 2% an upper-cased copy (exact)."""
+    rng = random.Random(seed)
+    sentences = [s.strip() + "." for d in docs for s in d.split(". ") if len(s.split()) >= 6]
+    recent: list[str] = []
+    files, written, n = [], 0, 0
+    folder.mkdir(parents=True, exist_ok=True)
+    while written < total:
+        path = folder / f"part-{len(files):04d}.jsonl"
+        size = 0
+        with open(path, "w") as f:
+            while size < FILE_BYTES and written + size < total:
+                roll = rng.random()
+                if recent and roll < 0.08:
+                    words = rng.choice(recent).split()
+                    for _ in range(rng.randint(1, 3)):
+                        words[rng.randrange(len(words))] = rng.choice(("lantern", "harbor", "meadow", "quartz"))
+                    text = " ".join(words)
+                elif recent and roll < 0.10:
+                    text = rng.choice(recent).upper()
+                else:
+                    text = " ".join(rng.choices(sentences, k=rng.randint(12, 40)))
+                    recent = (recent + [text])[-2000:]
+                line = json.dumps({"text": text}) + "\n"
+                f.write(line)
+                size += len(line)
+                n += 1
+        files.append(path)
+        written += size
+    return files
+
+
+def stage_process(sources: str, storage: str) -> None:
+    """In a fresh process: the whole data stage on its own 2-CPU Ray; prints the driver's peak RSS and stats."""
+    import psutil
+    import ray
+
+    from llm.config import load_config
+    from llm.data.stage import run
+
+    me, peak, done = psutil.Process(), [0], threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], me.memory_info().rss)
+
+    ray.init(address="local", num_cpus=CPUS, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    cfg = load_config(Path(__file__).resolve().parent.parent / "cluster" / "local.yaml", [
+        f"storage={storage}", "run=bench", f"data.sources=[{sources}]", "data.sft.sources=[]",
+        "data.seq_len=512", "pretrain.model.context=512", "data.tokenizer.sample_bytes=5000000",
+        "data.rows_per_shard=8192"]).llm
+    threading.Thread(target=poll, daemon=True).start()
+    m = run(cfg).metrics
+    done.set()
+    hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kernel high-water mark, whole process
+    print("RESULT " + json.dumps({"peak_rss": hwm, "polled_rss": peak[0], **m}), flush=True)
+    ray.shutdown()
+
+
+def bench_scale(docs: list[str], work: Path | None, sizes_mb: tuple[int, ...] = (250, 1000)) -> None:
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        files = write_corpus(docs, root / "corpus", max(sizes_mb) << 20)
+        print(f"scale: wrote {len(files)} JSONL files, {sum(f.stat().st_size for f in files) / 2**20:,.0f} MiB, "
+              f"in {time.perf_counter() - t0:.0f}s")
+        results = {}
+        for mb in sizes_mb:
+            n_files = -(-(mb << 20) // FILE_BYTES)
+            part = root / f"sources-{mb}"
+            part.mkdir()
+            for f in files[:n_files]:
+                (part / f.name).symlink_to(f)
+            out = subprocess.run([sys.executable, __file__, "_stage", f"{part}/*.jsonl", str(root / f"runs-{mb}")],
+                                 capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"scale: the {mb} MB run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            r = results[mb] = json.loads(line[7:])
+            r["rate"] = r["documents_kept_after_filters"] / r["dedup_seconds"] / CPUS
+            print(f"scale {mb:>5} MB: {r['documents_in']:,} documents in, {r['documents_kept_after_filters']:,} to "
+                  f"dedup, {r['exact_duplicates']:,} exact + {r['fuzzy_duplicates']:,} fuzzy duplicates; dedup "
+                  f"{r['dedup_seconds']:.1f}s = {r['rate']:,.0f} documents/s/CPU; stage {r['wall_seconds']:.0f}s; "
+                  f"driver peak RSS {r['peak_rss'] / 2**20:,.0f} MiB (polled {r['polled_rss'] / 2**20:,.0f} MiB)")
+        small, big = results[min(sizes_mb)], results[max(sizes_mb)]
+        label = f"{max(sizes_mb) / 1000:g} GB / {min(sizes_mb)} MB" if max(sizes_mb) >= 1000 else \
+            f"{max(sizes_mb)} MB / {min(sizes_mb)} MB"
+        print(f"dedup rate {label}: {big['rate'] / small['rate']:.2f} (goal >= 0.8)")
+        print(f"driver peak RSS {label}: {big['peak_rss'] / small['peak_rss']:.2f} (goal <= 1.2)")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["_stage"]:
+        stage_process(sys.argv[2], sys.argv[3])
+        return
+    work = Path(sys.argv[sys.argv.index("--work") + 1]) if "--work" in sys.argv else None
     docs = corpus()
     print(f"built-in corpus: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} M characters")
-    with tempfile.TemporaryDirectory() as tmp:
-        bench_minhash(docs)
-        bench_tokenize(docs, Path(tmp))
-        bench_recall(docs)
+    if "scale" not in sys.argv[1:]:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_minhash(docs)
+            bench_tokenize(docs, Path(tmp))
+            bench_recall(docs)
+    sizes = tuple(int(x) for x in sys.argv[sys.argv.index("--sizes") + 1].split(",")) if "--sizes" in sys.argv \
+        else (250, 1000)
+    bench_scale(docs, work, sizes)
 
 
 if __name__ == "__main__":
