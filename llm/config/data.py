@@ -93,7 +93,8 @@ class SftConfig(Section):
     """Supervised fine-tuning data: chat or instruction JSONL rendered with the chat template."""
 
     sources: list[str] = Field(default_factory=list)
-    """JSONL paths or globs (`messages` or `prompt`/`response` records), or `builtin:python-sft`."""
+    """JSONL paths or globs (`messages` or `prompt`/`response` records), Hugging Face `datasets` folders
+    (`save_to_disk`), or `builtin:python-sft`."""
     max_len: int = Field(512, ge=16)
     """Examples longer than this many tokens are truncated (counted)."""
     val_fraction: float = Field(0.05, ge=0, lt=1)
@@ -108,9 +109,10 @@ class DataConfig(Section):
     enabled: bool = True
     """Run this stage in `llmray run`."""
     sources: list[str] = Field(default_factory=lambda: ["builtin:python-docs"])
-    """Local paths or globs (txt, jsonl, parquet, .gz), s3:// or gs:// URIs, or `builtin:python-docs`."""
+    """Local paths or globs (txt, jsonl, parquet, .gz), s3:// or gs:// URIs, Hugging Face `datasets` folders
+    (`save_to_disk`), or `builtin:python-docs`."""
     text_field: str = "text"
-    """Column or JSON key holding the text in jsonl and parquet sources."""
+    """Column or JSON key holding the text in jsonl, parquet and `datasets` sources."""
     min_chars: int = Field(200, ge=0)
     """Drop documents shorter than this (reason `too_short`)."""
     max_chars: int = Field(1_000_000, gt=0)
