@@ -9,6 +9,8 @@ Layout of one checkpoint folder (every rank writes its part; Ray Train merges th
     rng_rank<r>.pt   torch CPU/CUDA generator states of rank r
     rng_rank<r>.json python `random` state of rank r
     _COMMIT_rank<r>.json  every file rank r wrote with size and sha256, written last by that rank
+    ds_universal/    added when a run resumes with another world size: DeepSpeed's universal form of `ds/`
+                     (written once, under a temporary name then renamed; `ds/` itself is never changed)
 
 A checkpoint is whole when the commit files of ranks 0..world_size-1 are all there and every file they
 list has its recorded size and checksum. Anything else (a kill during the copy into storage, a truncated
@@ -27,6 +29,7 @@ from llm import storage
 from llm.manifest import file_sha256
 
 TAG = "ds"
+UNIVERSAL = "ds_universal"
 COMMIT = "_COMMIT_rank{rank}.json"
 DAMAGED_SUFFIX = ".damaged"
 
@@ -146,12 +149,88 @@ def prune(root: str | Path, keep: int) -> list[str]:
     return gone
 
 
-def load(engine: Any, folder: str | Path, rank: int) -> dict[str, Any]:
-    """Restore model, optimizer, loop position and this rank's RNG from `folder`; returns the loop state."""
+def read_state(folder: str | Path) -> dict[str, Any]:
+    """The loop state a checkpoint folder was saved with (step, epoch, position, world size, ...)."""
+    state: dict[str, Any] = json.loads(storage.read_bytes(storage.join(folder, "loop_state.json")))
+    return state
+
+
+def partitioned(folder: str | Path) -> bool:
+    """Whether the optimizer state is split across the saving ranks (ZeRO >= 1): then another world size
+    loads it only through DeepSpeed's universal format; ZeRO-0 keeps it whole in the model-states file."""
+    return any((Path(folder) / TAG).glob("*optim_states.pt"))
+
+
+def universal(folder: str | Path, rank: int, shared: bool = True) -> tuple[str, str]:
+    """(load folder, tag) of `folder`'s checkpoint in DeepSpeed's universal format, which every rank loads
+    with `checkpoint.load_universal` in its DeepSpeed config, whatever the world size.
+
+    With `shared` (a folder of the run's storage that every worker reads), rank 0 converts it once into
+    `<folder>/ds_universal` (`deepspeed.checkpoint.ds_to_universal`) while the other ranks wait; a later
+    resume from it reuses that. Otherwise (a copy Ray Train downloaded for this worker) each rank converts
+    its own copy into a temporary folder. The conversion writes `ds_universal.tmp-<pid>` and renames it: a
+    kill mid-way leaves a temporary folder the next attempt replaces, never a half-converted `ds_universal`.
+    """
+    import tempfile
+
+    import torch.distributed as dist
+
+    if not shared:
+        out = Path(tempfile.mkdtemp(prefix=f"llmray-universal-r{rank}-"))
+        _convert(Path(folder), out / UNIVERSAL)
+        return str(out), UNIVERSAL
+    target = Path(folder) / UNIVERSAL
+    if rank == 0 and not (target / "zero").is_dir():
+        _convert(Path(folder), target)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    if not (target / "zero").is_dir():
+        raise RuntimeError(f"{target}: missing after rank 0 converted it; is {folder} on storage every "
+                           "worker reads (storage, not a node's local disk)?")
+    return str(folder), UNIVERSAL
+
+
+def _convert(folder: Path, target: Path) -> None:
+    import argparse
+    import contextlib
+    import io
+    import os
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = target.with_name(f"{UNIVERSAL}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in target.parent.glob(f"{UNIVERSAL}.tmp-*"):  # left by a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(folder / TAG), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # transformers models carry no UNIVERSAL_CHECKPOINT_INFO of their own (no TP)
+                              inject_missing_state=True)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # its step-by-step prints; kept for an error message
+            ds_to_universal.main(args)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = " | ".join(log.getvalue().strip().splitlines()[-3:])
+        raise RuntimeError(f"{folder / TAG}: conversion to DeepSpeed's universal checkpoint failed: {e} "
+                           f"({tail})") from e
+    if target.exists():  # converted meanwhile by another attempt: keep that one
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
+def load(engine: Any, folder: str | Path, rank: int, source: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Restore model, optimizer, loop position and this rank's RNG from `folder`; `source` is where
+    DeepSpeed reads the model and optimizer (`universal(...)` for another world size; default: `folder`'s
+    own `ds`). Returns the loop state."""
     import torch
 
     folder = Path(folder)
-    path, client = engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
+    load_dir, tag = source or (str(folder), TAG)
+    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"{folder}: DeepSpeed found no checkpoint to load")

@@ -6,6 +6,15 @@ one integer, micro-batches consumed this epoch, the same on every rank (they ste
 run starts reading at (shard, row) = where that position falls, found from parquet footers alone: it
 neither re-reads nor skips a batch, and ingest per worker shrinks as workers are added.
 
+A run resumed with a different world size (M ranks after N) first finishes the interrupted epoch: the
+micro-batches the N ranks had not read yet, in the N-run's step order (step, old rank, accumulation
+index), dealt round-robin to the M ranks (`rest_layout`). With the global batch kept (M x accumulation =
+N x accumulation), every optimizer step of the resumed run reads exactly the rows the same step of an
+uninterrupted N-rank run reads, to the end of that epoch (after an epoch end inside one step, the rows of
+the epoch's tail only; fewer than M micro-batches left over are dropped, as every epoch drops its
+remainder). From the next epoch on, the order is an uninterrupted M-rank run's. Those scattered
+micro-batches are read through a small cache of decoded row groups, so each is decoded about once.
+
 Why not Ray Data here: a Ray Data stream cannot start at a row without reading up to it, its
 `streaming_split` order is not reproducible, and each worker's own read pipeline cost ~20 s of task
 start-up on a small machine. The data stage writes these shards with Ray Data; training reads them with
@@ -17,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -67,23 +78,36 @@ class ShardIndex:
 
 @dataclass(frozen=True)
 class RankSlice:
-    """What one rank reads: its slice of the global order, in micro-batches."""
+    """What one rank reads in an epoch: its slice of the global order, in micro-batches; or, for an epoch
+    that another world size began, its share of that epoch's unread micro-batches (`layout`)."""
 
     index: ShardIndex
     rank: int
     world: int
     micro: int
+    layout: dict[str, Any] | None = field(default=None, compare=False)
+    """A `rest_layout` for the current epoch only; None: contiguous slices."""
 
     @property
     def slice_rows(self) -> int:
         return self.index.rows // self.world
 
+    @cached_property
+    def starts(self) -> Any:
+        """First global row of each of this rank's micro-batches this epoch, in reading order."""
+        return batch_starts(self.index.rows, self.layout, self.world, self.rank, self.micro)
+
     @property
     def batches_per_epoch(self) -> int:
-        return self.slice_rows // self.micro
+        return self.slice_rows // self.micro if self.layout is None else len(self.starts)
+
+    def next_epoch(self) -> RankSlice:
+        return self if self.layout is None else replace(self, layout=None)
 
     def start_row(self, position: int) -> int:
         """Global row of this rank's next micro-batch after `position` micro-batches this epoch."""
+        if self.layout is not None:
+            return int(self.starts[position]) if position < len(self.starts) else self.index.rows
         return self.rank * self.slice_rows + position * self.micro
 
     def where(self, position: int) -> dict[str, Any]:
@@ -91,6 +115,38 @@ class RankSlice:
         shard, row = self.index.locate(self.start_row(position))
         name = Path(self.index.files[shard]).name if shard < len(self.index.files) else None
         return {"shard": name, "row": row}
+
+
+def batch_starts(rows: int, layout: dict[str, Any] | None, world: int, rank: int, micro: int) -> Any:
+    """First rows of the micro-batches `rank` of `world` reads in an epoch of `rows` rows laid out by `layout`."""
+    if layout is None:
+        per = rows // world
+        return rank * per + np.arange(per // micro, dtype=np.int64) * micro
+    old_world, accum, position = int(layout["world"]), int(layout["accum"]), int(layout["position"])
+    rest = np.stack([batch_starts(rows, layout["parent"], old_world, r, micro)[position:] for r in range(old_world)])
+    n = rest.shape[1]
+    # The old run's order from the resume point: its step, then its rank, then the accumulation index.
+    i = np.arange(n)
+    key = ((i // accum)[None, :] * old_world + np.arange(old_world)[:, None]) * accum + (i % accum)[None, :]
+    order = rest.reshape(-1)[np.argsort(key.reshape(-1), kind="stable")]
+    # Round-robin: new step k reads entries [k*M*a', (k+1)*M*a') whatever the new accumulation a' is.
+    usable = len(order) - len(order) % world
+    return order[:usable][rank::world]
+
+
+def rest_layout(rows: int, state: dict[str, Any], world: int, micro: int) -> tuple[int, int, dict[str, Any] | None]:
+    """(epoch, position, layout) for `world` ranks continuing a run saved with `state` by another world size.
+
+    `state` holds the saved `epoch`, `position` (micro-batches each old rank read this epoch), `world_size`,
+    `accum` and `layout` (the epoch's own layout, if a world change began it too). The rest of that epoch
+    is read as described in the module docstring; an epoch with nothing left goes on to the next one.
+    """
+    epoch = int(state["epoch"])
+    layout = {"world": int(state["world_size"]), "accum": int(state["accum"]),
+              "position": int(state["position"]), "parent": state.get("layout")}
+    if len(batch_starts(rows, layout, world, 0, micro)) == 0:
+        return epoch + 1, 0, None
+    return epoch, 0, layout
 
 
 def read_rows(index: ShardIndex, start: int, stop: int, columns: list[str]) -> Iterator[dict[str, list[Any]]]:
@@ -131,27 +187,33 @@ def micro_batches(part: RankSlice, epoch: int, position: int, collate: Collate, 
                   prefetch: int = 4) -> Iterator[tuple[int, int, Any]]:
     """(epoch, position after this batch, collated batch) forever, from `position` of `epoch` on; a
     background thread reads ahead `prefetch` batches (pyarrow decodes without the GIL)."""
-    if part.batches_per_epoch < 1:
+    if part.next_epoch().batches_per_epoch < 1:
         raise RuntimeError(f"train split has {part.index.rows} rows, fewer than micro_batch_size x workers "
                            f"({part.micro} x {part.world})")
     q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
     def produce() -> None:
-        e, pos = epoch, position
+        e, pos, cur = epoch, position, part
         try:
             while not stop.is_set():
-                lo = part.start_row(pos)
-                hi = part.start_row(part.batches_per_epoch)
+                if cur.layout is not None:  # the rest of an epoch another world size began
+                    for batch in _scattered(cur, pos, columns, stop):
+                        pos += 1
+                        q.put((e, pos, collate(batch)))
+                    e, pos, cur = e + 1, 0, cur.next_epoch()
+                    continue
+                lo = cur.start_row(pos)
+                hi = cur.start_row(cur.batches_per_epoch)
                 pending: dict[str, list[Any]] = {c: [] for c in columns}
-                for block in read_rows(part.index, lo, hi, columns):
+                for block in read_rows(cur.index, lo, hi, columns):
                     if stop.is_set():
                         return
                     for c in columns:
                         pending[c].extend(block[c])
-                    while len(pending[columns[0]]) >= part.micro and not stop.is_set():
-                        batch = {c: v[:part.micro] for c, v in pending.items()}
-                        pending = {c: v[part.micro:] for c, v in pending.items()}
+                    while len(pending[columns[0]]) >= cur.micro and not stop.is_set():
+                        batch = {c: v[:cur.micro] for c, v in pending.items()}
+                        pending = {c: v[cur.micro:] for c, v in pending.items()}
                         pos += 1
                         q.put((e, pos, collate(batch)))
                 e, pos = e + 1, 0
@@ -174,6 +236,46 @@ def micro_batches(part: RankSlice, epoch: int, position: int, collate: Collate, 
             with contextlib.suppress(queue.Empty):  # unblock a producer waiting on a full queue
                 q.get_nowait()
             thread.join(timeout=0.05)
+
+
+def _scattered(part: RankSlice, position: int, columns: list[str], stop: threading.Event,
+               cache_groups: int | None = None) -> Iterator[dict[str, list[Any]]]:
+    """This rank's micro-batches from `position` on, each `micro` rows starting anywhere: row groups are
+    decoded into a small LRU cache (one per old rank is live at a time) instead of once per batch."""
+    import pyarrow.parquet as pq
+
+    bounds = np.cumsum([0] + [n for groups in part.index.groups for n in groups])
+    where = [(f, g) for f, groups in enumerate(part.index.groups) for g in range(len(groups))]
+    cache: OrderedDict[int, dict[str, list[Any]]] = OrderedDict()
+    limit = cache_groups or 2 + int((part.layout or {}).get("world", 1))
+    files: dict[int, Any] = {}
+
+    def group(i: int) -> dict[str, list[Any]]:
+        if i in cache:
+            cache.move_to_end(i)
+            return cache[i]
+        f, g = where[i]
+        if f not in files:
+            files[f] = pq.ParquetFile(part.index.files[f])
+        table = files[f].read_row_group(g, columns=columns)
+        cache[i] = {c: table.column(c).to_pylist() if c != COLUMN else _ids(table.column(c)) for c in columns}
+        if len(cache) > limit:
+            cache.popitem(last=False)
+        return cache[i]
+
+    for start in part.starts[position:]:
+        if stop.is_set():
+            return
+        batch: dict[str, list[Any]] = {c: [] for c in columns}
+        row, end = int(start), int(start) + part.micro
+        while row < end:
+            i = int(np.searchsorted(bounds, row, side="right")) - 1
+            hi = min(end, int(bounds[i + 1]))
+            block = group(i)
+            for c in columns:
+                batch[c].extend(block[c][row - int(bounds[i]):hi - int(bounds[i])])
+            row = hi
+        yield batch
 
 
 def collate_packed(batch: dict[str, list[Any]]) -> dict[str, Any]:

@@ -146,6 +146,24 @@ def validate(cfg: dict[str, Any], override: dict[str, Any], world_size: int, sta
         fail(f"zero_optimization.{loc}" if loc else "zero_optimization", f"{err['msg']} (got {err.get('input')!r})")
 
 
+def keep_global_batch(cfg: dict[str, Any], global_batch: int, world_size: int, stage: str,
+                      source: str) -> dict[str, Any]:
+    """`cfg` for `world_size` ranks resuming a run whose optimizer steps took `global_batch` sequences: the
+    gradient accumulation absorbs the world-size change.
+
+    Raises:
+        ConfigError: when micro batch x world size does not divide the global batch, naming the keys.
+    """
+    micro = cfg["train_micro_batch_size_per_gpu"]
+    if global_batch % (micro * world_size):
+        raise ConfigError(
+            f"{LLM_PREFIX}.{stage}.sizing.workers: {world_size} workers x micro_batch_size {micro} does not divide "
+            f"the global batch of {global_batch} sequences that {source} was trained with; choose "
+            f"{LLM_PREFIX}.{stage}.sizing.workers (or micro_batch_size) so that their product divides {global_batch}")
+    accum = global_batch // (micro * world_size)
+    return {**cfg, "gradient_accumulation_steps": accum, "train_batch_size": global_batch}
+
+
 def precision_dtype(train: TrainConfig) -> str:
     """torch dtype name the model computes in."""
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[train.precision]

@@ -53,6 +53,7 @@ def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, r
     """Reserve the planned workers (the autoscaler starts nodes), fit, prune old checkpoints."""
     from llm.raycluster import connect, reserve
 
+    _check_resume(spec, sizing.workers, stage)
     connect(cfg)
     reserve(sizing, cfg.ray.resource_timeout_s, stage)
     from llm.console import LiveLine
@@ -69,6 +70,17 @@ def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, r
         raise worker_error(e, console.log_path(cfg, stage), stage) from None
     ckpt.prune(root, keep)
     return dict(result.metrics or {})
+
+
+def _check_resume(spec: LoopSpec, workers: int, stage: str) -> None:
+    """A resume on another worker count whose micro batch x workers does not divide the checkpoint's
+    global batch fails here, in one line naming the keys, before any worker starts."""
+    from llm.config import TrainConfig
+    from llm.train.loop import Start, deepspeed_config
+
+    if spec.resume_from:
+        start = Start(spec.resume_from, ckpt.read_state(spec.resume_from))
+        deepspeed_config(TrainConfig.model_validate(spec.train), max(1, workers), stage, start)
 
 
 def resume_point(root: Path | str, keep: int, stage: str) -> str | None:

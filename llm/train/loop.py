@@ -25,7 +25,15 @@ from llm.config import ModelConfig, TrainConfig
 from llm.errors import TrainingError
 from llm.train import checkpoint as ckpt
 from llm.train import ds_config
-from llm.train.data import COLUMN, RankSlice, ShardIndex, collate_packed, collate_padded, micro_batches
+from llm.train.data import (
+    COLUMN,
+    RankSlice,
+    ShardIndex,
+    collate_packed,
+    collate_padded,
+    micro_batches,
+    rest_layout,
+)
 from llm.train.metrics import MetricsLog, mfu
 from llm.train.model import build_model, flops_per_token
 from llm.train.schedules import lr_at
@@ -202,22 +210,72 @@ def _evaluate_padded(engine: Any, rt: Any, spec: LoopSpec, micro: int, batches: 
     return total / tokens if tokens else None
 
 
-def _initial_state(engine: Any, rt: Any, spec: LoopSpec, part: RankSlice) -> dict[str, Any]:
+@dataclass
+class Start:
+    """Where a fit starts: the checkpoint to load (if any), its saved loop state, and how DeepSpeed reads it."""
+
+    folder: str | None = None
+    saved: dict[str, Any] = field(default_factory=dict)
+    on_purpose: bool = False
+    """`init_checkpoint`: an earlier run continued on purpose (its own batch settings are not carried over)."""
+    shared: bool = True
+    """The folder is in the run's storage (chosen by the stage), not a copy Ray Train downloaded."""
+
+
+def _start(reported: str | None, spec: LoopSpec) -> Start:
     """Resume (this fit's checkpoint, else the stage's choice), else continue from `init_checkpoint`, else 0."""
-    state = {"step": 0, "epoch": 0, "position": 0, "tokens": 0}
-    with rt.reported_checkpoint() as reported:
-        folder = reported if reported and ckpt.verify(reported, checksums=False) is None else spec.resume_from
-        if folder:
-            state = ckpt.load(engine, folder, rt.rank)
-        elif spec.init_checkpoint:
-            state = ckpt.load(engine, spec.init_checkpoint, rt.rank)
-            if state.get("data_id") != spec.data_id:  # new data: its first batch, the step count carries on
-                state.update(epoch=0, position=0)
+    if reported and ckpt.verify(reported, checksums=False) is None:
+        return Start(reported, ckpt.read_state(reported), shared=False)
+    if spec.resume_from:
+        return Start(spec.resume_from, ckpt.read_state(spec.resume_from))
+    if spec.init_checkpoint:
+        return Start(spec.init_checkpoint, ckpt.read_state(spec.init_checkpoint), on_purpose=True)
+    return Start()
+
+
+def deepspeed_config(train: TrainConfig, world_size: int, stage: str, start: Start) -> dict[str, Any]:
+    """The DeepSpeed config for this fit. Resuming a run saved by another world size keeps its global batch
+    (gradient accumulation absorbs the change; `ConfigError` when it cannot) and loads the checkpoint in
+    DeepSpeed's universal form when ZeRO partitioned the optimizer state."""
+    cfg = ds_config.build(train, world_size, stage)
+    old_world = int(start.saved.get("world_size", world_size))
+    if start.folder is None or old_world == world_size:
+        return cfg
+    if not start.on_purpose:
+        micro = int(start.saved.get("micro", cfg["train_micro_batch_size_per_gpu"]))
+        accum = int(start.saved.get("accum", cfg["gradient_accumulation_steps"]))
+        cfg = ds_config.keep_global_batch(cfg, micro * accum * old_world, world_size, stage, start.folder)
+    if ckpt.partitioned(start.folder):
+        cfg = ds_config.merge(cfg, {"checkpoint": {"load_universal": True}})
+    return cfg
+
+
+def _initial_state(engine: Any, rt: Any, spec: LoopSpec, start: Start, index: ShardIndex, micro: int,
+                   universal: bool) -> dict[str, Any]:
+    """The loop state to continue from; with another world size, the data position mapped onto this one's
+    ranks (`llm.train.data.rest_layout`): no micro-batch read twice or skipped."""
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "layout": None}
+    if start.folder is None:
+        return state
+    source = ckpt.universal(start.folder, rt.rank, start.shared) if universal else None
+    state = {"layout": None, **ckpt.load(engine, start.folder, rt.rank, source)}
+    if start.on_purpose and state.get("data_id") != spec.data_id:  # new data: its first batch, steps carry on
+        state.update(epoch=0, position=0, layout=None)
+        return state
     old_world = int(state.get("world_size", rt.world_size))
-    if old_world != rt.world_size:
-        # Slices move with the world size: continue at the same share of the epoch (exact only for the same W).
-        state["position"] = min(part.batches_per_epoch, state["position"] * part.micro * old_world
-                                // (part.micro * rt.world_size))
+    if old_world == rt.world_size:
+        return state
+    old_micro = int(state.get("micro", micro))
+    if old_micro != micro:  # batches of another size cannot be dealt out again: the same share of the epoch
+        old = RankSlice(index, 0, old_world, old_micro)
+        share = state["position"] / max(1, old.batches_per_epoch)
+        state.update(position=int(share * RankSlice(index, 0, rt.world_size, micro).batches_per_epoch), layout=None)
+        return state
+    saved = {**state, "accum": int(state.get("accum", 1))}
+    state["epoch"], state["position"], state["layout"] = rest_layout(index.rows, saved, rt.world_size, micro)
+    if rt.rank == 0:
+        print(f"{spec.stage}: step {state['step']} of a {old_world}-worker run continues on {rt.world_size} "
+              f"workers; the rest of epoch {saved['epoch']} is dealt out again", flush=True)
     return state
 
 
@@ -239,13 +297,20 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
         model.gradient_checkpointing_enable()
     fpt = flops_per_token(model, spec.seq_len)
     torch.manual_seed(train.seed + 1000 * rt.rank)  # dropout differs per rank, reproducibly
-    ds_cfg = ds_config.build(train, rt.world_size, spec.stage)
-    micro, accum = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
-    optimizer = _optimizer(model, train, lr_at(0, train.max_steps, train.schedule()))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    index = ShardIndex.of(spec.train_files)
+    with rt.reported_checkpoint() as reported:
+        start = _start(reported, spec)
+        ds_cfg = deepspeed_config(train, rt.world_size, spec.stage, start)
+        micro, accum = ds_cfg["train_micro_batch_size_per_gpu"], ds_cfg["gradient_accumulation_steps"]
+        optimizer = _optimizer(model, train, lr_at(0, train.max_steps, train.schedule()))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+        universal = bool(ds_cfg.get("checkpoint", {}).get("load_universal"))
+        state = _initial_state(engine, rt, spec, start, index, micro, universal)
+    # What the checkpoints record: a later resume on another world size keeps this global batch.
+    state.update(micro=micro, accum=accum)
     loss_fn = resolve(spec.loss_hook)(spec) if spec.loss_hook else None
-    part = RankSlice(ShardIndex.of(spec.train_files), rt.rank, rt.world_size, micro)
-    state = _initial_state(engine, rt, spec, part)
+    part = RankSlice(index, rt.rank, rt.world_size, micro, state["layout"])
+    rest_epoch = state["epoch"]
     resumed_at = state["step"]
     peak = spec.peak_flops
     if peak is None:
@@ -271,6 +336,8 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
         step_batches = []
         for _ in range(accum):
             state["epoch"], state["position"], batch = next(batches)
+            if state["epoch"] != rest_epoch:  # a layout dealt out at a world change held for its epoch only
+                state["layout"] = None
             step_batches.append({k: v.to(rt.device) for k, v in batch.items()})
         per_item = _label_share(step_batches, rt, accum) if spec.pad_id is not None and not loss_fn else None
         for batch in step_batches:
@@ -338,8 +405,8 @@ def _label_share(step_batches: list[dict[str, Any]], rt: Any, accum: int) -> Any
 
 def _saved_state(state: dict[str, Any], rt: Any, spec: LoopSpec, part: RankSlice) -> dict[str, Any]:
     """The loop state a checkpoint records: position as an integer to resume from and as (shard, row)."""
-    return {**state, "world_size": rt.world_size, "data_id": spec.data_id,
-            "rank0_next": RankSlice(part.index, 0, part.world, part.micro).where(state["position"])}
+    zero = RankSlice(part.index, 0, part.world, part.micro, state["layout"])
+    return {**state, "world_size": rt.world_size, "data_id": spec.data_id, "rank0_next": zero.where(state["position"])}
 
 
 def _finish(engine: Any, rt: Any, spec: LoopSpec, train: TrainConfig, state: dict[str, Any], resumed_at: int,
