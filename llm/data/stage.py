@@ -167,7 +167,8 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
     sources.resolve(cfg.data.sources)  # a source that matches nothing fails here, before the old output is cleared
     if cfg.data.sft.sources:
         sources.resolve(cfg.data.sft.sources)
-    result = execute(cfg, "data", lambda folder: _body(cfg, folder), sections=("data",), force=force)
+    result = execute(cfg, "data", lambda folder: _body(cfg, folder), sections=("data",), force=force,
+                     object_store=True)
     if not result.skipped:
         print(report.summary(result.metrics, result.path))
     return result

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from llm import storage
 from llm.config import STAGE_SECTIONS, LoadedConfig
 from llm.manifest import manifest_hash, read_manifest
 from llm.report import plots
@@ -47,8 +48,17 @@ def _fmt(v: Any) -> str:
 
 
 def _committed(loaded: LoadedConfig, stage: str) -> Path | None:
-    folder = Path(loaded.llm.stage_dir(stage))
-    return folder if read_manifest(folder) is not None else None
+    """The committed folder; in an object store, a verified local copy of its small files (the figures'
+    sources: stats, metrics, evaluations), never its checkpoints or weights."""
+    uri = loaded.llm.stage_dir(stage)
+    if read_manifest(uri) is None:
+        return None
+    if not storage.is_remote(uri):
+        return Path(uri)
+    from llm.stage import committed_copy
+
+    return committed_copy(uri, lambda rel, meta: rel.endswith((".json", ".jsonl", ".csv")) and not
+                          rel.startswith("ray/") and meta["size"] < 64 << 20)
 
 
 def _data(loaded: LoadedConfig) -> str | None:
@@ -133,7 +143,7 @@ def build_report(loaded: LoadedConfig) -> str:
         body = SECTIONS[stage](loaded)
         parts.append(f"<h2>{stage}</h2>")
         parts.append(body if body is not None else f"<p class=missing>{stage} has not run (no committed output).</p>")
-    hashes = [{"stage": s, "manifest sha256": manifest_hash(Path(cfg.stage_dir(s))) or "-"} for s in STAGE_SECTIONS]
+    hashes = [{"stage": s, "manifest sha256": manifest_hash(cfg.stage_dir(s)) or "-"} for s in STAGE_SECTIONS]
     parts += ["<h2>manifests</h2>", _table(hashes), "<h2>config</h2>",
               f"<pre>{html.escape(yaml.safe_dump({'metadata': {'llm': cfg.model_dump(mode='json')}}, sort_keys=False))}"
               f"</pre>", f"<p>from {html.escape(str(loaded.path))}</p>"]
@@ -143,11 +153,9 @@ def build_report(loaded: LoadedConfig) -> str:
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 
 
-def write_report(loaded: LoadedConfig) -> Path:
-    """Write `<storage>/<run>/report.html` (temp file, then rename); returns its path."""
-    out = Path(loaded.llm.storage) / loaded.llm.run / "report.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(build_report(loaded), encoding="utf-8")
-    tmp.replace(out)
-    return out
+def write_report(loaded: LoadedConfig) -> Path | str:
+    """Write `<storage>/<run>/report.html` atomically (a temp file renamed; one PUT in an object store);
+    returns its path or URI."""
+    out = storage.join(loaded.llm.storage, loaded.llm.run, "report.html")
+    storage.write_text(out, build_report(loaded))
+    return out if storage.is_remote(out) else Path(out)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.config import STAGE_SECTIONS, PipelineConfig
 from llm.manifest import manifest_hash, read_manifest
 from llm.stage import changed_keys, hashed_config
@@ -29,18 +29,18 @@ class StageStatus:
 
 def stage_status(cfg: PipelineConfig, stage: str) -> StageStatus:
     """The state of one stage's folder against the current config and inputs."""
-    folder = Path(cfg.stage_dir(stage))
+    folder = cfg.stage_dir(stage)  # a path or an object-store URI
     enabled = bool(getattr(cfg, stage).enabled)
     manifest = read_manifest(folder)
     if manifest is not None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(manifest.created))
         changed = changed_keys(manifest.config, hashed_config(cfg, *manifest.config)) if manifest.config else []
         changed += [f"input {name}" for name, h in manifest.inputs.items()
-                    if manifest_hash(Path(cfg.stage_dir(name))) != h]
+                    if manifest_hash(cfg.stage_dir(name)) != h]
         if changed:
             return StageStatus(stage, enabled, "stale", str(folder), f"{when}; changed since: {', '.join(changed)}")
         return StageStatus(stage, enabled, "done", str(folder), f"{when}; {_key_metric(manifest.metrics)}")
-    if folder.exists():
+    if storage.exists(folder):
         return StageStatus(stage, enabled, "partial", str(folder), _resumable(folder))
     return StageStatus(stage, enabled, "not started", str(folder), "")
 
@@ -53,10 +53,10 @@ def _key_metric(metrics: dict[str, Any]) -> str:
     return f"{metrics.get('seconds', 0):.0f}s"
 
 
-def _resumable(folder: Path) -> str:
+def _resumable(folder: str) -> str:
     from llm.train import checkpoint as ckpt
 
-    choice = ckpt.choose(folder / "ray", checksums=False)
+    choice = ckpt.choose(storage.join(folder, "ray"), checksums=False)
     if choice.path:
         return f"resumable from step {choice.step}"
     return "interrupted before its first checkpoint; a rerun starts it over"

@@ -152,4 +152,4 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
 
     inputs = ("data", "sweep") if lr_from is not None else ("data",)
     return execute(cfg, "pretrain", body, sections=("pretrain",), inputs=inputs, force=force,
-                   keep_partial=True, on_set_aside=remap)
+                   keep_partial=True, on_set_aside=remap, object_store=True)

@@ -56,14 +56,14 @@ def _body(folder: Path) -> dict[str, int]:
 
 def test_stage_commit_skip_and_not_done_on_s3(s3_prefix: str) -> None:
     cfg = _cfg(s3_prefix)
-    first = execute(cfg, "data", _body, sections=("data",))
+    first = execute(cfg, "data", _body, sections=("data",), object_store=True)
     uri = cfg.stage_dir("data")
     assert first.path == uri and not first.skipped
     manifest = read_manifest(uri)
     assert manifest is not None and set(manifest.files) == {"out/part-0.txt", "remote.txt"}
     assert manifest.files["out/part-0.txt"]["size"] == 5
     assert "_ATTEMPT.json" not in storage.list_files(uri)
-    assert execute(cfg, "data", _body, sections=("data",)).skipped
+    assert execute(cfg, "data", _body, sections=("data",), object_store=True).skipped
     assert (input_dir(cfg, "data") / "out" / "part-0.txt").read_text() == "hello"  # a verified local copy
 
     storage.write_text(f"{uri}/remote.txt", "changed size")  # a listed object no longer as committed
@@ -72,18 +72,34 @@ def test_stage_commit_skip_and_not_done_on_s3(s3_prefix: str) -> None:
     assert read_manifest(uri) is None
     with pytest.raises(StageInputError, match="no complete data output"):
         input_dir(cfg, "data")
-    assert not execute(cfg, "data", _body, sections=("data",)).skipped  # not done: it runs again
+    assert not execute(cfg, "data", _body, sections=("data",), object_store=True).skipped  # not done: it runs again
 
 
 def test_changed_config_keeps_the_old_objects_aside(s3_prefix: str) -> None:
     cfg = _cfg(s3_prefix)
-    execute(cfg, "data", _body, sections=("data",))
+    execute(cfg, "data", _body, sections=("data",), object_store=True)
     uri = cfg.stage_dir("data")
     before = storage.list_files(uri)
     changed = _cfg(s3_prefix, "data.min_chars=7")
-    result = execute(changed, "data", _body, sections=("data",))
+    result = execute(changed, "data", _body, sections=("data",), object_store=True)
     assert not result.skipped and result.kept_aside and result.kept_aside.startswith(f"{uri}.")
     assert storage.list_files(result.kept_aside) == before  # every object, manifest included, at the new prefix
     old = read_manifest(result.kept_aside)
     assert old is not None and json.loads(storage.read_text(f"{result.kept_aside}/{MANIFEST}"))["config"]
     assert read_manifest(uri) is not None and read_manifest(uri).config_hash != old.config_hash
+
+
+def test_other_stages_name_storage_and_status_report_read_the_store(s3_prefix: str) -> None:
+    from llm.report.html import write_report
+    from llm.report.status import stage_status
+
+    loaded = load_config(LOCAL_YAML, [f"storage={s3_prefix}"])
+    cfg = loaded.llm
+    with pytest.raises(StageInputError, match="storage .*the finetune stage does not run"):
+        execute(cfg, "finetune", _body, sections=("finetune",))
+    assert not storage.exists(cfg.stage_dir("finetune"))
+    assert stage_status(cfg, "data").state == "not started"
+    execute(cfg, "data", _body, sections=("data",), object_store=True)
+    assert stage_status(cfg, "data").state == "done"
+    out = write_report(loaded)
+    assert out == f"{s3_prefix}/local-tiny/report.html" and "llmray run local-tiny" in storage.read_text(out)
