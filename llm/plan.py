@@ -356,6 +356,7 @@ def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None) -> dict[str, 
         "pretrain": arithmetic,
         "estimate": estimate,
         "hardware": hw,
+        "mfu": cfg.plan.mfu,
         "prices": {"head": head, "head_instance": head_instance, "head_usd_per_hour": head_price,
                    "head_source": head_src, "gpu_node_usd_per_hour": node_price, "gpu_node_source": node_src},
         "training": stages,
@@ -387,12 +388,12 @@ def _time_lines(plan: dict[str, Any]) -> list[str]:
     if not hw["peak_tflops"]:
         return [f"time and cost: n/a, the GPU of node type {hw['node_type']} is unknown: set plan.gpu "
                 "(or plan.peak_tflops and plan.gpu_memory_gib)"]
-    mfu = plan["estimate"]["mfu_assumed"] if plan["estimate"] else None
     price = ("no cloud cost (local provider)" if hw["local"] else
              f"{hw['instance']} ${_num(p['gpu_node_usd_per_hour'], '.2f')}/h ({p['gpu_node_source']}), "
-             f"head {p['head_instance']} ${_num(p['head_usd_per_hour'], '.3f')}/h ({p['head_source']})")
-    lines = [f"time and cost (ESTIMATES: {hw['gpu']} {hw['peak_tflops']:g} TFLOP/s bf16 at "
-             f"{_num(mfu, '.0%') if mfu else 'the assumed'} MFU (plan.mfu); {price}; prices: plan.prices)",
+             f"head {p['head_instance']} ${_num(p['head_usd_per_hour'], '.3f')}/h ({p['head_source']}); "
+             "set plan.prices.<node type>")
+    lines = [f"time and cost, ESTIMATES at an assumed {plan['mfu']:.0%} MFU (plan.mfu) of {hw['gpu']} "
+             f"{hw['peak_tflops']:g} TFLOP/s bf16", f"  prices: {price}",
              f"  {'stage':<9} {'runs':>4} {'GPU nodes':>9} {'tokens':>10} {'wall':>9} {'GPU-h':>8} {'cost $':>10}"]
     for r in rows:
         lines.append(f"  {r['stage']:<9} {r['runs']:>4} {r['gpu_nodes']:>9} {r['tokens']:>10.3g} "
@@ -407,8 +408,8 @@ def _time_lines(plan: dict[str, Any]) -> list[str]:
     if plan["serve_usd_per_hour"]:
         low, high = plan["serve_usd_per_hour"]
         lines.append(f"  serve: ${low:,.2f}/h at min replicas .. ${high:,.2f}/h at max, while it runs")
-    lines.append("  compute time only: node start-up, data loading, checkpoints and evaluations come on top; "
-                 "the data stage's CPU time depends on the corpus (not estimated)")
+    lines.append("  compute time only: node start-up, data loading, checkpoints, evaluations come on top;")
+    lines.append("  the data stage's CPU time depends on the corpus (not estimated)")
     return lines
 
 
@@ -421,8 +422,8 @@ def _memory_lines(plan: dict[str, Any]) -> list[str]:
     hw = plan["hardware"]
     where = f"{cap:.0f} of {hw['memory_gib']:g} GiB usable" if cap else "no GPU memory to compare"
     unit = "GPU" if hw else "worker"
-    lines = [f"memory per {unit}, {first['stage']} (ESTIMATES: model states by DeepSpeed's estimators, activations "
-             f"34·s·b·d per layer + logits; {where})",
+    lines = [f"memory per {unit}, {first['stage']}, ESTIMATES ({where}; model states: DeepSpeed's estimators,",
+             "  activations: 34·s·b·d per layer + logits, SDPA attention)",
              f"  {'':1} {'setting':<25} {'states':>8} {'activ.':>8} {'total':>8} {'CPU/node':>9}  fits"]
     for row in first["zero_table"]:
         fits = {None: "n/a", True: "yes", False: "NO"}[row["fits"]]
