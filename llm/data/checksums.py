@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from llm.manifest import CHECKSUMS, file_sha256
 
 
-def record(folder: str | Path, name: str, files: list[str | Path]) -> None:
+def record(folder: str | Path, name: str, files: Sequence[str | Path]) -> None:
     """Hash `files` (under `folder`) and write the sidecar `<folder>/_CHECKSUMS/<name>.json` atomically."""
     folder = Path(folder)
     entries = {}

@@ -151,7 +151,7 @@ def clean_unit(batch: dict[str, Any], *, cfg: DataConfig, out_dir: str) -> dict[
         if rows or n == 0:
             flush()
             n += len(rows)
-    if aside_writer is not None:
+    if aside is not None and aside_writer is not None:
         aside_writer.close()
         checksums.record(out_dir, f"clean-{unit:06d}", [aside])
     return {"unit": [unit], "path": [str(path)], "rows": [n], "counts": [json.dumps(counts.as_dict())],

@@ -32,7 +32,7 @@ BLOCK = 256  # members compared at once in a large bucket: block x block x num_p
 _ROWS_PER_PART = 1 << 21  # shuffle rows per reducer (32 MiB): more data, more reducers, same memory each
 _CHUNK = 1 << 16  # documents hashed into band keys at once
 _CELLS = 1 << 24  # pair x permutation cells compared at once (16 MiB of booleans)
-_TASK = {"num_cpus": 1}
+_TASK: dict[str, Any] = {"num_cpus": 1}
 
 
 def sig_path(clean_path: str) -> str:
@@ -174,7 +174,8 @@ def run(clean_paths: list[str], work: str, *, documents: int, exact: bool, fuzzy
     if exact:
         rows_dir, marks_dir = storage.join(work, "exact-rows"), storage.join(work, "exact-marks")
         n_parts = _parts(documents, cpus)
-        mapper, reducer = ray.remote(**_TASK)(exact_map), ray.remote(**_TASK)(exact_reduce)
+        mapper: Any = ray.remote(**_TASK)(exact_map)
+        reducer: Any = ray.remote(**_TASK)(exact_reduce)
         ray.get([mapper.remote(path, u, rows_dir, n_parts) for u, path in units])
         stats["exact_duplicates"] = sum(ray.get([reducer.remote(rows_dir, marks_dir, p)
                                                  for p in range(n_parts)]))
@@ -183,7 +184,8 @@ def run(clean_paths: list[str], work: str, *, documents: int, exact: bool, fuzzy
         bands, rows = minhash.lsh_params(fuzzy.threshold, fuzzy.num_perm)
         keys_dir, edges_dir = storage.join(work, "band-keys"), storage.join(work, "edges")
         n_parts = _parts(documents * bands, cpus)
-        mapper, reducer = ray.remote(**_TASK)(band_map), ray.remote(**_TASK)(verify_reduce)
+        mapper = ray.remote(**_TASK)(band_map)
+        reducer = ray.remote(**_TASK)(verify_reduce)
         stats["fuzzy_documents"] = sum(ray.get([mapper.remote(
             path, u, marks, keys_dir, n_parts, bands, rows, fuzzy.num_perm)
             for u, path in units]))

@@ -50,6 +50,7 @@ def save(uri: str, arr: np.ndarray) -> None:
 
 def load(uri: str, dtype: type, width: int = 1) -> np.ndarray:
     """A raw array of rows of `width` values: memory-mapped locally, read whole from an object store."""
+    flat: np.ndarray
     if storage.is_remote(uri):
         flat = np.frombuffer(storage.read_bytes(uri), dtype=dtype)
     elif Path(uri).stat().st_size == 0:
@@ -65,13 +66,14 @@ def take(uri: str, dtype: type, width: int, rows: np.ndarray) -> np.ndarray:
         return np.asarray(load(uri, dtype, width)[rows])
     fs, path = storage.resolve(uri)
     item = np.dtype(dtype).itemsize * width
-    out = np.empty((len(rows), width), dtype=dtype)
+    out: np.ndarray = np.empty((len(rows), width), dtype=dtype)
     with fs.open_input_file(path) as f:
         breaks = np.flatnonzero(np.diff(rows) * item > _GAP) + 1
         for run in np.split(np.arange(len(rows)), breaks):
             if len(run):
                 lo, hi = int(rows[run[0]]), int(rows[run[-1]]) + 1
-                block = np.frombuffer(f.read_at((hi - lo) * item, lo * item), dtype=dtype).reshape(-1, width)
+                raw = f.read_at((hi - lo) * item, lo * item)
+                block: np.ndarray = np.frombuffer(raw, dtype=dtype).reshape(-1, width)
                 out[run] = block[rows[run] - lo]
     return out if width > 1 else out[:, 0]
 

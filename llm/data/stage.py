@@ -106,7 +106,7 @@ def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
     t_dedup = time.perf_counter()
     marks, dedup_stats = dedup.run(paths, storage.join(store, "_work", "dedup"), documents=sum(reasons.values()),
                                    exact=dc.dedup.exact, fuzzy=dc.dedup.fuzzy, cpus=cpus)
-    dedup_stats["dedup_seconds"] = round(time.perf_counter() - t_dedup, 2)
+    dedup_seconds = round(time.perf_counter() - t_dedup, 2)
 
     tok_dir = folder / "tokenizer"
     if dc.tokenizer.path:  # a folder on the driver's machine: copied here, uploaded with the driver's files
@@ -144,6 +144,7 @@ def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
         "documents_out": total["docs_train"] + total["docs_val"],
         "dropped": {k: v for k, v in sorted(reasons.items()) if k != "kept"}, "read_errors": read_errors,
         "pii_redacted": pii, "utf8_replacements": utf8, **dedup_stats,
+        "dedup_seconds": dedup_seconds,
         "tokens_train": total["tokens_train"], "tokens_val": total["tokens_val"],
         "sequences_train": total["rows_train"], "sequences_val": total["rows_val"],
         "remainder_tokens_dropped": total["remainder_tokens"],
