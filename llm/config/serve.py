@@ -45,7 +45,8 @@ class ServeConfig(Section):
     max_queued_requests: int = Field(64, ge=-1)
     """Requests queued in Serve's router beyond `max_ongoing_requests` before it answers 503 (-1: no bound)."""
     request_timeout_s: float = Field(120.0, gt=0)
-    """End-to-end HTTP timeout of Serve's proxy."""
+    """A request still generating after this many seconds is cancelled and answered 504 (OpenAI's error JSON;
+    an error event once streaming); Serve's proxy times out a few seconds later as a backstop."""
     max_tokens: int = Field(1024, ge=1)
     """Upper bound of a request's `max_tokens` (and the chat default); larger asks get 400."""
     max_body_bytes: int = Field(1_000_000, ge=1024)

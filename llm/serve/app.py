@@ -20,6 +20,7 @@ from llm.config import LoadedConfig, PipelineConfig, ServeConfig, load_config
 from llm.errors import ConfigError
 
 APP_NAME = "llm"
+PROXY_MARGIN_S = 5.0  # the proxy times out this much after the app does, so the app's answer arrives
 DEPLOYMENT = "LLMServer"
 
 
@@ -94,8 +95,10 @@ def deployment_options(cfg: ServeConfig, cpus: float, gpus: float) -> dict[str, 
 
 
 def http_options(cfg: ServeConfig) -> dict[str, Any]:
-    """Serve's proxy options: bind address, port, request timeout."""
-    return {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s}
+    """Serve's proxy options: bind address, port, request timeout. The app ends a request at
+    `request_timeout_s` itself (OpenAI's error JSON, its generation cancelled); the proxy's own timeout is a
+    backstop a little later."""
+    return {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s + PROXY_MARGIN_S}
 
 
 def api_key_digest(cfg: ServeConfig) -> str | None:

@@ -69,6 +69,23 @@ async def merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
             t.cancel()
 
 
+async def within(stream: AsyncIterator[Piece], seconds: float) -> AsyncIterator[Piece]:
+    """`stream` until `seconds` have passed since the request started; then its generation is cancelled
+    (it leaves the batch) and a 504 in OpenAI's error JSON is raised (an error event once streaming)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    it = stream.__aiter__()
+    while True:
+        try:
+            piece = await asyncio.wait_for(it.__anext__(), max(deadline - loop.time(), 0.0))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ApiError(504, f"Request timed out after {seconds:g} s (serve.request_timeout_s); lower "
+                                "max_tokens or retry later.", "timeout_error", code="timeout") from None
+        yield piece
+
+
 def _error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse(ApiError(status, message, type_).body(), status_code=status)
 
@@ -142,7 +159,8 @@ async def _completions(service: Service, req: CompletionRequest) -> JSONResponse
     # OpenAI's text_offset counts from the start of the prompt, echoed or not.
     books = [CompletionLogprobs(token_text, 0 if req.echo else len(t)) for t in prompt_texts]
     rid, stops = new_id("cmpl"), req.stop_list()
-    stream = merged([run_choice(engine, i, g, stops) for i, g in enumerate(gens)])
+    stream = within(merged([run_choice(engine, i, g, stops) for i, g in enumerate(gens)]),
+                    service.cfg.request_timeout_s)
     prompt_total = sum(len(p) for p in prompts)
 
     def logprobs_of(piece: Piece) -> dict[str, Any] | None:
@@ -193,7 +211,7 @@ async def _chat(service: Service, req: ChatRequest) -> JSONResponse | StreamingR
     engine = service.engine(req.model)
     gen = service.chat_request(engine, req)
     rid, token_text = new_id("chatcmpl"), TokenText(engine.tokenizer)
-    stream = run_choice(engine, 0, gen, req.stop_list())
+    stream = within(run_choice(engine, 0, gen, req.stop_list()), service.cfg.request_timeout_s)
     prompt_tokens = len(gen.prompt)
 
     def logprobs_of(piece: Piece) -> dict[str, Any] | None:

@@ -80,6 +80,42 @@ def test_overload_answers_503_quickly(served, tiny_model_dir: Path, serve_port: 
     assert max(s for c, s in results if c == 503) < 2.0
 
 
+@pytest.mark.ray
+def test_request_timeout_is_504_json_and_frees_the_replica(served, tiny_model_dir: Path, serve_port: int,
+                                                           tmp_path: Path) -> None:
+    """A request past `serve.request_timeout_s` is answered 504 with OpenAI's error JSON (an error event
+    when streaming), and its generation leaves the batch: with room for one request at a time, the next
+    short request is answered at once instead of waiting behind the abandoned one."""
+    from ray import serve
+
+    from llm.serve.app import build_application
+
+    cfg = tiny_config(tmp_path, *serve_overrides(
+        tiny_model_dir, serve_port, "serve.max_batch_size=1", "serve.max_ongoing_requests=1",
+        "serve.request_timeout_s=0.3")).llm
+    serve.run(build_application(cfg, 4, 0), name="deadline", route_prefix="/deadline")
+    url = f"http://127.0.0.1:{serve_port}/deadline/v1/completions"
+    # 8 prompts of 127 tokens each (the whole context), one at a time (batch size 1): seconds of work.
+    long = {"model": "tiny", "prompt": list("abcdefgh"), "max_tokens": 127, "temperature": 0}
+    try:
+        # Warm up (the first forward pass of a fresh replica is slow), then time a long request.
+        httpx.post(url, json={**long, "prompt": "x", "max_tokens": 1}, timeout=60)
+        t0 = time.perf_counter()
+        r = httpx.post(url, json=long, timeout=60)
+        took = time.perf_counter() - t0
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "timeout" and "serve.request_timeout_s" in r.json()["error"]["message"]
+        assert took < 3.0
+        with httpx.stream("POST", url, json={**long, "stream": True}, timeout=60) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert s.status_code == 200 and events[-1] == "data: [DONE]"
+        assert '"code": "timeout"' in events[-2] or '"code":"timeout"' in events[-2], events[-2]
+        short = httpx.post(url, json={**long, "prompt": "x", "max_tokens": 1}, timeout=60)
+        assert short.status_code == 200, short.text
+    finally:
+        serve.delete("deadline")
+
+
 def _replica_actor(app: str):  # noqa: ANN202
     import ray
 
