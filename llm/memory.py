@@ -33,6 +33,10 @@ class ModelShape:
     vocab: int
     compute: int = 0
     """Parameters that cost FLOPs per token: matmul weights, the output head even when tied."""
+    ff: int = 0
+    """MLP width (0: 4 x d_model)."""
+    arch: str = "llama"
+    """Block family for the activation estimate: `llama` (RMSNorm, SwiGLU) or `gpt2`."""
 
 
 @dataclass(frozen=True)
@@ -100,20 +104,29 @@ def model_states_bytes(params: int, largest_layer: int, setting: MemorySetting, 
     return gpu, cpu
 
 
+# Bytes per token that one block keeps for its backward pass in 16-bit, as (per d_model, per MLP width):
+# measured as the autograd saved tensors of Hugging Face's blocks with SDPA attention (tests/test_memory.py
+# measures them again). Llama's RMSNorm keeps fp32 copies and its SwiGLU three MLP-wide tensors; GPT-2's
+# tanh GELU keeps its intermediates. Korthikanti et al. (2022) count 34 x d_model for Megatron's fused blocks.
+BLOCK_BYTES_PER_TOKEN = {"llama": (24, 8), "gpt2": (16, 10)}
+
+
 def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool,
                      precision: str = "bf16") -> int:
-    """Activations kept for the backward pass of one micro batch.
+    """Activations of one micro batch at the start of the backward pass.
 
-    Per layer 34 x seq x batch x d_model bytes in 16-bit (Korthikanti et al. 2022, table 2) without their
-    5 x heads x seq^2 term: SDPA's fused attention keeps no score matrix. Activation checkpointing keeps
-    each layer's 16-bit input and recomputes one layer at a time. The logits add 16-bit values plus the
-    fp32 copy the loss takes of them, which at a 32k vocabulary is often the largest single term.
+    Every block's saved tensors (`BLOCK_BYTES_PER_TOKEN`; SDPA keeps no seq^2 score matrix), or with
+    activation checkpointing each block's 16-bit input plus one block recomputed at a time; the final norm
+    and the output head's input; then the logits:
+    the fp32 copy the loss keeps and the fp32 gradient the backward pass starts from, which at a 32k
+    vocabulary is often the largest single term.
     """
     scale = 2 if precision == "fp32" else 1
     tokens = micro_batch * seq_len
-    layer = 34 * tokens * shape.d_model * scale
-    kept = shape.n_layers * 2 * tokens * shape.d_model * scale + layer if checkpointing else shape.n_layers * layer
-    return int(kept + tokens * shape.vocab * (2 * scale + 4))
+    per_d, per_ff = BLOCK_BYTES_PER_TOKEN.get(shape.arch, BLOCK_BYTES_PER_TOKEN["llama"])
+    block = tokens * (per_d * shape.d_model + per_ff * (shape.ff or 4 * shape.d_model)) * scale
+    kept = shape.n_layers * 2 * tokens * shape.d_model * scale + block if checkpointing else shape.n_layers * block
+    return int(kept + tokens * shape.d_model * 6 * scale + tokens * shape.vocab * 8)  # final norm, head input
 
 
 def gpu_memory(shape: ModelShape, setting: MemorySetting, seq_len: int, gpus_per_node: int, nodes: int,

@@ -99,7 +99,8 @@ def model_shape(model: ModelConfig, vocab: int, lora_rank: int | None = None) ->
             per_layer = 2 * 2 * d + 2 * (d + kv) + 3 * (d + ff)
         trainable = model.n_layers * lora_rank * per_layer
     return ModelShape(total=total, trainable=trainable, largest_layer=largest, n_layers=model.n_layers,
-                      d_model=d, vocab=vocab, compute=param_counts(model, vocab)["compute"])
+                      d_model=d, vocab=vocab, compute=param_counts(model, vocab)["compute"], ff=ff,
+                      arch="gpt2" if model.arch == "gpt2" else "llama")
 
 
 def dir_shape(path: str, lora_rank: int | None = None, targets: list[str] | None = None) -> ModelShape | None:
@@ -125,9 +126,12 @@ def dir_shape(path: str, lora_rank: int | None = None, targets: list[str] | None
     trainable = total
     if lora_rank:
         trainable = sum(lora_rank * sum(m.weight.shape) for leaf, m in linears if not targets or leaf in targets)
-    d = conf.get_text_config().hidden_size
+    text = conf.get_text_config()
+    d = text.hidden_size
+    ff = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * d
     return ModelShape(total=total, trainable=trainable, largest_layer=largest, d_model=d,
-                      n_layers=conf.get_text_config().num_hidden_layers, vocab=head.weight.shape[0], compute=matmuls)
+                      n_layers=text.num_hidden_layers, vocab=head.weight.shape[0], compute=matmuls, ff=ff,
+                      arch="gpt2" if conf.model_type == "gpt2" else "llama")
 
 
 def _pruned(model: ModelConfig, cfg: PipelineConfig) -> ModelConfig:
@@ -423,7 +427,7 @@ def _memory_lines(plan: dict[str, Any]) -> list[str]:
     where = f"{cap:.0f} of {hw['memory_gib']:g} GiB usable" if cap else "no GPU memory to compare"
     unit = "GPU" if hw else "worker"
     lines = [f"memory per {unit}, {first['stage']}, ESTIMATES ({where}; model states: DeepSpeed's estimators,",
-             "  activations: 34·s·b·d per layer + logits, SDPA attention)",
+             "  activations: autograd's saved tensors per block, measured on HF blocks with SDPA, + logits)",
              f"  {'':1} {'setting':<25} {'states':>8} {'activ.':>8} {'total':>8} {'CPU/node':>9}  fits"]
     for row in first["zero_table"]:
         fits = {None: "n/a", True: "yes", False: "NO"}[row["fits"]]

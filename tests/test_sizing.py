@@ -64,29 +64,6 @@ def test_hardware_tables() -> None:
     assert gpu_peak_flops("Some CPU") is None
 
 
-def test_model_states_are_deepspeeds_arithmetic() -> None:
-    """ZeRO-2/3 through DeepSpeed's estimators, checked against their documented multipliers by hand."""
-    from llm.memory import MemorySetting, model_states_bytes
-
-    p, largest = 1_000_000_000, 100_000_000
-    assert model_states_bytes(p, largest, MemorySetting(0), 8, 2)[0] == 20 * p  # nothing partitioned
-    assert model_states_bytes(p, largest, MemorySetting(2), 8, 2)[0] == 2 * p + 18 * p // 16
-    assert model_states_bytes(p, largest, MemorySetting(1), 8, 2)[0] == 2 * p + 18 * p // 16 + int(2 * p * 15 / 16)
-    assert model_states_bytes(p, largest, MemorySetting(2, offload_optimizer=True), 8, 2)[0] == 2 * p
-    assert model_states_bytes(p, largest, MemorySetting(3), 8, 2)[0] == 4 * largest + 18 * p // 16
-    assert model_states_bytes(p, largest, MemorySetting(3, True, True), 8, 2)[0] == 4 * largest
-
-
-def test_activation_bytes_by_hand() -> None:
-    from llm.memory import ModelShape, activation_bytes
-
-    shape = ModelShape(total=1, trainable=1, largest_layer=1, n_layers=12, d_model=768, vocab=32768)
-    tokens = 16 * 1024
-    logits = tokens * 32768 * 6
-    assert activation_bytes(shape, 16, 1024, False) == 12 * 34 * tokens * 768 + logits
-    assert activation_bytes(shape, 16, 1024, True) == 12 * 2 * tokens * 768 + 34 * tokens * 768 + logits
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lora_trainable_count_matches_peft(arch: str) -> None:
     import transformers
