@@ -20,15 +20,29 @@ from typing import Any
 from llm.eval.loss import model_device
 
 
+def _packed_tensors(model: Any) -> list[Any]:
+    """Weights and biases that quantized modules keep packed outside `parameters()` (torch.ao dynamic int8
+    Linear holds them in `_packed_params`)."""
+    out = []
+    for m in model.modules():
+        if hasattr(m, "_packed_params") and callable(getattr(m, "weight", None)):
+            bias = m.bias() if callable(getattr(m, "bias", None)) else None
+            out += [t for t in (m.weight(), bias) if t is not None]
+    return out
+
+
 def param_count(model: Any) -> int:
-    """Parameters of a model, tied weights counted once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Parameters of a model, tied weights counted once, packed quantized weights included."""
+    dense = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return dense + sum(t.numel() for t in _packed_tensors(model))
 
 
 def weights_bytes(model: Any) -> int:
-    """Bytes the model's parameters and buffers take in memory, tied weights counted once."""
+    """Bytes the model's parameters and buffers take in memory, tied weights counted once, packed quantized
+    weights at their own width."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    dense = sum(t.numel() * t.element_size() for t in tensors.values())
+    return dense + sum(t.numel() * t.element_size() for t in _packed_tensors(model))
 
 
 def dir_bytes(path: str | Path) -> int:

@@ -52,6 +52,22 @@ def _write(folder, name, **cols):
     pq.write_table(pa.table({k: pa.array(v, pa.list_(pa.int32())) for k, v in cols.items()}), folder / name)
 
 
+def test_int8_model_counts_its_packed_weights(model):
+    """torch.ao's dynamic int8 Linear keeps weights packed outside `parameters()`: still counted, at 1 byte."""
+    import warnings
+
+    import torch
+
+    from llm.eval import weights_bytes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    assert param_count(q) == param_count(model)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert weights_bytes(q) == pytest.approx(weights_bytes(model) - 3 * linear, abs=64)
+
+
 def test_packed_rows_in_sorted_shard_order(tmp_path):
     val = tmp_path / "packed" / "val"
     _write(val, "part-00001.parquet", input_ids=[[3, 3, 3], [4, 4, 4]])
