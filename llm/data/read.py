@@ -136,6 +136,15 @@ def _jsonl(src: SourceFile, f: BinaryIO, max_bytes: int, field: str) -> Iterator
         yield row("", src.path, "empty_file")
 
 
+def _value_row(value: Any, where: str, max_chars: int) -> dict[str, Any]:
+    """A column value as a document row, or the reason it is not one."""
+    if not isinstance(value, str):
+        return row("", where, "missing_field")
+    if len(value) > max_chars:
+        return row("", where, "too_long")
+    return row(value, where)
+
+
 def _parquet(src: SourceFile, f: BinaryIO, field: str, max_chars: int) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
@@ -147,13 +156,7 @@ def _parquet(src: SourceFile, f: BinaryIO, field: str, max_chars: int) -> Iterat
     for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field]):
         for value in batch.column(0).to_pylist():
             n += 1
-            where = f"{src.path}:{n}"
-            if not isinstance(value, str):
-                yield row("", where, "missing_field")
-            elif len(value) > max_chars:
-                yield row("", where, "too_long")
-            else:
-                yield row(value, where)
+            yield _value_row(value, f"{src.path}:{n}", max_chars)
     if n == 0:
         yield row("", src.path, "empty_file")
 
@@ -174,13 +177,7 @@ def _hf_arrow(src: SourceFile, field: str, max_chars: int) -> Iterator[dict[str,
 
     try:
         for i, rec in hf_rows(src.path):
-            key, text = f"{src.path}[{i}]", rec.get(field)
-            if not isinstance(text, str):
-                yield row("", key, "missing_field")
-            elif len(text) > max_chars:
-                yield row("", key, "too_long")
-            else:
-                yield row(text, key)
+            yield _value_row(rec.get(field), f"{src.path}[{i}]", max_chars)
     except (OSError, ValueError) as e:
         yield row(f"{src.path}: unreadable datasets Arrow shard ({e})", src.path, "read_error")
 
