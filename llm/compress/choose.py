@@ -72,10 +72,13 @@ def choose(rows: Sequence[Mapping[str, Any]], rule: ChooseConfig) -> dict[str, A
             "rule": rule.model_dump(mode="json"), "checks": checks}
 
 
-def write_chosen(folder: Path, choice: dict[str, Any], original_dir: Path) -> Path:
+def write_chosen(folder: Path, choice: dict[str, Any], original_dir: Path | str) -> Path:
     """`compress/chosen.json`, which the serve stage reads; `path` is absolute for the original (it lives in
-    another stage's folder) and the variant's folder name otherwise."""
+    another stage's folder: a store URI when it is in one) and the variant's folder name otherwise."""
+    from llm import storage
+
     path = folder / "chosen.json"
-    where = str(original_dir.resolve()) if choice["variant"] == ORIGINAL else choice["variant"]
+    original = str(original_dir) if storage.is_remote(original_dir) else str(Path(original_dir).resolve())
+    where = original if choice["variant"] == ORIGINAL else choice["variant"]
     path.write_text(json.dumps({**choice, "path": where}, indent=2) + "\n")
     return path

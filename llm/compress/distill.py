@@ -57,8 +57,11 @@ def kd_loss(spec: LoopSpec) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from llm import storage
+
     extra = spec.extra
-    teacher = AutoModelForCausalLM.from_pretrained(extra["teacher"], local_files_only=True, dtype=torch.float32)
+    where = str(storage.cached_copy(extra["teacher"]))  # from a store: this node's checked cache copy
+    teacher = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=torch.float32)
     teacher.eval().requires_grad_(False)
     temperature, alpha = float(extra["temperature"]), float(extra["alpha"])
     placed: dict[str, Any] = {}
@@ -76,9 +79,11 @@ def kd_loss(spec: LoopSpec) -> Any:
     return loss_fn
 
 
-def use_sft(cfg: PipelineConfig, data: Path, from_finetune: bool) -> bool:
+def use_sft(cfg: PipelineConfig, data: Path | str, from_finetune: bool) -> bool:
     """Whether distillation reads SFT rows (loss on assistant tokens) instead of packed text."""
-    has_sft = any((data / "sft" / "train").glob("*.parquet"))
+    from llm.train.stage import data_shards
+
+    has_sft = bool(data_shards(data, "train", "sft"))
     choice = cfg.compress.distill.data
     if choice == "sft" and not has_sft:
         from llm.errors import ConfigError
@@ -87,16 +92,17 @@ def use_sft(cfg: PipelineConfig, data: Path, from_finetune: bool) -> bool:
     return choice == "sft" or (choice == "auto" and from_finetune and has_sft)
 
 
-def distill_spec(cfg: PipelineConfig, work: Path, data: Path, teacher: Path, student: dict[str, Any],
-                 sft: bool) -> LoopSpec:
+def distill_spec(cfg: PipelineConfig, work: Path, data: Path | str, teacher: Path, student: dict[str, Any],
+                 sft: bool, teacher_uri: str | None = None) -> LoopSpec:
     """The loop's plain-dict config: the student (`{"path": dir}` or `ModelConfig` fields), the teacher in
-    `extra`, packed or SFT rows of the data stage, and the val split of the same kind for the loop's val loss."""
+    `extra`, packed or SFT rows of the data stage, and the val split of the same kind for the loop's val loss.
+    With `teacher_uri` (the teacher in an object store) the workers copy it from there, not from `teacher`."""
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
     from llm.config import ModelConfig
     from llm.manifest import manifest_hash
-    from llm.train.data import shard_files
+    from llm.train.stage import data_shards as shard_files
 
     dist = cfg.compress.distill
     tokenizer = AutoTokenizer.from_pretrained(str(teacher), local_files_only=True)
@@ -112,13 +118,13 @@ def distill_spec(cfg: PipelineConfig, work: Path, data: Path, teacher: Path, stu
         train_files=train_files,
         columns=["input_ids", "labels"] if sft else ["input_ids"],
         pad_id=pad if sft else None,
-        tokenizer_dir=str(teacher),
+        tokenizer_dir=teacher_uri or str(teacher),
         out_dir=str(work),
         stage="compress.distill",
         val_files=shard_files(data, "val", kind),  # the same kind as training: SFT rows carry labels
         data_id=manifest_hash(data) or "",
         loss_hook="llm.compress.distill:kd_loss",
-        extra={"teacher": str(teacher), "temperature": dist.temperature, "alpha": dist.alpha},
+        extra={"teacher": teacher_uri or str(teacher), "temperature": dist.temperature, "alpha": dist.alpha},
     )
 
 
@@ -129,18 +135,29 @@ def distill_sizing(cfg: PipelineConfig) -> Any:
     return planned(cfg).compress
 
 
-def distill(cfg: PipelineConfig, work: Path, data: Path, teacher: Path, student: dict[str, Any],
-            sft: bool) -> Path:
+def distill(cfg: PipelineConfig, work: Path, data: Path | str, teacher: Path, student: dict[str, Any],
+            sft: bool, store: str | None = None, teacher_uri: str | None = None) -> Path:
     """Train the student into `work/model` on Ray Train (or in this process with `compress.sizing.workers: 0`),
-    resuming from the newest whole checkpoint under `work/ray`; returns the exported model folder."""
+    resuming from the newest whole checkpoint under `work/ray`; returns the exported model folder.
+
+    With `store` (the run's URI in an object store) the checkpoints and the export go there, written by the
+    workers; the export is then copied into `work/model` here."""
+    from llm import storage
+    from llm.errors import ConfigError
     from llm.train import ds_config
     from llm.train.fit import fit_with_ray
+    from llm.train.stage import to_store
 
     dist = cfg.compress.distill
     sizing = distill_sizing(cfg)
     ds_config.build(dist, max(1, sizing.workers), "compress.distill")  # a bad `deepspeed:` fails before workers
-    spec = distill_spec(cfg, work, data, teacher, student, sft)
-    root = work / "ray"
+    spec = distill_spec(cfg, work, data, teacher, student, sft, teacher_uri)
+    root: Path | str = work / "ray"
+    if store is not None:
+        if sizing.workers < 1:
+            raise ConfigError(f"metadata.llm.compress.sizing.workers: 0 trains without Ray and needs a local "
+                              f"`storage` (got {cfg.storage})")
+        spec, root = to_store(spec, store), storage.join(store, "ray")
     choice = ckpt.choose(root, set_aside=True)
     if choice.path:
         print(f"compress: distillation resumes from step {choice.step}", flush=True)
@@ -152,4 +169,6 @@ def distill(cfg: PipelineConfig, work: Path, data: Path, teacher: Path, student:
         run_loop(spec, LocalRuntime(checkpoint_root=str(root), keep=dist.keep_checkpoints))
     else:
         fit_with_ray(cfg, "compress", spec, sizing, root, dist.keep_checkpoints, dist.max_failures)
+    if store is not None:
+        return storage.download(storage.join(store, "model"), work / "model")
     return work / "model"

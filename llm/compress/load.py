@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.config import PipelineConfig
 from llm.errors import ConfigError, StageInputError
-from llm.manifest import read_manifest
+from llm.manifest import MANIFEST, read_manifest
 from llm.stage import local_dir
 
 CHOSEN = "chosen.json"
@@ -99,13 +100,16 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     return LoadedModel(model, tokenizer, folder, fmt)
 
 
-def chosen_model_dir(cfg: PipelineConfig) -> Path:
+def chosen_model_dir(cfg: PipelineConfig) -> Path | str:
     """The model to serve or evaluate by default: the variant `compress/chosen.json` names; without a
-    committed compress stage, the fine-tuned model, else the pretrained one.
+    committed compress stage, the fine-tuned model, else the pretrained one. With `storage` in an object
+    store, its URI there (open it with `local_model`).
 
     Raises:
         StageInputError: no committed stage has a model yet.
     """
+    if storage.is_remote(cfg.stage_dir("compress")):
+        return _chosen_in_store(cfg)
     compress = local_dir(cfg.stage_dir("compress"))
     if read_manifest(compress) is not None and (compress / CHOSEN).exists():
         chosen = json.loads((compress / CHOSEN).read_text())
@@ -118,3 +122,45 @@ def chosen_model_dir(cfg: PipelineConfig) -> Path:
             return folder / "model"
     raise StageInputError(f"{local_dir(cfg.stage_dir(''))}: no committed compress, finetune or pretrain model; "
                           "run `llmray run` first or set serve.model=<directory>")
+
+
+def _chosen_in_store(cfg: PipelineConfig) -> str:
+    """`chosen_model_dir` with the stage folders in an object store: a URI of a committed model folder."""
+    compress = cfg.stage_dir("compress")
+    manifest = read_manifest(compress)
+    if manifest is not None and CHOSEN in manifest.files:
+        chosen = json.loads(storage.read_bytes(storage.join(compress, CHOSEN)))
+        where = str(chosen.get("path") or chosen["variant"])
+        return where if storage.is_remote(where) or Path(where).is_absolute() else storage.join(compress, where)
+    for stage in ("finetune", "pretrain"):
+        manifest = read_manifest(cfg.stage_dir(stage))
+        if manifest is not None and "model/config.json" in manifest.files:
+            return storage.join(cfg.stage_dir(stage), "model")
+    raise StageInputError(f"{cfg.stage_dir('')}: no committed compress, finetune or pretrain model; "
+                          "run `llmray run` first or set serve.model=<directory>")
+
+
+def committed_model(uri: str) -> tuple[str, str]:
+    """(the committed stage folder, the model's path in it) of a model folder URI in an object store; a
+    one-line error when no committed folder above it holds the model's config.json."""
+    parts = uri.rstrip("/").split("/")
+    for cut in range(len(parts) - 1, 2, -1):  # `s3:`, '', bucket: a stage folder is below the bucket
+        stage, rel = "/".join(parts[:cut]), "/".join(parts[cut:])
+        manifest = read_manifest(stage)
+        if manifest is not None:
+            if f"{rel}/config.json" not in manifest.files:
+                raise StageInputError(f"{uri}: not a model folder committed in {stage} (no {rel}/config.json "
+                                      "in its manifest)")
+            return stage, rel
+    raise StageInputError(f"{uri}: no committed stage folder (with {MANIFEST}) holds this model")
+
+
+def local_model(path: str | Path) -> Path:
+    """A model folder on this machine: a local path as is; from an object store, a cache copy of the model's
+    committed files checked against the manifest (each Serve replica, on any node, makes its own)."""
+    if not storage.is_remote(path):
+        return Path(path).expanduser()
+    from llm.stage import committed_copy
+
+    stage, rel = committed_model(str(path))
+    return committed_copy(stage, lambda name, meta: name.startswith(f"{rel}/")) / rel

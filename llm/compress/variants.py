@@ -36,15 +36,15 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def calibration_rows(data: Path, rows: int) -> Any:
+def calibration_rows(data: Path | str, rows: int) -> Any:
     """The first `rows` packed train sequences (the tokens pruning ranks channels on and checks are run on)."""
     import numpy as np
     import pyarrow.parquet as pq
 
     from llm.errors import StageInputError
-    from llm.train.data import shard_files
+    from llm.train.stage import data_shards
 
-    files = shard_files(data, "train")
+    files = data_shards(data, "train")  # local, or read straight from an object store
     if not files:
         raise StageInputError(f"{data}/packed/train: no parquet shards for calibration; rerun `llmray data`")
     out: list[Any] = []

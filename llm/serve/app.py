@@ -17,7 +17,7 @@ from ray import serve
 from ray.serve import Application
 
 from llm.config import LoadedConfig, PipelineConfig, ServeConfig, load_config
-from llm.errors import ConfigError
+from llm.errors import ConfigError, StageInputError
 
 APP_NAME = "llm"
 PROXY_MARGIN_S = 5.0  # the proxy times out this much after the app does, so the app's answer arrives
@@ -32,7 +32,7 @@ class LLMServer:
     def __init__(self, models: dict[str, str], serve_cfg: dict[str, Any], key_sha256: str | None) -> None:
         import torch
 
-        from llm.compress.load import load_model
+        from llm.compress.load import load_model, local_model
         from llm.serve.engine import Engine
         from llm.serve.metrics import request_recorder
         from llm.serve.service import Service
@@ -40,8 +40,9 @@ class LLMServer:
         cfg = ServeConfig.model_validate(serve_cfg)
         torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_replica)))
         device = "cuda" if cfg.gpus_per_replica and torch.cuda.is_available() else "cpu"
-        engines = {name: Engine(load_model(path, device), cfg.max_batch_size, on_finish=request_recorder(name))
-                   for name, path in models.items()}
+        # A model in an object store is copied into this replica's node cache and checked against its manifest.
+        engines = {name: Engine(load_model(local_model(path), device), cfg.max_batch_size,
+                                on_finish=request_recorder(name)) for name, path in models.items()}
         self.service = Service(engines, cfg, key_sha256)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -55,17 +56,29 @@ class LLMServer:
 
 
 def model_dirs(cfg: PipelineConfig) -> dict[str, str]:
-    """Served model name -> directory: `serve.model` (or the chosen variant) plus `serve.models`."""
-    from llm.compress.load import chosen_model_dir, model_format
+    """Served model name -> directory: `serve.model` (or the chosen variant) plus `serve.models`; a model in
+    an object store stays a URI (each replica copies it, see `LLMServer`), checked here against its manifest."""
+    from llm import storage
+    from llm.compress.load import chosen_model_dir, committed_model, model_format
 
-    main = Path(cfg.serve.model).expanduser() if cfg.serve.model else chosen_model_dir(cfg)
-    dirs = {cfg.serve.name or cfg.run: main, **{k: Path(v).expanduser() for k, v in cfg.serve.models.items()}}
+    main = cfg.serve.model or chosen_model_dir(cfg)
+    named = {cfg.serve.name or cfg.run: main, **cfg.serve.models}
+    remote = {name: str(v) for name, v in named.items() if storage.is_remote(v)}
+    for name, uri in remote.items():
+        try:
+            committed_model(uri)
+        except StageInputError as e:
+            key = "serve.model" if uri == str(main) else f"serve.models.{name}"
+            raise ConfigError(f"metadata.llm.{key}: {e}") from None
+    dirs = {k: Path(v).expanduser() for k, v in named.items() if k not in remote}
+    main = Path(main).expanduser() if not storage.is_remote(main) else main
     for name, path in dirs.items():
         if not path.is_dir():
             key = "serve.model" if path == main else f"serve.models.{name}"
             raise ConfigError(f"metadata.llm.{key}: model directory {str(path)!r} not found")
         model_format(path)
-    return {name: str(path.resolve()) for name, path in dirs.items()}
+    local = {name: str(path.resolve()) for name, path in dirs.items()}
+    return {name: remote.get(name) or local[name] for name in named}
 
 
 def replica_bounds(cfg: ServeConfig, cpus: float, gpus: float) -> tuple[int, int]:

@@ -79,7 +79,8 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
         (folder / ENDPOINT).write_text(json.dumps(info, indent=2))
         return info
 
-    result = execute(cfg, "serve", body, sections=("serve",), force=True, record_only=True)
+    # With `storage` in an object store, endpoint.json is staged here and uploaded; replicas copy the model.
+    result = execute(cfg, "serve", body, sections=("serve",), force=True, record_only=True, object_store=True)
     name = next(iter(models))
     print(f"serve: ready in {result.metrics['ready_s']:.1f}s at {base_url(cfg)} (models: {', '.join(models)})\n"
           f"  {curl_example(cfg, name)}", flush=True)

@@ -5,19 +5,24 @@ Writes under `<storage>/<run>/finetune/`: `tokenizer/` (the base's, with pad and
 (examples rendered with that tokenizer, when the data stage's were made with another), `ray/attempt-<n>/`
 (checkpoints), `metrics.jsonl`, `adapter/` (LoRA), `model/` (the fine-tuned or merged model),
 `eval.json` (base and fine-tuned side by side), then the manifest. Resume and `--force` as in pretrain.
+
+With `storage` in an object store the workers read the base and the shards from the store (each node keeps
+a checked cache copy of the base), the driver's tokenizer and rendered examples are uploaded before the
+workers start, the workers upload their outputs, and the merge and evaluation run on local copies.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.config import PipelineConfig, TrainConfig
 from llm.errors import ConfigError, StageInputError
-from llm.stage import StageResult, execute, input_dir
+from llm.stage import StageResult, execute, input_dir, input_uri, target
 from llm.train import ds_config
-from llm.train.data import shard_files
 from llm.train.fit import fit_with_ray, resume_point
 from llm.train.loop import LoopSpec
 from llm.train.metrics import training_summary
@@ -32,7 +37,8 @@ def base_dir(cfg: PipelineConfig) -> Path:
     weights and a tokenizer, else a one-line error naming the key."""
     ft = cfg.finetune
     if ft.base is None:
-        folder, key = input_dir(cfg, "pretrain") / "model", f"{KEY}.base (default: the pretrain stage's model/)"
+        folder = input_dir(cfg, "pretrain", parts=("model",)) / "model"  # a checked cache copy from a store
+        key = f"{KEY}.base (default: the pretrain stage's model/)"
     else:
         folder, key = Path(ft.base).expanduser().resolve(), f"{KEY}.base"
     if not folder.is_dir():
@@ -63,15 +69,16 @@ def examples(cfg: PipelineConfig, folder: Path, tok: Any) -> tuple[list[str], li
     limit = ft.eval.prompts if ft.eval.enabled else 0
     if not ft.data:
         from llm.data.tokenizer import load_tokenizer
+        from llm.train.stage import data_shards
 
-        data = input_dir(cfg, "data")
-        train = shard_files(data, "train", "sft")
+        data = input_uri(cfg, "data")  # shards are read from where they are (a store included)
+        train = data_shards(data, "train", "sft")
         if not train or not sft.sources:
             raise StageInputError(f"{data}/sft/train: no SFT shards; set data.sft.sources and rerun `llmray data`, "
                                   f"or set {KEY}.data")
-        if same_tokenizer(tok, load_tokenizer(data)):
+        if same_tokenizer(tok, load_tokenizer(input_dir(cfg, "data", parts=("tokenizer",)))):
             convs = held_out(sft.sources, sft.val_fraction, "metadata.llm.data.sft.sources")[:limit]
-            return train, shard_files(data, "val", "sft"), convs, {"rendered": False}
+            return train, data_shards(data, "val", "sft"), convs, {"rendered": False}
     sources = ft.data or sft.sources
     key = f"{KEY}.data" if ft.data else "metadata.llm.data.sft.sources"
     out = folder / "sft"
@@ -79,25 +86,38 @@ def examples(cfg: PipelineConfig, folder: Path, tok: Any) -> tuple[list[str], li
     stats = {"rendered": True, **done.counts, "dropped": done.dropped[:20]}
     for d in done.dropped[:5]:
         print(f"finetune: dropped {d['record']}: {d['reason']}", flush=True)
-    return sorted(map(str, (out / "train").glob("*.parquet"))), sorted(map(str, (out / "val").glob("*.parquet"))), \
+    store = target(folder)
+    if storage.is_remote(store):  # workers on any node read them from the store
+        storage.upload(out, storage.join(store, "sft"))
+    return [storage.join(store, p.relative_to(folder).as_posix()) for p in sorted((out / "train").glob("*.parquet"))], \
+        [storage.join(store, p.relative_to(folder).as_posix()) for p in sorted((out / "val").glob("*.parquet"))], \
         done.val_records[:limit], stats
 
 
 def loop_spec(cfg: PipelineConfig, folder: Path, base: Path, tok: Any, train: list[str], val: list[str],
               **extra: Any) -> LoopSpec:
     """The loop's plain-dict config: padded SFT rows, the base loaded from its directory, LoRA as a hook."""
+    from llm.train.stage import to_store
+
     ft = cfg.finetune
     vocab = int(json.loads((base / "config.json").read_text()).get("vocab_size") or len(tok))
     lora = ft.method == "lora"
-    return LoopSpec(
+    store = target(folder)
+    model, tokenizer = str(base), str(folder / "tokenizer")
+    if storage.is_remote(store):  # each worker's node copies them from the store into its cache
+        storage.upload(folder / "tokenizer", storage.join(store, "tokenizer"))
+        tokenizer = storage.join(store, "tokenizer")
+        if ft.base is None:
+            model = storage.join(input_uri(cfg, "pretrain"), "model")
+    spec = LoopSpec(
         train=ft.model_dump(mode="json", include=set(TrainConfig.model_fields)),
-        model={"path": str(base)},
+        model={"path": model},
         vocab_size=vocab,
         seq_len=ft.max_len or cfg.data.sft.max_len,
         train_files=train,
         columns=["input_ids", "labels"],
         pad_id=int(tok.pad_token_id),
-        tokenizer_dir=str(folder / "tokenizer"),
+        tokenizer_dir=tokenizer,
         out_dir=str(folder),
         stage="finetune",
         val_files=val,
@@ -106,6 +126,7 @@ def loop_spec(cfg: PipelineConfig, folder: Path, base: Path, tok: Any, train: li
         extra={"lora": ft.lora.model_dump(mode="json")},
         **extra,
     )
+    return to_store(spec, store)
 
 
 def fit(cfg: PipelineConfig, spec: LoopSpec, folder: Path) -> dict[str, Any]:
@@ -115,14 +136,21 @@ def fit(cfg: PipelineConfig, spec: LoopSpec, folder: Path) -> dict[str, Any]:
     ft = cfg.finetune
     sizing = planned(cfg).finetune
     ds_config.build(ft, max(1, sizing.workers), "finetune")  # a bad `finetune.deepspeed` fails before any worker
-    root = folder / RAY_DIR
+    store = target(folder)
+    root: Path | str = storage.join(store, RAY_DIR) if storage.is_remote(store) else folder / RAY_DIR
     spec.resume_from = resume_point(root, ft.keep_checkpoints, "finetune")
+    if sizing.workers < 1 and storage.is_remote(store):
+        raise ConfigError(f"{KEY}.sizing.workers: 0 trains without Ray and needs a local `storage` "
+                          f"(got {cfg.storage})")
     if sizing.workers < 1:
         from llm.train.loop import run_loop
         from llm.train.runtime import LocalRuntime
 
         return run_loop(spec, LocalRuntime(checkpoint_root=str(root), keep=ft.keep_checkpoints))
-    return fit_with_ray(cfg, "finetune", spec, sizing, root, ft.keep_checkpoints, ft.max_failures)
+    metrics = fit_with_ray(cfg, "finetune", spec, sizing, root, ft.keep_checkpoints, ft.max_failures)
+    if storage.is_remote(store):  # the records the summary reads, from the store (rank 0 uploaded them)
+        folder.joinpath("metrics.jsonl").write_bytes(storage.read_bytes(storage.join(store, "metrics.jsonl")))
+    return metrics
 
 
 def sweep_spec(cfg: PipelineConfig, folder: Path) -> LoopSpec:
@@ -163,7 +191,8 @@ def param_counts(base: Path, adapter: Path | None) -> dict[str, int]:
     return {"params": total, "trainable_params": trainable}
 
 
-def evaluate(cfg: PipelineConfig, folder: Path, base: Path, val: list[str], convs: list[Any]) -> list[dict[str, Any]]:
+def evaluate(cfg: PipelineConfig, folder: Path, base: Path, val: list[str], convs: list[Any],
+             tuned: Path | None = None) -> list[dict[str, Any]]:
     """Base and fine-tuned model on the same held-out rows and prompts, with the same tokenizer (`eval.json`)."""
     from transformers import AutoTokenizer
 
@@ -180,13 +209,34 @@ def evaluate(cfg: PipelineConfig, folder: Path, base: Path, val: list[str], conv
     pairs, _ = prompt_pairs([{"messages": c} for c in convs])
     settings = EvalSettings(sft_rows=ft.eval.sft_rows, max_new_tokens=ft.eval.max_new_tokens, measure_speed=False,
                             batch_size=8)
-    rows = evaluate_models({"base": base, "finetuned": folder / "model"},
-                           sft_val=str(Path(val[0]).parent) if val else None, prompts=pairs, settings=settings,
+    rows = evaluate_models({"base": base, "finetuned": tuned or folder / "model"},
+                           sft_val=_local_val(cfg, folder, val), prompts=pairs, settings=settings,
                            loader=loader)
     (folder / "eval.json").write_text(json.dumps(rows, indent=2))
     print(format_table(rows, ["model", "params", "sft_loss", "sft_ppl", "rouge_l", "bleu", "exact_match",
                               "prompts"]), flush=True)
     return rows
+
+
+def _local_val(cfg: PipelineConfig, folder: Path, val: list[str]) -> str | None:
+    """The SFT val shards' folder on this machine: as is locally; from a store, the rendered ones staged in
+    `folder/sft/val`, else a checked cache copy of the data stage's."""
+    if not val:
+        return None
+    if not storage.is_remote(val[0]):
+        return str(Path(val[0]).parent)
+    if (folder / "sft" / "val").is_dir():
+        return str(folder / "sft" / "val")
+    return str(input_dir(cfg, "data", parts=("sft/val",)) / "sft" / "val")
+
+
+def _outputs(folder: Path, rel: str, scratch: Path) -> Path:
+    """A folder the workers wrote (`adapter/`, `model/`): itself with local storage, else copied from the
+    store into `scratch` (the driver merges and evaluates local files)."""
+    store = target(folder)
+    if not storage.is_remote(store):
+        return folder / rel
+    return storage.download(storage.join(store, rel), scratch / rel)
 
 
 def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
@@ -206,18 +256,28 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
     ft = cfg.finetune
     inputs = inputs_of(cfg) + (("sweep",) if lr_from is not None else ())
     base = base_dir(cfg)  # before any folder moves: a bad base is a one-line error at once
+    remote_base = ft.base is None and storage.is_remote(cfg.stage_dir("pretrain"))
+    base_name = storage.join(input_uri(cfg, "pretrain"), "model") if remote_base else str(base)  # not the cache
 
     def body(folder: Path) -> dict[str, Any]:
-        from llm.train.merge import merge_adapter
-
         tok = prepare_tokenizer(base, folder / "tokenizer")
         train, val, convs, data_stats = examples(cfg, folder, tok)
         check_vocab(train + val, int(json.loads((base / "config.json").read_text()).get("vocab_size", 0)), str(base))
         metrics = fit(cfg, loop_spec(cfg, folder, base, tok, train, val, **extra), folder)
-        adapter = folder / "adapter" if ft.method == "lora" else None
-        if adapter is not None:
+        with tempfile.TemporaryDirectory(prefix="llmray-finetune-") as scratch:
+            return finish(folder, metrics, val, convs, data_stats, Path(scratch))
+
+    def finish(folder: Path, metrics: dict[str, Any], val: list[str], convs: list[Any], data_stats: dict[str, Any],
+               scratch: Path) -> dict[str, Any]:
+        from llm.train.merge import merge_adapter
+
+        adapter = _outputs(folder, "adapter", scratch) if ft.method == "lora" else None
+        if adapter is not None:  # merged on this machine into the stage folder (uploaded with the commit)
             merge_adapter(base, adapter, folder / "model", folder / "tokenizer")
-        summary = {**training_summary(folder, metrics), "method": ft.method, "base": str(base), "data": data_stats,
+            tuned = folder / "model"
+        else:
+            tuned = _outputs(folder, "model", scratch)
+        summary = {**training_summary(folder, metrics), "method": ft.method, "base": base_name, "data": data_stats,
                    **param_counts(base, adapter)}
         if lr_from is not None:  # the manifest names the sweep (and trial) the schedule came from
             summary["lr_from"] = lr_from
@@ -225,13 +285,14 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
                 f"{summary['params']:,} parameters")
         if summary["first_loss"] is not None:
             line += f", loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
-        print(f"{line}\n  model: {folder / 'model'}", flush=True)
+        print(f"{line}\n  model: {storage.join(target(folder), 'model')}", flush=True)
         if ft.eval.enabled:
-            rows = evaluate(cfg, folder, base, val, convs)
+            rows = evaluate(cfg, folder, base, val, convs, tuned)
             for row in rows:
                 prefix = "base_" if row["model"] == "base" else ""
                 summary.update({f"{prefix}{k}": row[k] for k in ("sft_loss", "sft_ppl", "rouge_l", "bleu",
                                                                   "exact_match")})
         return summary
 
-    return execute(cfg, "finetune", body, sections=("finetune",), inputs=inputs, force=force, keep_partial=True)
+    return execute(cfg, "finetune", body, sections=("finetune",), inputs=inputs, force=force, keep_partial=True,
+                   object_store=True)

@@ -51,18 +51,23 @@ def loop_spec(cfg: PipelineConfig, folder: Path, data: Path | str, **extra: Any)
         data_id=manifest_hash(data) or "",
         **extra,
     )
-    store = target(folder)
-    if storage.is_remote(store):  # workers write on their own nodes and upload (`store_loop_per_worker`)
+    return to_store(spec, target(folder))
+
+
+def to_store(spec: LoopSpec, store: str) -> LoopSpec:
+    """With `store` in an object store, the workers write on their own nodes and upload there
+    (`store_loop_per_worker`); a local `store` leaves the spec as it is."""
+    if storage.is_remote(store):
         spec.out_dir = str(storage.cache_dir() / "out" / hashlib.sha256(store.encode()).hexdigest()[:16])
         spec.extra = {**spec.extra, "store": store}
     return spec
 
 
-def data_shards(data: Path | str, split: str) -> list[str]:
-    """The packed parquet shards of a data stage folder (local, or URIs in an object store: read directly)."""
+def data_shards(data: Path | str, split: str, kind: str = "packed") -> list[str]:
+    """The parquet shards of `<data>/<kind>/<split>/` (local, or URIs in an object store: read directly)."""
     if not storage.is_remote(data):
-        return shard_files(data, split)
-    base = storage.join(data, "packed", split)
+        return shard_files(data, split, kind)
+    base = storage.join(data, kind, split)
     return sorted(storage.join(base, rel) for rel in storage.list_files(base) if rel.endswith(".parquet")
                   and "/" not in rel)
 
