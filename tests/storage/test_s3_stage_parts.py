@@ -92,3 +92,14 @@ def test_a_model_in_the_bucket_is_served_from_a_checked_cache_copy(s3_prefix: st
     storage.write_text(f"{ft}/model/config.json", json.dumps({"changed": True}))  # another size: not committed
     with pytest.raises(StageInputError, match="no committed stage folder"):
         local_model(f"{ft}/model")
+
+
+def test_the_sweep_still_stops_in_one_line_naming_storage(s3_prefix: str) -> None:
+    from llm.config import load_config
+    from llm.tune.stage import run
+    from tests.conftest import LOCAL_YAML
+
+    cfg = load_config(LOCAL_YAML, [f"storage={s3_prefix}", "sweep.enabled=true"]).llm
+    with pytest.raises(StageInputError, match=r"storage .*the sweep stage does not run with `storage` in an object"):
+        run(cfg)
+    assert not storage.exists(cfg.stage_dir("sweep"))
