@@ -370,6 +370,10 @@ def run_loop(spec: LoopSpec, rt: Any) -> dict[str, Any]:
         if not math.isfinite(loss_value):
             raise TrainingError(f"{spec.stage}: step {step}: loss is {loss_value}; lower "
                                 f"metadata.llm.{spec.stage}.lr.peak or check the data")
+        if record["grad_norm"] is not None and not math.isfinite(record["grad_norm"]) and train.precision != "fp16":
+            # fp16's loss scaler skips such steps on purpose; in bf16 and fp32 they are divergence.
+            raise TrainingError(f"{spec.stage}: step {step}: gradient norm is {record['grad_norm']}; lower "
+                                f"metadata.llm.{spec.stage}.lr.peak or check the data")
         if log is not None:
             log.log(record)
         save = step % train.checkpoint_every == 0 or step == train.max_steps
