@@ -191,8 +191,7 @@ def execute(
     remote = storage.is_remote(uri)
     if remote and not object_store:
         raise StageInputError(f"storage {cfg.storage!r}: the {stage} stage does not run with `storage` in an "
-                              "object store yet (every stage but the sweep does); use a shared-filesystem "
-                              "`storage` for it")
+                              "object store yet; use a shared-filesystem `storage` for it")
     input_hashes = {name: manifest_hash(input_uri(cfg, name)) or "" for name in inputs}
     hashed = hashed_config(cfg, *sections)
     digest = canonical_hash(hashed)

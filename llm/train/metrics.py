@@ -23,10 +23,13 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of `metrics.jsonl`; a last line cut by a kill is dropped, not fatal."""
+def read_records(path: Path | str) -> list[dict[str, Any]]:
+    """The JSON lines of `metrics.jsonl` (a local path or an object-store URI); a last line cut by a kill
+    is dropped, not fatal."""
+    from llm import storage
+
     try:
-        lines = path.read_text().splitlines()
+        lines = (storage.read_text(path) if storage.is_remote(path) else Path(path).read_text()).splitlines()
     except FileNotFoundError:
         return []
     out = []

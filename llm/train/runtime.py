@@ -32,6 +32,8 @@ class RayRuntime:
         self.publish: tuple[str, str] | None = None
         """(local out_dir, store URI): with an object store, rank 0's metrics.jsonl is uploaded at each
         checkpoint so the driver's view (and a restart) sees the records up to it."""
+        self.publish_each = False
+        """Upload metrics.jsonl before every report, not only at checkpoints (a sweep trial: `extra.publish`)."""
 
     @contextlib.contextmanager
     def reported_checkpoint(self) -> Iterator[str | None]:
@@ -49,8 +51,14 @@ class RayRuntime:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+        if self.publish_each:  # before the report: a scheduler may stop the trial on hearing it
+            self._publish()
         ray.train.report(metrics, checkpoint=checkpoint)
-        if folder and self.publish and self.rank == 0:
+        if folder and not self.publish_each:
+            self._publish()
+
+    def _publish(self) -> None:
+        if self.publish and self.rank == 0:
             from llm import storage
 
             local, store = self.publish
@@ -126,6 +134,7 @@ def store_loop_per_worker(config: dict[str, Any]) -> None:
         if rt.rank == 0 and storage.size(records) is not None:  # a resumed run appends to the stored records
             (Path(spec.out_dir) / "metrics.jsonl").write_bytes(storage.read_bytes(records))
         rt.publish = (spec.out_dir, store)
+        rt.publish_each = spec.extra.get("publish") == "report"
     with tempfile.TemporaryDirectory(prefix="llmray-resume-") as tmp:
         for name in ("resume_from", "init_checkpoint"):  # every rank copies the checkpoint to its own node
             uri = getattr(spec, name)

@@ -4,17 +4,18 @@ Tune saves the searcher's state with the experiment but not the scheduler's: a r
 with empty rungs, so the first trial to reach each rung after an interruption always goes on, and a
 continued sweep stops fewer trials than one left alone. Tune re-adds every restored trial, ended ones
 included; for an ended trial this replays the validation losses its own `metrics.jsonl` recorded (the values
-ASHA saw in its reports) into the rungs, as ASHA recorded them the first time.
+ASHA saw in its reports) into the rungs, as ASHA recorded them the first time. `trials_dir` is a local
+folder or a store URI (a sweep in an object store: rank 0 uploaded the records before each report).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 
+from llm import storage
 from llm.train.metrics import read_records
 from llm.tune.space import METRIC, TIME_ATTR
 
@@ -29,7 +30,7 @@ class ResumableASHA(ASHAScheduler):  # type: ignore[misc]
         if trial.status not in (Trial.TERMINATED, Trial.ERROR):
             return
         bracket = self._trial_info.pop(trial.trial_id)  # an ended trial never reports again
-        records = read_records(Path(self.trials_dir) / trial.trial_id / "metrics.jsonl")
+        records = read_records(storage.join(self.trials_dir, trial.trial_id, "metrics.jsonl"))
         for rec in sorted((r for r in records if r.get(METRIC) is not None), key=lambda r: r[TIME_ATTR]):
             bracket.on_result(trial, rec[TIME_ATTR], self._metric_op * float(rec[METRIC]))
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.config import LLM_PREFIX, PipelineConfig, ScheduleConfig
 from llm.errors import ConfigError, StageInputError
 from llm.tune.results import TrialRow
@@ -32,12 +33,14 @@ def best_record(best: TrialRow, target: str, max_steps: int, trials: int) -> dic
 
 
 def read_best(cfg: PipelineConfig, stage: str) -> tuple[dict[str, Any], Path]:
-    """The committed sweep's `best.json` for `stage`, or a one-line error naming the key to fix."""
+    """The committed sweep's `best.json` for `stage`, or a one-line error naming the key to fix. With the
+    sweep in an object store, the folder returned is a local cache copy of its `best.json` and manifest,
+    checked against the manifest."""
     from llm.stage import input_dir
 
     key = f"{LLM_PREFIX}.{stage}.lr"
     try:
-        folder = input_dir(cfg, "sweep")
+        folder = input_dir(cfg, "sweep", parts=(BEST,))
     except StageInputError as e:
         raise StageInputError(f"{key}: best: {e}") from None
     try:
@@ -75,7 +78,8 @@ def apply_best(cfg: PipelineConfig, stage: str) -> tuple[PipelineConfig, dict[st
         return cfg, None
     schedule = resolve_lr(cfg, stage)
     best, folder = read_best(cfg, stage)
-    source = {"sweep": str(folder), "sweep_manifest": manifest_hash(folder), "trial_id": best["trial_id"],
+    where = cfg.stage_dir("sweep") if storage.is_remote(cfg.stage_dir("sweep")) else str(folder)  # not the cache
+    source = {"sweep": where, "sweep_manifest": manifest_hash(folder), "trial_id": best["trial_id"],
               "trial_final_val_loss": best.get("final_val_loss"), "schedule": schedule.model_dump(mode="json")}
     return cfg.model_copy(update={stage: section.model_copy(update={"lr": schedule})}), source
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.train.metrics import read_records
 from llm.tune.space import schedule_of
 
@@ -40,26 +41,26 @@ class TrialRow:
         return {k: v for k, v in asdict(self).items() if k in COLUMNS}
 
 
-def _curve(result: Any, folder: Path) -> list[tuple[int, float]]:
+def _curve(result: Any, folder: Path | str) -> list[tuple[int, float]]:
     """Tune's record of the trial's reports; the trial's own metrics.jsonl when Tune kept none."""
     df = result.metrics_dataframe
     if df is not None and "val_loss" in df and "step" in df:
         rows = df[["step", "val_loss"]].dropna()
         points = {int(s): float(v) for s, v in zip(rows["step"], rows["val_loss"], strict=True)}
     else:
-        points = {int(r["step"]): float(r["val_loss"]) for r in read_records(folder / "metrics.jsonl")
+        points = {int(r["step"]): float(r["val_loss"]) for r in read_records(storage.join(folder, "metrics.jsonl"))
                   if "val_loss" in r}
     return sorted(points.items())
 
 
-def trial_rows(grid: Any, trials_dir: Path, max_steps: int) -> list[TrialRow]:
-    """Rows of a Tune `ResultGrid`, in trial-id order."""
+def trial_rows(grid: Any, trials_dir: Path | str, max_steps: int) -> list[TrialRow]:
+    """Rows of a Tune `ResultGrid`, in trial-id order (`trials_dir`: a local folder or a store URI)."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = str(metrics.get("trial_id") or Path(result.path).name)
         values = result.config or {}
-        curve = _curve(result, trials_dir / trial_id)
+        curve = _curve(result, storage.join(trials_dir, trial_id))
         steps = int(metrics.get("step", curve[-1][0] if curve else 0))
         finite = [v for _, v in curve if math.isfinite(v)]
         status = "error" if result.error else ("finished" if steps >= max_steps else "stopped")

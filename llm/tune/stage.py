@@ -4,6 +4,11 @@ Writes under `<storage>/<run>/sweep/`: `tune/` (Tune's experiment: its state mak
 resumable), `trials/<trial_id>/` (each trial's metrics and Ray Train run), `trials.csv`, `best.json`,
 `curves.png`, then the manifest. A rerun after an interruption restores Tune's experiment: finished
 trials are kept, not run again; trials cut off mid-run start over.
+
+With `storage` in an object store the same layout lives in the bucket: Tune's experiment is stored there
+(`storage_path` + `storage_filesystem`), so an interrupted sweep is restored from the bucket; each trial
+writes its folder there (see `llm.tune.trial`); trials.csv, best.json and curves.png are written to the
+stage's staging folder and uploaded by the stage contract before the manifest.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ from typing import Any
 
 from ray.tune import Callback
 
-from llm.config import LLM_PREFIX, PipelineConfig, ScheduleConfig
+from llm import storage
+from llm.config import LLM_PREFIX, PipelineConfig, ScheduleConfig, SweepConfig
 from llm.errors import ConfigError, TrainingError
-from llm.stage import StageResult, execute, input_dir
+from llm.stage import StageResult, execute, input_dir, input_uri, target
 from llm.tune import space
 from llm.tune.best import BEST, best_record
-from llm.tune.results import choose_best, plot_curves, summary_table, trial_rows, write_csv
+from llm.tune.results import TrialRow, choose_best, plot_curves, summary_table, trial_rows, write_csv
 from llm.tune.trial import TRIALS_DIR, run_trial
 
 TUNE_DIR = "tune"
@@ -44,7 +50,8 @@ def base_spec(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
     if cfg.sweep.target == "pretrain":
         from llm.train.stage import loop_spec
 
-        return loop_spec(cfg, folder, input_dir(cfg, "data")).to_dict()
+        remote = storage.is_remote(cfg.stage_dir("data"))  # parquet read from the store, the tokenizer cached
+        return loop_spec(cfg, folder, input_uri(cfg, "data") if remote else input_dir(cfg, "data")).to_dict()
     from llm.train.finetune import sweep_spec
 
     spec: dict[str, Any] = sweep_spec(cfg, folder).to_dict()
@@ -99,7 +106,7 @@ class _ProgressCallback(Callback):
     def _ended(self, trial: Any, error: bool) -> None:
         from llm.tune.trial import release_trial
 
-        release_trial(Path(self.trials_dir) / trial.trial_id)
+        release_trial(storage.join(self.trials_dir, trial.trial_id))
         if _CURRENT:
             _CURRENT[-1].finish(trial.trial_id, error=error)
 
@@ -115,8 +122,15 @@ class _ProgressCallback(Callback):
         self._ended(trial, error=True)
 
 
+def trials_dir(folder: Path) -> str:
+    """Where the trials' folders are: `<sweep>/trials`, in the store when the stage's folder is there."""
+    store = target(folder)
+    return storage.join(store, TRIALS_DIR) if storage.is_remote(store) else str(folder / TRIALS_DIR)
+
+
 def _tuner(cfg: PipelineConfig, folder: Path, base: dict[str, Any]) -> tuple[Any, bool]:
-    """A new Tuner, or the interrupted one restored from `<folder>/tune` (finished trials kept)."""
+    """A new Tuner, or the interrupted one restored from `<folder>/tune` (finished trials kept); with the
+    stage in an object store, Tune's experiment is stored (and restored) there."""
     from ray import tune
 
     from llm.sizing import planned
@@ -126,32 +140,35 @@ def _tuner(cfg: PipelineConfig, folder: Path, base: dict[str, Any]) -> tuple[Any
     if sizing.sweep_trial.workers < 1:
         raise ConfigError(f"{LLM_PREFIX}.sweep.sizing.workers: a trial needs at least one Ray Train worker")
     trainable = tune.with_parameters(run_trial, base=base, scaling=sizing.sweep_trial.scaling_config_kwargs(),
-                                     root=str(folder / TRIALS_DIR))
+                                     root=trials_dir(folder))
     # The trial's driver only waits on Ray Train's controller (itself a 0-CPU actor), so it holds a token
     # CPU share (Tune refuses an empty request): the CPUs go to trial workers, and concurrency is capped
     # by `max_concurrent_trials` (derived from the sizing) rather than by the drivers' reservations.
     trainable = tune.with_resources(trainable, {"CPU": DRIVER_CPU})
-    experiment = folder / TUNE_DIR
-    callbacks: list[Callback] = [_ProgressCallback(str(folder / TRIALS_DIR))]
-    if tune.Tuner.can_restore(str(experiment)):
-        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False, param_space=space.param_space(sweep)), True
+    store = target(folder)
+    storage_path, filesystem = storage.ray_storage(store) if storage.is_remote(store) else (str(folder), None)
+    experiment = storage.join(storage_path, TUNE_DIR)
+    callbacks: list[Callback] = [_ProgressCallback(trials_dir(folder))]
+    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False, param_space=space.param_space(sweep),
+                                  storage_filesystem=filesystem), True
     return tune.Tuner(
         trainable,
         param_space=space.param_space(sweep),
         tune_config=tune.TuneConfig(
             metric=space.METRIC, mode=space.MODE, search_alg=space.searcher(sweep, sizing.sweep_concurrent_trials),
-            scheduler=space.scheduler(sweep, str(folder / TRIALS_DIR)),
+            scheduler=space.scheduler(sweep, trials_dir(folder)),
             num_samples=sweep.num_trials if sweep.search != "grid" else 1,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(folder), verbose=0, callbacks=callbacks),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage_path, storage_filesystem=filesystem,
+                                  verbose=0, callbacks=callbacks),
     ), False
 
 
 def sweep(cfg: PipelineConfig, folder: Path, interrupt_after: int | None = None) -> dict[str, Any]:
     """Run (or continue) the sweep into `folder`; write trials.csv, best.json, curves.png; return metrics."""
-    import json
 
     from llm.console import LiveLine, log_path
     from llm.raycluster import connect
@@ -159,8 +176,7 @@ def sweep(cfg: PipelineConfig, folder: Path, interrupt_after: int | None = None)
     from llm.train.fit import worker_error
 
     sweep_cfg = cfg.sweep
-    target = getattr(cfg, sweep_cfg.target)
-    ds_config.build(target, 1)  # a bad `<target>.deepspeed` fails here, before any trial
+    ds_config.build(getattr(cfg, sweep_cfg.target), 1)  # a bad `<target>.deepspeed` fails here, before any trial
     base = base_spec(cfg, folder)
     connect(cfg)
     planned_n = space.planned_trials(sweep_cfg)
@@ -171,7 +187,7 @@ def sweep(cfg: PipelineConfig, folder: Path, interrupt_after: int | None = None)
     before = tuner.get_results() if restored else None
     progress.done_before = (before.num_terminated + before.num_errors) if before is not None else 0
     if restored:
-        print(f"sweep: continuing the interrupted sweep in {folder / TUNE_DIR} "
+        print(f"sweep: continuing the interrupted sweep in {storage.join(target(folder), TUNE_DIR)} "
               f"({progress.done_before} finished trials are kept)",
               flush=True)
     t0 = time.perf_counter()
@@ -186,7 +202,7 @@ def sweep(cfg: PipelineConfig, folder: Path, interrupt_after: int | None = None)
     if done < planned_n:
         raise TrainingError(f"sweep: interrupted with {done} of {planned_n} trials done; rerun `llmray sweep` "
                             "to continue (finished trials are not run again)")
-    rows = trial_rows(grid, folder / TRIALS_DIR, sweep_cfg.max_steps)
+    rows = trial_rows(grid, trials_dir(folder), sweep_cfg.max_steps)
     log = log_path(cfg, "sweep")
     for result in grid:
         if result.error is not None:
@@ -195,20 +211,30 @@ def sweep(cfg: PipelineConfig, folder: Path, interrupt_after: int | None = None)
     if best is None:
         raise worker_error(grid.errors[0], log, "sweep") if grid.errors else \
             TrainingError("sweep: no trial reported a validation loss (is data.val_fraction 0?)")
-    write_csv(rows, folder / "trials.csv")
-    (folder / BEST).write_text(json.dumps(best_record(best, sweep_cfg.target, sweep_cfg.max_steps, len(rows)),
-                                          indent=2) + "\n")
-    plot_curves(rows, best, folder / "curves.png")
+    write_record(folder, rows, best, sweep_cfg)
     stopped = sum(r.stopped_early for r in rows)
     failed = sum(r.status == "error" for r in rows)
+    out = target(folder)  # the staging folder's files are uploaded there by the stage contract
     print(f"sweep: {len(rows)} trials ({stopped} stopped early by {sweep_cfg.scheduler}, {failed} failed) in "
           f"{wall:.0f}s; best {best.kind} peak {best.peak:.2e}: val loss {best.final_val_loss:.4f}"
           f"{f' (failed trials: {log})' if failed else ''}\n{summary_table(rows, best)}\n"
-          f"  trials: {folder / 'trials.csv'}\n  best: {folder / BEST}\n  curves: {folder / 'curves.png'}", flush=True)
+          f"  trials: {storage.join(out, 'trials.csv')}\n  best: {storage.join(out, BEST)}\n"
+          f"  curves: {storage.join(out, 'curves.png')}", flush=True)
     return {"trials": len(rows), "stopped_early": stopped, "failed": failed,
             "steps_spent": sum(r.steps for r in rows), "trial_seconds": round(sum(r.wall_s for r in rows), 3),
             "sweep_seconds": round(wall, 3), "concurrent_trials": tuner_concurrency(cfg),
             "best_trial": best.trial_id, "best_val_loss": best.final_val_loss, "resumed": restored}
+
+
+def write_record(folder: Path, rows: list[TrialRow], best: TrialRow, sweep_cfg: SweepConfig) -> None:
+    """`trials.csv`, `best.json` and `curves.png` into the stage's folder (with `storage` in an object store,
+    the staging folder the stage contract uploads before the manifest)."""
+    import json
+
+    write_csv(rows, folder / "trials.csv")
+    (folder / BEST).write_text(json.dumps(best_record(best, sweep_cfg.target, sweep_cfg.max_steps, len(rows)),
+                                          indent=2) + "\n")
+    plot_curves(rows, best, folder / "curves.png")
 
 
 def tuner_concurrency(cfg: PipelineConfig) -> int:
@@ -233,4 +259,5 @@ def run(cfg: PipelineConfig, force: bool = False, interrupt_after: int | None = 
     else:
         inputs = ("data",)
     return execute(tcfg, "sweep", lambda folder: sweep(tcfg, folder, interrupt_after),
-                   sections=("sweep", cfg.sweep.target), inputs=inputs, force=force, keep_partial=True)
+                   sections=("sweep", cfg.sweep.target), inputs=inputs, force=force, keep_partial=True,
+                   object_store=True)

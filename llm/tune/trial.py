@@ -4,15 +4,23 @@ Ray Train V2's pattern for Tune: the trial's driver builds the trainer and forwa
 to Tune with `TuneReportCallback`. Every report carries the loop's own `step`, which ASHA schedules on.
 Each trial writes under `<sweep>/trials/<trial_id>/`: `metrics.jsonl` (rank 0, every step), the Ray Train
 run `train/` with its checkpoint, and `trial.json` (the values it ran).
+
+With the sweep in an object store, `<sweep>/trials` is a store URI: the trial's driver writes `trial.json`
+there, Ray Train's storage is `<trial>/train` in the store, and the workers write on their own nodes and
+upload (`store_loop_per_worker`): rank 0 uploads `metrics.jsonl` before every report (ASHA may stop the
+trial on hearing it, and a restored sweep replays ended trials' records from the store) and its placement
+group file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.tune.space import train_overrides
 
 TRIALS_DIR = "trials"
@@ -31,20 +39,26 @@ def trial_worker(config: dict[str, Any]) -> None:
 
     from llm.train.loop import train_loop_per_worker
 
+    store = (config.get("extra") or {}).get("store")
     pg = get_current_placement_group()
-    if pg is not None and ray.train.get_context().get_world_rank() == 0 and config.get("out_dir"):
-        (Path(config["out_dir"]) / PG_FILE).write_text(json.dumps({"id": pg.id.hex()}))
-    train_loop_per_worker(config)
+    if pg is not None and ray.train.get_context().get_world_rank() == 0 and (store or config.get("out_dir")):
+        storage.write_text(storage.join(store or config["out_dir"], PG_FILE), json.dumps({"id": pg.id.hex()}))
+    if store:
+        from llm.train.runtime import store_loop_per_worker
+
+        store_loop_per_worker(config)
+    else:
+        train_loop_per_worker(config)
 
 
-def release_trial(folder: Path) -> bool:
+def release_trial(folder: Path | str) -> bool:
     """Remove the trial's worker placement group if it is still there; True when one was removed."""
     import ray
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
     try:
-        pg_id = json.loads((folder / PG_FILE).read_text())["id"]
+        pg_id = json.loads(storage.read_text(storage.join(folder, PG_FILE)))["id"]
     except (OSError, ValueError, KeyError):
         return False
     pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id)))
@@ -54,10 +68,15 @@ def release_trial(folder: Path) -> bool:
     return True
 
 
-def trial_spec(base: dict[str, Any], values: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """The loop's plain-dict spec for one trial: the target stage's, with the trial's schedule."""
+def trial_spec(base: dict[str, Any], values: dict[str, Any], folder: Path | str) -> dict[str, Any]:
+    """The loop's plain-dict spec for one trial: the target stage's, with the trial's schedule. For a trial
+    folder in an object store, the workers write in a node-local folder and upload to `folder`."""
     train = {**base["train"], **train_overrides(values, int(base["train"]["max_steps"]))}
-    return {**base, "train": train, "out_dir": str(folder), "export": False}
+    spec = {**base, "train": train, "out_dir": str(folder), "export": False}
+    if storage.is_remote(folder):
+        local = storage.cache_dir() / "out" / hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+        spec.update(out_dir=str(local), extra={**(base.get("extra") or {}), "store": str(folder), "publish": "report"})
+    return spec
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], scaling: dict[str, Any], root: str) -> None:
@@ -68,21 +87,29 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
-    folder = Path(root) / trial_id
+    folder: Path | str
     # No Tune checkpoint: a trial cut off by an interruption starts over, and its half-written files
     # would mix two runs in one metrics.jsonl.
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    if storage.is_remote(root):
+        folder = storage.join(root, trial_id)
+        storage.remove_tree(folder)
+    else:
+        local = Path(root) / trial_id
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        folder = local
     spec = trial_spec(base, config, folder)
-    (folder / "trial.json").write_text(json.dumps({"trial_id": trial_id, "values": config,
-                                                   "train": spec["train"]}, indent=2, default=str))
+    storage.write_text(storage.join(folder, "trial.json"), json.dumps(
+        {"trial_id": trial_id, "values": config, "train": spec["train"]}, indent=2, default=str))
+    storage_path, filesystem = storage.ray_storage(folder)
     trainer = TorchTrainer(
         trial_worker,
         train_loop_config=spec,
         scaling_config=ray.train.ScalingConfig(**scaling),
         run_config=ray.train.RunConfig(
             name="train",
-            storage_path=str(folder),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             # A failed trial is an error of the sweep; retrying inside it would skew its wall time.
             failure_config=ray.train.FailureConfig(max_failures=0),

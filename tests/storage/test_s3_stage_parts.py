@@ -1,6 +1,8 @@
-"""The object-store paths of finetune, compress and serve without Ray, on moto's S3 server: a variant published
-to the bucket (its `.done` last) and brought back by a rerun; a model folder in the bucket resolved to its
-committed stage and copied into the cache checked against the manifest; serve's model list from the bucket."""
+"""The object-store paths of finetune, compress, serve and the sweep without Ray, on moto's S3 server: a variant
+published to the bucket (its `.done` last) and brought back by a rerun; a model folder in the bucket resolved to
+its committed stage and copied into the cache checked against the manifest; serve's model list from the bucket;
+the sweep's ASHA replaying ended trials from the bucket, its curves read from there, its record committed there
+and `lr: best` reading best.json from it."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 
 from llm import storage
 from llm.errors import ConfigError, StageInputError
-from llm.manifest import write_manifest
+from llm.manifest import read_manifest, write_manifest
 
 
 def test_a_checked_variant_is_published_done_last_and_restored_by_a_rerun(s3_prefix: str, tmp_path: Path,
@@ -94,12 +96,100 @@ def test_a_model_in_the_bucket_is_served_from_a_checked_cache_copy(s3_prefix: st
         local_model(f"{ft}/model")
 
 
-def test_the_sweep_still_stops_in_one_line_naming_storage(s3_prefix: str) -> None:
+def _put_curve(trials: str, trial_id: str, curve: dict[int, float]) -> None:
+    """A trial's metrics.jsonl in the bucket as its rank 0 uploads it (a validation loss every 4 steps)."""
+    lines = [{"step": s, "loss": v + 0.1, **({"val_loss": v} if s % 4 == 0 else {})} for s, v in curve.items()]
+    storage.write_text(f"{trials}/{trial_id}/metrics.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_a_restored_asha_replays_ended_trials_from_the_bucket(s3_prefix: str) -> None:
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from llm.config import SweepConfig
+    from llm.tune import space
+
+    trials = f"{s3_prefix}/run/sweep/trials"
+    sched = space.scheduler(SweepConfig(enabled=True, max_steps=12, eval_every=2, grace_period=4,
+                                        reduction_factor=2), trials)
+    sched.set_search_properties(space.METRIC, space.MODE)
+    for i, base in enumerate((5.0, 5.2)):  # two trials an interrupted sweep finished, their records in the bucket
+        _put_curve(trials, f"t{i}", {s: base - 0.01 * s for s in range(1, 13)})
+        sched.on_trial_add(None, SimpleNamespace(trial_id=f"t{i}", status=Trial.TERMINATED))
+    assert dict(sched.rungs())[4] == {"t0": -4.96, "t1": -5.16}
+    worse = SimpleNamespace(trial_id="new", status=Trial.PENDING)
+    sched.on_trial_add(None, worse)
+    assert sched.on_trial_result(None, worse, {"step": 4, "val_loss": 5.5}) == TrialScheduler.STOP
+
+
+def test_the_sweep_record_is_committed_in_the_bucket_and_lr_best_reads_it(s3_prefix: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.tune import Result
+
     from llm.config import load_config
-    from llm.tune.stage import run
+    from llm.stage import execute
+    from llm.tune.best import apply_best
+    from llm.tune.results import choose_best, trial_rows
+    from llm.tune.stage import trials_dir, write_record
+    from llm.tune.trial import trial_spec
     from tests.conftest import LOCAL_YAML
 
-    cfg = load_config(LOCAL_YAML, [f"storage={s3_prefix}", "sweep.enabled=true"]).llm
-    with pytest.raises(StageInputError, match=r"storage .*the sweep stage does not run with `storage` in an object"):
-        run(cfg)
-    assert not storage.exists(cfg.stage_dir("sweep"))
+    monkeypatch.setenv("LLMRAY_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(LOCAL_YAML, [f"storage={s3_prefix}", "sweep.enabled=true", "sweep.max_steps=12",
+                                   "pretrain.lr=best", "pretrain.max_steps=100"]).llm
+    values = {"kind": "cosine", "warmup_fraction": 0.25, "floor": 0.1}
+    seen: dict[str, object] = {}
+
+    def body(folder: Path) -> dict[str, object]:
+        trials = trials_dir(folder)
+        seen["trials"] = trials
+        seen["spec"] = trial_spec({"train": {"max_steps": 12}, "extra": {"store": "x"}}, {**values, "peak": 1e-3},
+                                  f"{trials}/a")
+        # Tune kept no dataframe for these trials: the curves come from each trial's metrics.jsonl in the bucket
+        grid = []
+        for trial_id, base, peak in (("a", 5.0, 1e-3), ("b", 4.0, 3e-3)):
+            _put_curve(trials, trial_id, {s: base - 0.01 * s for s in range(1, 13)})
+            grid.append(Result(metrics={"trial_id": trial_id, "step": 12, "config": {**values, "peak": peak}},
+                               checkpoint=None, error=None, path=f"somewhere/tune/{trial_id}"))
+        rows = trial_rows(grid, trials, 12)
+        seen["curves"] = [r.curve for r in rows]
+        best = choose_best(rows)
+        assert best is not None
+        write_record(folder, rows, best, cfg.sweep)
+        return {"trials": len(rows)}
+
+    result = execute(cfg, "sweep", body, sections=("sweep",), object_store=True)
+    uri = cfg.stage_dir("sweep")
+    assert result.path == uri and seen["trials"] == f"{uri}/trials"
+    spec = seen["spec"]
+    assert isinstance(spec, dict) and spec["extra"] == {"store": f"{uri}/trials/a", "publish": "report"}
+    assert Path(spec["out_dir"]).is_relative_to(tmp_path / "cache")
+    assert seen["curves"] == [[(4, 4.96), (8, 4.92), (12, 4.88)], [(4, 3.96), (8, 3.92), (12, 3.88)]]
+    manifest = read_manifest(uri, verify=True)
+    assert manifest is not None and {"trials.csv", "best.json", "curves.png"} <= set(manifest.files)
+    assert storage.read_text(f"{uri}/trials.csv").splitlines()[2].startswith("b,cosine,0.003,")
+    assert storage.read_bytes(f"{uri}/curves.png")[:4] == b"\x89PNG"
+    assert not list((tmp_path / "cache" / "staging").glob("*/*"))
+
+    tuned, source = apply_best(cfg, "pretrain")  # best.json from the bucket, through a checked cache copy
+    assert source is not None and source["sweep"] == uri and source["trial_id"] == "b"
+    assert tuned.pretrain.lr.peak == 3e-3 and tuned.pretrain.lr.warmup_steps == 25
+    storage.write_text(f"{uri}/best.json", "{}")  # not the committed object: never read
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(StageInputError, match=r"^metadata\.llm\.pretrain\.lr: best: .*no complete sweep output"):
+        apply_best(cfg, "pretrain")
+
+
+def test_a_stage_not_declared_for_object_stores_stops_in_one_line_before_writing(s3_prefix: str) -> None:
+    """Every shipped stage runs with `storage` in a bucket; the contract still refuses a stage body that did
+    not declare it writes through `target(folder)` (a new stage), before anything lands in the bucket."""
+    from llm.config import load_config
+    from llm.stage import execute
+    from tests.conftest import LOCAL_YAML
+
+    cfg = load_config(LOCAL_YAML, [f"storage={s3_prefix}"]).llm
+    with pytest.raises(StageInputError, match=r"storage .*the extra stage does not run with `storage` in an object"):
+        execute(cfg, "extra", lambda folder: {}, sections=("data",))
+    assert not storage.exists(cfg.stage_dir("extra"))
