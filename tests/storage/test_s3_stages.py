@@ -1,5 +1,6 @@
 """Every stage with `storage` in an S3 bucket (moto's server, a real HTTP S3 API): data, pretrain (interrupted,
-resumed from the checkpoints in the bucket), finetune (LoRA), compress (int8), and the chosen model copied from
+resumed from the checkpoints in the bucket), a two-trial sweep (Tune's experiment and each trial's folder in the
+bucket), finetune (LoRA), compress (int8), and the chosen model copied from
 the bucket into the cache and answering a prompt as a Serve replica does; each committed in the bucket and
 skipped on a rerun.
 
@@ -48,7 +49,11 @@ SCRIPT = textwrap.dedent("""
         "finetune.eval.prompts=2", "finetune.eval.max_new_tokens=4", "finetune.eval.sft_rows=8",
         "compress.variants=[int8]", "compress.eval.val_rows=8", "compress.eval.prompts=0",
         "compress.eval.speed_tokens=4", "compress.prune.calib_rows=4", "compress.choose.max_ppl_increase=1000",
-        "compress.choose.max_rouge_drop=1"])
+        "compress.choose.max_rouge_drop=1",
+        # two one-worker trials of two steps side by side, no scheduler
+        "sweep.enabled=true", "sweep.num_trials=2", "sweep.max_steps=2", "sweep.eval_every=2",
+        "sweep.eval_batches=1", "sweep.grace_period=2", "sweep.scheduler=none", "sweep.sizing.workers=1",
+        "sweep.sizing.cpus_per_worker=1", "sweep.max_concurrent_trials=2"])
     cfg = loaded.llm
     out = {"data": run_data(cfg).skipped, "data_again": run_data(cfg).skipped}
     try:
@@ -62,6 +67,10 @@ SCRIPT = textwrap.dedent("""
     out["checkpoint_steps"] = [ckpt.step_of(c) for c in ckpt.candidates(cfg.stage_dir("pretrain") + "/ray")]
     resumed = run_pretrain(cfg)
     out.update(resumed=resumed.skipped, path=resumed.path, again=run_pretrain(cfg).skipped)
+
+    from llm.tune.stage import run as run_sweep
+    swept = run_sweep(cfg)
+    out.update(sweep=swept.skipped, sweep_metrics=swept.metrics, sweep_again=run_sweep(cfg).skipped)
 
     from llm.compress.stage import run as run_compress
     from llm.train.finetune import run as run_finetune
@@ -110,6 +119,18 @@ def test_data_and_pretrain_in_a_bucket(s3_prefix: str, tmp_path: Path) -> None:
     assert [r["resumed_at"] for r in ranks] == [2, 2] and all(r["step"] == 4 for r in ranks)
     records = [json.loads(x) for x in storage.read_text(f"{pre}/metrics.jsonl").splitlines() if x.strip()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    sweep = f"{s3_prefix}/local-tiny/sweep"
+    assert out["sweep"] is False and out["sweep_again"] is True and out["sweep_metrics"]["trials"] == 2
+    manifest = read_manifest(sweep, verify=True)
+    assert manifest is not None and {"trials.csv", "best.json", "curves.png", "tune/tuner.pkl"} <= set(manifest.files)
+    trials = sorted({f.split("/")[1] for f in manifest.files if f.startswith("trials/")})
+    assert len(trials) == 2 and json.loads(storage.read_text(f"{sweep}/best.json"))["trial_id"] in trials
+    for trial in trials:
+        assert {f"trials/{trial}/{name}" for name in ("trial.json", "metrics.jsonl", "ranks/rank0.json")} \
+            <= set(manifest.files)
+        assert any(f.startswith(f"trials/{trial}/train/") for f in manifest.files)  # its Ray Train run's checkpoint
+        records = [json.loads(x) for x in storage.read_text(f"{sweep}/trials/{trial}/metrics.jsonl").splitlines()]
+        assert [r["step"] for r in records if "val_loss" in r] == [2]
     ft, comp = f"{s3_prefix}/local-tiny/finetune", f"{s3_prefix}/local-tiny/compress"
     assert out["finetune"] is False and out["finetune_again"] is True
     assert out["finetune_metrics"]["method"] == "lora" and out["finetune_metrics"]["steps"] == 2
