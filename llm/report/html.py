@@ -57,8 +57,8 @@ def _committed(loaded: LoadedConfig, stage: str) -> Path | None:
         return Path(uri)
     from llm.stage import committed_copy
 
-    return committed_copy(uri, lambda rel, meta: rel.endswith((".json", ".jsonl", ".csv")) and not
-                          rel.startswith("ray/") and meta["size"] < 64 << 20)
+    return committed_copy(uri, lambda rel, meta: (rel.endswith((".json", ".jsonl", ".csv")) or rel == "curves.png")
+                          and not rel.startswith("ray/") and meta["size"] < 64 << 20)
 
 
 def _data(loaded: LoadedConfig) -> str | None:
