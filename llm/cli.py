@@ -52,7 +52,8 @@ def cmd_validate(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
 
 
 def cmd_plan(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
-    from llm.plan import build_plan, format_plan
+    from llm.plan import build_plan
+    from llm.plan_text import format_plan
     from llm.sizing import check_live, derive
 
     assert loaded is not None

@@ -1,4 +1,5 @@
-"""Hardware peaks for MFU: datasheet bf16 dense peaks on GPUs, a measured matmul peak on CPU."""
+"""Hardware facts: datasheet bf16 dense peaks on GPUs and a measured matmul peak on CPU (for MFU); GPU
+memory, node RAM and on-demand prices of common instance types (for `llmray plan`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,30 @@ INSTANCE_GPU: dict[str, str] = {
     "g6.": "L4",
     "g5.": "A10G",
     "p3.": "V100",
+}
+
+
+# GPU memory by EC2 instance family (longest prefix first): p4d carries 40 GB A100s, p4de 80 GB ones.
+INSTANCE_GPU_MEMORY_GIB: dict[str, float] = {
+    "p5en.": 141, "p5e.": 141, "p5.": 80, "p4de.": 80, "p4d.": 40, "g6e.": 48, "g6.": 24, "g5.": 24,
+    "p3dn.": 32, "p3.": 16,
+}
+GPU_MEMORY_GIB: dict[str, float] = {
+    "B200": 180, "H200": 141, "H100": 80, "A100": 80, "L40S": 48, "L4": 24, "A10G": 24, "V100": 16,
+}
+
+# Node RAM in GiB, for offloaded ZeRO states (a node type's `resources: {memory: bytes}` wins).
+INSTANCE_RAM_GIB: dict[str, float] = {
+    "p5.48xlarge": 2048, "p5en.48xlarge": 2048, "p4d.24xlarge": 1152, "p4de.24xlarge": 1152, "g5.xlarge": 16,
+    "g5.12xlarge": 192, "g5.48xlarge": 768, "g6.xlarge": 16, "g6e.xlarge": 32,
+}
+
+# On-demand Linux list prices in USD per hour (us-west-2, late 2025), for the shipped file's instance types
+# and a few common ones. Estimates: check the provider's price page, or set `plan.prices` (reserved and
+# spot prices differ a lot).
+DEFAULT_PRICES: dict[str, float] = {
+    "m6i.2xlarge": 0.384, "m6i.4xlarge": 0.768, "p5.48xlarge": 55.04, "p4d.24xlarge": 21.96,
+    "g5.xlarge": 1.006, "g5.12xlarge": 5.672, "g6.xlarge": 0.805,
 }
 
 

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from llm.config import load_config
-from llm.plan import DEFAULT_PRICES, build_plan, flops_per_token, format_plan
+from llm.hardware import DEFAULT_PRICES
+from llm.plan import build_plan, flops_per_token
+from llm.plan_text import format_plan
 
 from .conftest import LOCAL_YAML, ROOT
 
