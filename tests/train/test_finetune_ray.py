@@ -173,18 +173,19 @@ def test_sweep_for_finetune_then_lr_best(ray_session, shared, tmp_path):
     from llm.manifest import manifest_hash
     from llm.tune.stage import run as sweep
 
-    loaded = finetune_config(tmp_path, "sweep.enabled=true", "sweep.target=finetune", "sweep.num_trials=2",
-                             "sweep.max_steps=4", "sweep.eval_every=2", "sweep.eval_batches=2", "sweep.scheduler=none",
+    loaded = finetune_config(tmp_path, "sweep.enabled=true", "sweep.target=finetune", "sweep.num_trials=1",
+                             "sweep.max_steps=2", "sweep.eval_every=2", "sweep.eval_batches=1", "sweep.scheduler=none",
                              "sweep.grace_period=2", "sweep.space.kind=[cosine]", "sweep.space.peak=[1e-4, 1e-2]",
-                             "sweep.sizing.cpus_per_worker=1", "sweep.max_concurrent_trials=1", "finetune.lr=best")
+                             "sweep.sizing.cpus_per_worker=1", "finetune.lr=best", "finetune.max_steps=2",
+                             "finetune.eval.enabled=false")
     build_stages(loaded, shared["tok"])
     swept = sweep(loaded.llm)
     folder = Path(swept.path)
     best = json.loads((folder / "best.json").read_text())
-    assert best["target"] == "finetune" and swept.metrics["trials"] == 2
+    assert best["target"] == "finetune" and swept.metrics["trials"] == 1
     trial = folder / "trials" / best["trial_id"]
     recs = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()]
-    assert recs[-1]["step"] == 4 and any("val_loss" in r for r in recs)
+    assert recs[-1]["step"] == 2 and any("val_loss" in r for r in recs)
     assert not (trial / "model").exists()  # trials do not export
 
     result = run(loaded.llm)
