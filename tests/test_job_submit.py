@@ -40,27 +40,41 @@ def head(tmp_path_factory):  # noqa: ANN001, ANN201
     # The entrypoint's `python` is the one on PATH when `ray start` runs: this environment's.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    # `ray start` in token mode never creates a token (only `ray.init()` does): on a fresh machine without
+    # ~/.ray/auth_token the head would not start. This cluster gets its own token; the CLI, the head and the
+    # job's driver (which inherits the head's environment) all read it from RAY_AUTH_TOKEN_PATH.
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    token = tmp_path_factory.mktemp("auth") / "auth_token"
+    token.write_text(generate_new_authentication_token())
+    env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    env.pop("RAY_AUTH_TOKEN", None)
+    log = open(tmp_path_factory.mktemp("head") / "ray-start.log", "w+")  # noqa: SIM115 (closed below)
     gcs, dash, agent = _port(), _port(), _port()
     # `--block` keeps the head's processes children of this one: stopping it stops this cluster only
     # (`ray stop` would kill every Ray on the machine, the test session's own included).
     proc = subprocess.Popen([ray, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
                              f"--dashboard-agent-listen-port={agent}", "--num-cpus=4", "--include-dashboard=true",
-                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
     try:
-        yield ray, env
+        yield ray, env, proc, log
     finally:
         os.killpg(proc.pid, 15)  # the head's processes share its session
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+        log.close()
 
 
 def _submit(head, *entrypoint: str) -> tuple[str, str]:  # noqa: ANN001
-    ray, env = head
+    ray, env, proc, log = head
     for _ in range(60):  # the head and its job agent take a few seconds to come up after `ray start`
+        if proc.poll() is not None:  # the head is gone: say why instead of retrying into a timeout
+            log.seek(0)
+            pytest.fail(f"`ray start --head` exited with {proc.returncode}:\n{log.read()[-3000:]}")
         out = subprocess.run([ray, "job", "submit", "--working-dir", ".", "--", "python", *entrypoint], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=900)
         text = out.stdout + out.stderr
