@@ -6,10 +6,12 @@ import base64
 import io
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from llm.config import LoadedConfig
 from llm.report import build_report, format_status, run_status, write_report
 from llm.stage import execute
 from llm.train import checkpoint as ckpt
@@ -62,6 +64,33 @@ def test_status_fresh_partial_done_stale(tmp_path: Path) -> None:
     assert "disabled" in text and "stale" in text
 
 
+def test_status_partial_sweep_and_compress_name_what_a_rerun_keeps(tmp_path: Path) -> None:
+    loaded = tiny_config(tmp_path)
+    sweep = Path(loaded.llm.stage_dir("sweep"))
+    for trial in ("a1", "b2"):  # each trial writes trial.json first; files deeper in it are not trials
+        (sweep / "trials" / trial / "train").mkdir(parents=True)
+        (sweep / "trials" / trial / "trial.json").write_text("{}")
+        (sweep / "trials" / trial / "train" / "trial.json").write_text("{}")
+    compress = Path(loaded.llm.stage_dir("compress"))
+    for done in ("int8", "pruned", "_work/pruned-distilled-int8"):
+        (compress / done).mkdir(parents=True)
+        (compress / done / ".done").write_text("")
+    (compress / "pruned-distilled").mkdir()  # half-built: no .done
+    rows = {r.stage: r for r in run_status(loaded.llm)}
+    assert rows["sweep"].state == "partial"
+    assert rows["sweep"].detail == "2 trials started; Tune saved no experiment yet, a rerun starts the sweep over"
+    (sweep / "tune").mkdir()
+    (sweep / "tune" / "tuner.pkl").write_bytes(b"")
+    rows = {r.stage: r for r in run_status(loaded.llm)}
+    assert rows["sweep"].detail == "2 trials started; a rerun continues the sweep (ended trials are kept)"
+    assert rows["compress"].state == "partial"
+    assert rows["compress"].detail == "variants done: int8, pruned; a rerun keeps them"
+    for done in ("int8", "pruned"):
+        (compress / done / ".done").unlink()
+    rows = {r.stage: r for r in run_status(loaded.llm)}
+    assert rows["compress"].detail == "no variant done yet; a rerun builds every variant"
+
+
 def test_report_with_stages_missing_embeds_decodable_images(tmp_path: Path) -> None:
     import matplotlib.image as mpimg
 
@@ -83,13 +112,104 @@ def test_report_with_stages_missing_embeds_decodable_images(tmp_path: Path) -> N
     assert out == Path(loaded.llm.storage) / loaded.llm.run / "report.html" and out.read_text() == page
 
 
+def _sweep_body(cfg) -> Callable[[Path], dict]:  # noqa: ANN001
+    from llm.tune.results import TrialRow, choose_best
+    from llm.tune.stage import write_record
+
+    def body(folder: Path) -> dict:
+        rows = [TrialRow(trial_id=tid, kind="cosine", peak=peak, warmup_fraction=0.1, warmup_steps=6, floor=0.1,
+                         weight_decay=None, micro_batch_size=None, steps=steps, final_val_loss=loss,
+                         best_val_loss=loss, stopped_early=steps < 60, wall_s=1.0,
+                         status="finished" if steps == 60 else "stopped",
+                         curve=[(s, loss + (60 - s) / 100) for s in range(10, steps + 1, 10)])
+                for tid, peak, steps, loss in (("aaa01", 1e-3, 60, 4.2), ("bbb02", 3e-3, 60, 3.9),
+                                               ("ccc03", 1e-2, 20, 5.5))]
+        best = choose_best(rows)
+        assert best is not None
+        write_record(folder, rows, best, cfg.sweep)  # trials.csv, best.json, curves.png as the stage writes them
+        return {"trials": 3, "best_trial": best.trial_id, "best_val_loss": best.final_val_loss}
+    return body
+
+
+def _finetune_body(folder: Path) -> dict:
+    _pretrain_body(folder)
+    rows = [{"model": "base", "params": 1000, "sft_loss": 3.0, "sft_ppl": 20.1, "rouge_l": 0.1, "bleu": 2.0},
+            {"model": "finetuned", "params": 1000, "sft_loss": 2.0, "sft_ppl": 7.4, "rouge_l": 0.3, "bleu": 9.0}]
+    (folder / "eval.json").write_text(json.dumps(rows))
+    return {"final_loss": 4.0}
+
+
+def _compress_body(folder: Path) -> dict:
+    from llm.compress.choose import write_chosen
+    from llm.compress.compare import write_eval
+
+    rows = [{"model": name, "params": params, "disk_mb": mb, "val_loss": loss, "val_ppl": round(2.718 ** loss, 2),
+             "sft_ppl": 7.5, "rouge_l": 0.3}
+            for name, params, mb, loss in (("original", 1000, 4.0, 2.30), ("int8", 1000, 1.1, 2.31),
+                                           ("pruned", 600, 2.4, 2.45))]
+    write_eval(folder, rows)
+    write_chosen(folder, {"variant": "int8", "reason": "smallest disk (disk_mb 1.1) of 1 passing variant(s)",
+                          "rule": {}, "checks": {}}, folder.parent / "finetune" / "model")
+    return {"chosen": "int8"}
+
+
+def _whole_run(tmp_path: Path) -> LoadedConfig:
+    """Committed data, sweep, pretrain (with the sweep's schedule), finetune and compress folders, each
+    committed as its stage commits it: the sweep hashes its trials' config, pretrain the winner's schedule."""
+    from llm.tune.best import apply_best
+    from llm.tune.stage import trial_config
+
+    loaded = tiny_config(tmp_path, "sweep.enabled=true", "pretrain.lr=best")
+    cfg = loaded.llm
+    execute(cfg, "data", _data_body, sections=("data",))
+    tcfg = trial_config(cfg)
+    execute(tcfg, "sweep", _sweep_body(tcfg), sections=("sweep", "pretrain"), inputs=("data",))
+    execute(apply_best(cfg, "pretrain")[0], "pretrain", _pretrain_body, sections=("pretrain",),
+            inputs=("data", "sweep"))
+    execute(cfg, "finetune", _finetune_body, sections=("finetune",), inputs=("data", "pretrain"))
+    execute(cfg, "compress", _compress_body, sections=("compress",), inputs=("data", "finetune"))
+    return loaded
+
+
+def test_report_of_a_whole_run_embeds_every_stage_and_marks_the_winners(tmp_path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    loaded = _whole_run(tmp_path)
+    # Neither the sweep (hashed as its trials run) nor `pretrain.lr=best` (hashed as the winner) is stale.
+    assert states(loaded) == {"data": "done", "sweep": "done", "pretrain": "done", "finetune": "done",
+                              "compress": "done", "serve": "not started"}
+    page = build_report(loaded)
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    # data funnel; sweep curves; pretrain curves; finetune curves and eval; compress size/ppl and variants
+    assert len(images) == 7
+    for b64 in images:
+        pixels = mpimg.imread(io.BytesIO(base64.b64decode(b64)), format="png")
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    for stage in ("data", "sweep", "pretrain", "finetune", "compress"):
+        assert f"{stage} has not run" not in page
+    assert "serve has not run" in page
+    marked = [row for row in re.findall(r"<tr>(.*?)</tr>", page) if "&lt;- best" in row]
+    assert len(marked) == 1 and "<td>bbb02</td>" in marked[0]  # the lowest final val loss among finished
+    assert "chosen: <b>int8</b>" in page
+
+
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no headless browser installed")
 def test_report_opens_in_a_headless_browser(tmp_path: Path) -> None:
     import subprocess
 
-    loaded = tiny_config(tmp_path)
-    execute(loaded.llm, "data", _data_body, sections=("data",))
-    out = write_report(loaded)
-    dom = subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          out.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    page = write_report(_whole_run(tmp_path)).read_text()
+    # On load (after every image decoded or failed), list each image's decoded width in the DOM dumped;
+    # the virtual time budget keeps the browser from dumping before the script ran.
+    probe = ('<script>addEventListener("load", () => { const out = document.createElement("pre"); out.id = "widths";'
+             ' out.textContent = Array.from(document.images, i => i.naturalWidth).join(",");'
+             " document.body.append(out); });</script>")
+    check = tmp_path / "check.html"
+    check.write_text(page.replace("</body>", probe + "</body>"))
+    dom = subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                          "--virtual-time-budget=10000", "--dump-dom", check.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
     assert "data funnel" in dom
+    found = re.search(r'<pre id="widths">([^<]*)</pre>', dom)
+    assert found is not None, dom[-2000:]
+    widths = [int(w) for w in found.group(1).split(",")]
+    assert len(widths) == page.count("<img ") == 7 and all(w > 0 for w in widths), widths
