@@ -64,12 +64,13 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
     """
     from llm.raycluster import connect
     from llm.serve.app import model_dirs
-    from llm.serve.vllm import require_vllm
+    from llm.serve.vllm import check_vllm_config, require_vllm
 
     del force
-    if cfg.serve.engine == "vllm":
-        require_vllm()
     models = model_dirs(cfg)  # a missing model is a config error before Ray starts
+    if cfg.serve.engine == "vllm":  # what vLLM cannot serve is refused before Ray starts, too
+        check_vllm_config(cfg, models)
+        require_vllm()
     print(f"serve: {', '.join(f'{k} <- {v}' for k, v in models.items())}", flush=True)
     connect(cfg, log_to_driver=False)  # per-request logs stay in Serve's replica logs
     started_here = _started_ray_here()

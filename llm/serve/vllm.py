@@ -1,12 +1,14 @@
 """The GPU route: `serve.engine: vllm` serves the same model directories through `ray.serve.llm`.
 
 `ray.serve.llm` brings its own OpenAI-compatible app (paged attention, continuous batching on GPU);
-this module only maps the config onto it. Where vLLM is missing, the setting is a one-line error.
+this module only maps the config onto it. What vLLM cannot serve is refused in one line before vLLM is
+imported: a cluster without GPUs, our CPU int8 variants, a missing vLLM install.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
@@ -22,12 +24,54 @@ def require_vllm() -> None:
                           "`pip install ray[llm]`); use engine: torch on this machine")
 
 
-def build_vllm_app(cfg: PipelineConfig, models: dict[str, str], options: dict[str, Any]) -> Application:
-    """An OpenAI app from `ray.serve.llm` serving each model directory, scaled as the config says."""
-    require_vllm()
+def is_int8_variant(path: str | Path) -> bool:
+    """Whether `path` is an int8-dynamic variant (the loader's marker, `quantization.json`), on this machine
+    or committed in an object store."""
+    from llm import storage
+    from llm.compress.load import committed_model, model_format
+    from llm.compress.quantize import FORMAT, QUANT_FILE
+
+    if not storage.is_remote(path):
+        return model_format(Path(path)) == FORMAT
+    from llm.manifest import read_manifest
+
+    # A store is not copied here just to look: the committed manifest lists the marker file.
+    stage, rel = committed_model(str(path))
+    manifest = read_manifest(stage)
+    return manifest is not None and f"{rel}/{QUANT_FILE}" in manifest.files
+
+
+def check_vllm_config(cfg: PipelineConfig, models: dict[str, str]) -> None:
+    """Refuse, in one line naming `serve.engine`, what vLLM cannot serve; runs before vLLM is needed.
+
+    Args:
+        cfg: the pipeline config; its cluster file's node types are the GPU count (`llm.sizing.planned`).
+        models: served name -> model directory or object-store URI, as `model_dirs` gives them.
+
+    Raises:
+        ConfigError: the node types offer no GPUs, a model is an int8-dynamic variant, or an API key is set.
+    """
+    from llm.sizing import planned
+
+    # The node types, not the live cluster: GPU nodes may start on demand, after this check.
+    gpus = planned(cfg).cluster_gpus
+    if gpus <= 0:
+        raise ConfigError("metadata.llm.serve.engine: vllm needs GPUs and the cluster offers none (no GPU in "
+                          "its node types' resources, or on this machine for a local cluster); use engine: torch")
+    for name, path in models.items():
+        if is_int8_variant(path):
+            raise ConfigError(f"metadata.llm.serve.engine: vllm cannot load model {name!r} ({path}): it is an "
+                              "int8-dynamic variant (torch.ao dynamic int8, CPU only); use engine: torch or "
+                              "serve a non-int8 variant")
     if cfg.serve.api_key_env is not None:
         raise ConfigError("metadata.llm.serve.api_key_env: not supported with engine: vllm; put the endpoint "
                           "behind an authenticating proxy")
+
+
+def build_vllm_app(cfg: PipelineConfig, models: dict[str, str], options: dict[str, Any]) -> Application:
+    """An OpenAI app from `ray.serve.llm` serving each model directory, scaled as the config says."""
+    check_vllm_config(cfg, models)
+    require_vllm()
     from ray.serve.llm import LLMConfig, build_openai_app
 
     deployment = {"autoscaling_config": options["autoscaling_config"],
