@@ -41,10 +41,11 @@ def connect(cfg: PipelineConfig, **init_kwargs: Any) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": True, **init_kwargs}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
+        source = "metadata.llm.ray.address" if cfg.ray.address else "RAY_ADDRESS"
         try:
             ray.init(address=address, **kwargs)
         except Exception as e:
-            raise ClusterError(f"cannot connect to the Ray cluster at {address} (ray.address / RAY_ADDRESS): "
+            raise ClusterError(f"cannot connect to the Ray cluster at {address} ({source}): "
                                f"{_first_line(e)}{_auth_hint(e)}") from None
         return
     running = _running_gcs()

@@ -6,6 +6,7 @@ from a directory that `from_pretrained` loads with `local_files_only=True`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from llm.config import ModelConfig
@@ -30,6 +31,19 @@ def hf_config(model: ModelConfig, vocab_size: int, bos_id: int | None = None, eo
         num_key_value_heads=model.n_kv_heads or model.n_heads, max_position_embeddings=model.context,
         attention_dropout=model.dropout, tie_word_embeddings=model.tie_embeddings, use_cache=False, **ids,
     )
+
+
+def check_model_dir(path: str, key: str) -> Path:
+    """`path` as an absolute Hugging Face model directory (config and weights), else a one-line error naming
+    `key`. Run on the driver: a worker's cwd differs, and its failure would cost a cluster start to find."""
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {folder} is not a directory")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{key}: {folder} has no config.json (not a Hugging Face model directory)")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ConfigError(f"{key}: {folder} has no weights (*.safetensors or *.bin)")
+    return folder
 
 
 def build_model(model: ModelConfig, vocab_size: int, seed: int, tokenizer: Any = None) -> Any:

@@ -21,6 +21,7 @@ from llm.train.data import shard_files
 from llm.train.fit import fit_with_ray, resolve_init, resume_point
 from llm.train.loop import LoopSpec
 from llm.train.metrics import training_summary
+from llm.train.model import check_model_dir
 
 RAY_DIR = "ray"
 
@@ -40,7 +41,7 @@ def loop_spec(cfg: PipelineConfig, folder: Path, data: Path | str, **extra: Any)
     pre = cfg.pretrain
     spec = LoopSpec(
         train=pre.model_dump(mode="json", exclude={"model"}),
-        model=pre.model.model_dump(mode="json"),
+        model=model_section(cfg),
         vocab_size=len(tokenizer),
         seq_len=len(first[0]),  # what the data stage packed, whatever the config says now
         train_files=train_files,
@@ -52,6 +53,15 @@ def loop_spec(cfg: PipelineConfig, folder: Path, data: Path | str, **extra: Any)
         **extra,
     )
     return to_store(spec, target(folder))
+
+
+def model_section(cfg: PipelineConfig) -> dict[str, Any]:
+    """The spec's model fields; a local `pretrain.model.path` is checked here, on the driver, and made
+    absolute (the workers' cwd is not the driver's). A store URI is left to the worker's cached copy."""
+    model = cfg.pretrain.model.model_dump(mode="json")
+    if model["path"] is not None and not storage.is_remote(model["path"]):
+        model["path"] = str(check_model_dir(model["path"], "metadata.llm.pretrain.model.path"))
+    return model
 
 
 def to_store(spec: LoopSpec, store: str) -> LoopSpec:
@@ -124,6 +134,7 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
         force: start over even when a finished or interrupted run exists (the old folder is kept aside).
         **extra: `LoopSpec` fields for tests and callers (e.g. `fail_at_step`).
     """
+    model_section(cfg)  # a bad model.path is one line now, before the sweep's winner is read or a folder moves
     lr_from = None
     if cfg.pretrain.lr == "best":  # the sweep's winner; the hash below covers that schedule, not "best"
         from llm.tune.best import apply_best, describe
