@@ -26,6 +26,7 @@ from llm.train import ds_config
 from llm.train.fit import fit_with_ray, resume_point
 from llm.train.loop import LoopSpec
 from llm.train.metrics import training_summary
+from llm.train.model import check_model_dir
 from llm.train.sft import check_vocab, held_out, prepare_tokenizer, render_sources
 
 RAY_DIR = "ray"
@@ -40,13 +41,8 @@ def base_dir(cfg: PipelineConfig) -> Path:
         folder = input_dir(cfg, "pretrain", parts=("model",)) / "model"  # a checked cache copy from a store
         key = f"{KEY}.base (default: the pretrain stage's model/)"
     else:
-        folder, key = Path(ft.base).expanduser().resolve(), f"{KEY}.base"
-    if not folder.is_dir():
-        raise ConfigError(f"{key}: {folder} is not a directory")
-    if not (folder / "config.json").exists():
-        raise ConfigError(f"{key}: {folder} has no config.json (not a Hugging Face model directory)")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise ConfigError(f"{key}: {folder} has no weights (*.safetensors or *.bin)")
+        folder, key = Path(ft.base), f"{KEY}.base"
+    folder = check_model_dir(str(folder), key)
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ConfigError(f"{key}: {folder} has no tokenizer (tokenizer.json or tokenizer_config.json)")
     return folder
