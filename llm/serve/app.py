@@ -24,6 +24,11 @@ PROXY_MARGIN_S = 5.0  # the proxy times out this much after the app does, so the
 DEPLOYMENT = "LLMServer"
 
 
+def replica_threads(cfg: ServeConfig) -> int:
+    """torch intra-op threads of a replica: `serve.threads`, else its reserved CPUs rounded up."""
+    return cfg.threads or max(1, math.ceil(cfg.cpus_per_replica))
+
+
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress()
 class LLMServer:
@@ -38,7 +43,7 @@ class LLMServer:
         from llm.serve.service import Service
 
         cfg = ServeConfig.model_validate(serve_cfg)
-        torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_replica)))
+        torch.set_num_threads(replica_threads(cfg))
         device = "cuda" if cfg.gpus_per_replica and torch.cuda.is_available() else "cpu"
         # A model in an object store is copied into this replica's node cache and checked against its manifest.
         engines = {name: Engine(load_model(local_model(path), device), cfg.max_batch_size,
