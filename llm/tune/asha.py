@@ -20,7 +20,7 @@ from llm.train.metrics import read_records
 from llm.tune.space import METRIC, TIME_ATTR
 
 
-class ResumableASHA(ASHAScheduler):  # type: ignore[misc]
+class ResumableASHA(ASHAScheduler):
     def __init__(self, trials_dir: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.trials_dir = trials_dir
@@ -31,8 +31,11 @@ class ResumableASHA(ASHAScheduler):  # type: ignore[misc]
             return
         bracket = self._trial_info.pop(trial.trial_id)  # an ended trial never reports again
         records = read_records(storage.join(self.trials_dir, trial.trial_id, "metrics.jsonl"))
+        op = self._metric_op  # +1 (max) or -1 (min): set from the Tuner's mode before any trial is added
+        if op is None:
+            raise RuntimeError("ResumableASHA: the metric's mode is not set")
         for rec in sorted((r for r in records if r.get(METRIC) is not None), key=lambda r: r[TIME_ATTR]):
-            bracket.on_result(trial, rec[TIME_ATTR], self._metric_op * float(rec[METRIC]))
+            bracket.on_result(trial, rec[TIME_ATTR], op * float(rec[METRIC]))
 
     def rungs(self) -> list[tuple[float, dict[str, float]]]:
         """Each rung's milestone and the (signed) values recorded at it, for inspection."""

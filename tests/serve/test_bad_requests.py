@@ -151,11 +151,17 @@ def test_binds_loopback_only(served, serve_port: int) -> None:
 
 
 def test_vllm_engine_without_vllm_is_one_line_config_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Here (no GPU, no vLLM) `engine: vllm` is refused in one line before Ray starts; the missing GPUs are
+    named first, since installing vLLM would not help. Without vLLM, the route itself says so in one line."""
     from llm.serve.stage import run
+    from llm.serve.vllm import require_vllm
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")
     cfg = tiny_config(tmp_path, *serve_overrides(tiny_model_dir, 8000, "serve.engine=vllm")).llm
     with pytest.raises(ConfigError) as e:
         run(cfg)
+    assert str(e.value).startswith("metadata.llm.serve.engine: vllm needs GPUs") and "\n" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        require_vllm()
     assert "vllm is not installed" in str(e.value) and "\n" not in str(e.value)
