@@ -121,7 +121,7 @@ def test_interrupted_lora_run_resumes_with_the_same_losses(lora_z2, shared, tmp_
     # Losses: two fresh LoRA runs on 2 ZeRO-2 workers already differ by up to ~6e-3 from step 2 on (their
     # step-1 gradient norms differ while the losses are equal; single-process runs are bit-identical), so
     # the tolerance is that spread, not the pretrain test's 2e-3.
-    assert losses(result) == pytest.approx(losses(lora_z2[1]), abs=1.5e-2)
+    assert losses(result) == pytest.approx(losses(lora_z2[1]), rel=1e-2)
 
 
 @pytest.mark.parametrize("zero", [2, 3])
