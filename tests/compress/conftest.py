@@ -16,8 +16,7 @@ model = eval_fixtures.model
 model_dir = eval_fixtures.model_dir
 
 
-@pytest.fixture(scope="session")
-def calib(tok: Any) -> Any:
+def calibration_ids(tokenizer: Any) -> Any:
     """(8, 32) token ids from Python's help text, the kind of tokens the data stage packs."""
     from pydoc_data.topics import topics
 
@@ -25,10 +24,15 @@ def calib(tok: Any) -> Any:
 
     ids: list[int] = []
     for key in sorted(topics):
-        ids += tok(topics[key])["input_ids"]
+        ids += tokenizer(topics[key])["input_ids"]
         if len(ids) >= 8 * 32:
             break
     return np.asarray(ids[:8 * 32], dtype=np.int64).reshape(8, 32)
+
+
+@pytest.fixture(scope="session")
+def calib(tok: Any) -> Any:
+    return calibration_ids(tok)
 
 
 def gqa_llama(tok: Any, seed: int = 0) -> Any:

@@ -42,17 +42,9 @@ def _widened(src: Path, folder: Path) -> Path:
 
 
 def _calibration(tokenizer: Any) -> Any:
-    """(8, 32) ids of Python's help text, as tests/compress calibrate."""
-    from pydoc_data.topics import topics
+    from tests.compress.conftest import calibration_ids
 
-    import numpy as np
-
-    ids: list[int] = []
-    for key in sorted(topics):
-        ids += tokenizer(topics[key])["input_ids"]
-        if len(ids) >= 8 * 32:
-            break
-    return np.asarray(ids[:8 * 32], dtype=np.int64).reshape(8, 32)
+    return calibration_ids(tokenizer)
 
 
 @pytest.fixture(scope="module")
