@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llm.config import load_config  # noqa: E402
+from llm.loading import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ, VOCAB, VAL_ROWS, NEW_TOKENS = 128, 4096, 64, 32

@@ -39,12 +39,13 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from llm.config.data import FuzzyDedupConfig  # noqa: E402
 from llm.data import dedup, minhash, pack, shuffle  # noqa: E402
-from llm.data.clean import content_hash, stable_id  # noqa: E402
+from llm.data.clean import content_hash  # noqa: E402
 from llm.data.filters import normalize  # noqa: E402
 from llm.data.read import read_rows  # noqa: E402
 from llm.data.sources import resolve  # noqa: E402
 from llm.data.stage import map_units  # noqa: E402
 from llm.data.tokenizer import fast_tokenizer, train_tokenizer  # noqa: E402
+from llm.eval.split import stable_id
 
 CPUS = 2  # Ray gets exactly the cores, so per-CPU figures divide by what really ran
 
@@ -218,8 +219,8 @@ def stage_process(sources: str, storage: str) -> None:
     import psutil
     import ray
 
-    from llm.config import load_config
     from llm.data.stage import run
+    from llm.loading import load_config
 
     me, peak, done = psutil.Process(), [0], threading.Event()
 

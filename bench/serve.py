@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     import openai
     from ray import serve
 
-    from llm.config import load_config
+    from llm.loading import load_config
     from llm.serve.stage import run
 
     overrides = [a for a in argv if "=" in a]

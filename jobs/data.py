@@ -1,8 +1,11 @@
-"""`ray job submit -- python jobs/data.py [CONFIG] [KEY=VALUE ...]`: the data stage alone."""
+"""`ray job submit --working-dir . -- python jobs/data.py [CONFIG] [KEY=VALUE ...]`: the data stage alone."""
 
 import sys
+from pathlib import Path
 
-from llm.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout without `pip install -e .`
+
+from llm.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main(["data", *sys.argv[1:]]))

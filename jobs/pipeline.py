@@ -1,10 +1,11 @@
-"""The main job: every enabled stage in order, skipping what its manifest says is done.
-
-    ray job submit --working-dir . -- python jobs/pipeline.py cluster/config.yaml
-"""
+"""`ray job submit --working-dir . -- python jobs/pipeline.py [CONFIG] [KEY=VALUE ...]`: every enabled stage."""
 
 import sys
+from pathlib import Path
 
-from llm.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout without `pip install -e .`
 
-raise SystemExit(main(["run", *sys.argv[1:]]))
+from llm.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    raise SystemExit(main(["run", *sys.argv[1:]]))

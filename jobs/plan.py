@@ -1,10 +1,11 @@
-"""What to submit first to a real cluster: load the config, connect, print the plan and any shortfall.
-
-    ray job submit --working-dir . -- python jobs/plan.py cluster/config.yaml
-"""
+"""`ray job submit --working-dir . -- python jobs/plan.py [CONFIG] [KEY=VALUE ...]`: sizing and a live check."""
 
 import sys
+from pathlib import Path
 
-from llm.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout without `pip install -e .`
 
-raise SystemExit(main(["plan", *sys.argv[1:], "--live"]))
+from llm.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    raise SystemExit(main(["plan", *sys.argv[1:], "--live"]))

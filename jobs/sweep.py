@@ -1,4 +1,4 @@
-"""Sweep stage entry point (what `ray job submit` runs): `python jobs/sweep.py [CONFIG] [KEY=VALUE ...]`."""
+"""`ray job submit --working-dir . -- python jobs/sweep.py [CONFIG] [KEY=VALUE ...]`: the sweep stage alone."""
 
 import sys
 from pathlib import Path
@@ -7,4 +7,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout wi
 
 from llm.cli import main  # noqa: E402
 
-raise SystemExit(main(["sweep", *sys.argv[1:]]))
+if __name__ == "__main__":
+    raise SystemExit(main(["sweep", *sys.argv[1:]]))

@@ -1,4 +1,5 @@
-"""`llmray` / `python -m llm`: one subcommand per stage plus validate, plan, config-schema.
+"""`llmray` / `python -m llm`: one subcommand per stage (from the registry, `llm.stages`) plus run, validate,
+plan, status, report and config-schema.
 
 Every command takes `[CONFIG] [KEY=VALUE ...]`: a cluster file (default `cluster/local.yaml`) and
 dotted overrides of its `metadata.llm` section. Knobs live in the config tree, not in flags.
@@ -9,12 +10,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from llm.config import LoadedConfig, PipelineConfig, load_config
+from llm.config import LoadedConfig, PipelineConfig
+from llm.configdoc import config_reference
+from llm.console import log_path
 from llm.errors import ConfigError, LLMRayError
+from llm.loading import load_config
+from llm.plan import build_plan
+from llm.plan_text import format_plan
+from llm.raycluster import connect
+from llm.report import format_status, run_status, write_report
+from llm.sizing import check_live, derive
+from llm.stage import StageResult
+from llm.stages import STAGES, by_name, run_stage, stages_to_run
 
 
 @dataclass(frozen=True)
@@ -39,8 +53,6 @@ def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]
 
 
 def cmd_validate(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
-    from llm.pipeline import stages_to_run
-
     assert loaded is not None
     where = f" in {loaded.path}"
     try:
@@ -52,16 +64,10 @@ def cmd_validate(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
 
 
 def cmd_plan(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
-    from llm.plan import build_plan
-    from llm.plan_text import format_plan
-    from llm.sizing import check_live, derive
-
     assert loaded is not None
     sizing = derive(loaded)
     plan = build_plan(loaded, sizing)
     if ns.live:
-        from llm.raycluster import connect
-
         connect(loaded.llm)
         plan["shortfall"] = check_live(sizing)
     print(json.dumps(plan, indent=2, default=str) if ns.json else format_plan(plan))
@@ -72,8 +78,6 @@ def cmd_plan(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
 
 
 def cmd_status(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
-    from llm.report import format_status, run_status
-
     assert loaded is not None
     print(f"run {loaded.llm.run!r} under {loaded.llm.storage} ({loaded.path})")
     print(format_status(run_status(loaded.llm)))
@@ -88,15 +92,13 @@ def cmd_report(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
 
 def cmd_schema(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
     if ns.markdown:
-        from llm.configdoc import config_reference
-
         print(config_reference())
     else:
         print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
     return 0
 
 
-def _print_result(result) -> None:  # noqa: ANN001
+def _print_result(result: StageResult) -> None:
     if result.kept_aside:
         print(f"{result.stage}: the earlier output is kept at {result.kept_aside}")
     if result.skipped:
@@ -104,16 +106,12 @@ def _print_result(result) -> None:  # noqa: ANN001
 
 
 def cmd_stage(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
-    from llm.pipeline import run_stage
-
     assert loaded is not None
     _print_result(run_stage(loaded.llm, ns.command, force=ns.force, verbose=ns.verbose, quiet=False))
     return 0
 
 
 def cmd_run(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
-    from llm.pipeline import run_stage, stages_to_run
-
     assert loaded is not None
     try:
         stages_to_run(loaded.llm)  # an enabled stage this version lacks stops here, before any work
@@ -121,10 +119,8 @@ def cmd_run(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
         raise ConfigError(f"{e} in {loaded.path}") from None
     t0 = time.perf_counter()
     results = []
-    from llm.report import write_report
-
     for name in stages_to_run(loaded.llm):
-        if name == "serve":  # serving may hold the foreground until Ctrl-C: the report is written first
+        if by_name(name).foreground:  # it may hold the foreground until Ctrl-C: the report is written first
             _write_report(loaded)
         results.append(run_stage(loaded.llm, name, force=ns.force, verbose=ns.verbose, quiet=False))
         _print_result(results[-1])
@@ -135,21 +131,12 @@ def cmd_run(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
 
 
 def _write_report(loaded: LoadedConfig) -> None:
-    from llm.report import write_report
-
     print(f"report: {write_report(loaded)}")
 
 
 COMMANDS: dict[str, Command] = {
     "run": Command("run every enabled stage in order (the quickstart)", cmd_run, stage=True),
-    "data": Command("data stage: read, clean, dedup, tokenizer, tokenize and pack, SFT", cmd_stage, stage=True),
-    "pretrain": Command("pretrain on Ray Train + DeepSpeed ZeRO", cmd_stage, stage=True),
-    "sweep": Command("sweep learning-rate schedules with Ray Tune (ASHA) over Ray Train runs", cmd_stage,
-                     stage=True),
-    "finetune": Command("chat fine-tuning (full or LoRA) on Ray Train + DeepSpeed", cmd_stage, stage=True),
-    "compress": Command("quantize, prune, distil; one eval table; chosen.json names the variant to serve",
-                        cmd_stage, stage=True),
-    "serve": Command("serve the chosen model on Ray Serve behind an OpenAI-compatible API", cmd_stage, stage=True),
+    **{stage.name: Command(f"{stage.name} stage: {stage.what}", cmd_stage, stage=True) for stage in STAGES},
     "validate": Command("validate a cluster file (both halves); exit 2 on a config error", cmd_validate),
     "plan": Command("derived sizing per stage; time, cost and memory per GPU estimates (before `ray up`)",
                     cmd_plan),
@@ -181,12 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _internal_error(e: Exception, loaded: LoadedConfig | None) -> int:
-    import tempfile
-    import traceback
-    from pathlib import Path
-
-    from llm.console import log_path
-
     folder = log_path(loaded.llm, "error").parent if loaded else Path(tempfile.gettempdir())
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "error.log"

@@ -1,4 +1,8 @@
-"""The config reference in Markdown, generated from the typed config (the README embeds it)."""
+"""The config reference in Markdown, generated from the typed config.
+
+`docs/config.md` is exactly this text, written by `python -m llm config-schema --markdown > docs/config.md`;
+tests/test_docs.py fails when the file and the config disagree.
+"""
 
 from __future__ import annotations
 
@@ -38,34 +42,13 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     return rows
 
 
+REGENERATE = "python -m llm config-schema --markdown > docs/config.md"
+
+
 def config_reference() -> str:
-    """A Markdown table of every `metadata.llm` key with its default and description."""
+    """`docs/config.md`: a one-line note that the page is generated and how to regenerate it, then a
+    Markdown table of every `metadata.llm` key with its default and description."""
+    note = ("Every key under `metadata.llm`, generated from the typed config in `llm/config/` by "
+            f"`llm/configdoc.py`; do not edit by hand. Regenerate: `{REGENERATE}`")
     header = ["| key (under `metadata.llm`) | default | meaning |", "|---|---|---|"]
-    return "\n".join(header + _rows(PipelineConfig, ""))
-
-
-START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-
-
-def embedded_reference(readme: str) -> str:
-    """The reference block currently between the README's markers."""
-    return readme.split(START, 1)[1].split(END, 1)[0].strip()
-
-
-def refresh_readme(path: str = "README.md") -> bool:
-    """Rewrite the README's reference block from the config; True when it changed."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    new = f"{head}{START}\n{config_reference()}\n{END}{tail}"
-    if new != text:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(new)
-    return new != text
-
-
-if __name__ == "__main__":
-    import sys
-
-    print("README.md updated" if refresh_readme(*sys.argv[1:]) else "README.md already current")
+    return "\n".join([note, "", *header, *_rows(PipelineConfig, "")])

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from llm.config import LLM_PREFIX, LoadedConfig, PipelineConfig
 from llm.errors import ConfigError
+from llm.sizing import cross_check
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 # pydantic's wording -> the terse form of a config error
@@ -60,8 +61,6 @@ def load(path: Path, overrides: list[str]) -> LoadedConfig:
     cfg.storage = _resolve_storage(cfg.storage)
     cfg._cluster = cluster
     loaded = LoadedConfig(path=path, cluster=cluster, llm=cfg)
-    from llm.sizing import cross_check
-
     problems = cross_check(loaded)
     if problems:
         raise ConfigError(f"{problems[0]} in {where}")
@@ -136,3 +135,17 @@ def _display(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def default_config_path() -> Path:
+    """`cluster/local.yaml` of the checkout (or the working directory)."""
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        candidate = base / "cluster" / "local.yaml"
+        if candidate.exists():
+            return candidate
+    raise ConfigError("no config given and cluster/local.yaml not found in the working directory")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> LoadedConfig:
+    """Load, override and validate a cluster file. Raises `ConfigError` naming the key and the file."""
+    return load(Path(path) if path is not None else default_config_path(), list(overrides))

@@ -17,6 +17,7 @@ from typing import Any
 
 import llm
 from llm import storage
+from llm.storage import file_sha256 as file_sha256  # re-exported: the checksum of a local file
 
 MANIFEST = "_MANIFEST.json"
 SCHEMA_VERSION = 1
@@ -43,14 +44,6 @@ def canonical_hash(obj: Any) -> str:
     """sha256 of the canonical JSON form of `obj` (sorted keys, no whitespace)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 CHECKSUMS = "_CHECKSUMS"

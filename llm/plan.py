@@ -12,7 +12,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from llm.config import STAGE_SECTIONS, LoadedConfig, ModelConfig, PipelineConfig, TrainConfig
+from llm.config import LoadedConfig, ModelConfig, PipelineConfig, TrainConfig
 from llm.hardware import DEFAULT_PRICES, GPU_MEMORY_GIB, GPU_PEAK_TFLOPS, INSTANCE_GPU_MEMORY_GIB, INSTANCE_RAM_GIB
 from llm.memory import (
     USABLE_CPU_FRACTION,
@@ -332,7 +332,7 @@ def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None) -> dict[str, 
         "config": str(loaded.path),
         "run": cfg.run,
         "storage": cfg.storage,
-        "stages": {s: getattr(cfg, s).enabled for s in STAGE_SECTIONS},
+        "stages": {name: section.enabled for name, section in cfg.stage_sections().items()},
         "sizing": sizing.as_dict(),
         "pretrain": arithmetic,
         "estimate": estimate,

@@ -1,19 +1,18 @@
 """The stage contract: skip if done, write only under `<storage>/<run>/<stage>/`, commit with a manifest.
 
-A stage module defines `run(cfg, force=False) -> StageResult` and calls `execute` with a body that
-writes into the folder and returns its metrics. Inputs are earlier stages' folders, and only
-committed ones (with a whole manifest) are ever read.
+A stage module declares `STAGE = Stage(...)` and defines `run(cfg, force=False) -> StageResult`, which
+calls `execute(cfg, STAGE, body)` with a body that writes into its folder and returns its metrics. Inputs
+are earlier stages' folders (`stage_input`), and only committed ones (with a whole manifest) are ever read.
 
-With `storage` in an object store (s3://, gs://) the same contract holds through `llm.storage`: the body
-gets a driver-local staging folder, uploaded before the manifest; writers on other nodes write to
-`target(folder)`, the stage's URI in the store (see `llm.storage` for the rules).
+The body gets one `storage.Folder`: writers on any node write to `folder.uri` / `folder.path(...)`, this
+process writes its own files under `folder.local` (with `storage` in an object store, a driver-local
+staging folder uploaded before the manifest), inputs a library needs on disk come from `fetch`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ from llm.errors import StageInputError, StaleOutputError
 from llm.manifest import (
     CHECKSUMS,
     MANIFEST,
+    Manifest,
     canonical_hash,
-    file_sha256,
     is_done,
     manifest_hash,
     read_manifest,
@@ -59,55 +58,63 @@ class StageResult:
     """Where an earlier output of this stage was moved before this run (never deleted)."""
 
 
-def local_dir(uri: str) -> Path:
-    """The local folder of a stage, for steps that need one; object-store storage is a one-line error."""
-    if storage.is_remote(uri):
-        raise StageInputError(f"storage {uri!r}: this step needs a local or shared-filesystem `storage` "
-                              "(object stores are not supported here yet)")
-    return Path(uri.removeprefix("file://"))
+@dataclass(frozen=True)
+class Stage:
+    """A stage, declared once, at the bottom of its own module; `llm.stages` lists them in pipeline order and
+    the CLI verbs, `llmray run`, `jobs/`, status and the report derive from that list."""
+
+    name: str
+    """The CLI verb, the folder under `<storage>/<run>/` and the config section that enables it."""
+    what: str
+    """What it does, for its header line and the CLI help."""
+    run: Callable[..., StageResult]
+    """`run(cfg, force=False) -> StageResult`."""
+    sections: tuple[str, ...] | Callable[[PipelineConfig], tuple[str, ...]]
+    """Config sections whose output-changing fields are hashed into its manifest (a function of the config
+    when they depend on it: the sweep hashes the section of the stage it sweeps for)."""
+    inputs: tuple[str, ...] = ()
+    """Earlier stages it may read (their manifest hashes are recorded and compared)."""
+    resumable: bool = False
+    """An uncommitted folder started for the same config and inputs is resumed (training)."""
+    record_only: bool = False
+    """The folder records a state of the cluster (serve's endpoint), not an artifact: a rerun replaces it."""
+    foreground: bool = False
+    """It may hold the foreground until Ctrl-C (serve): `llmray run` writes the report before it starts."""
+    as_run: Callable[[PipelineConfig], PipelineConfig] | None = None
+    """The config as the stage hashes it when it runs, for `llmray status` (the sweep hashes its trials'
+    setup; `lr: best` stands for the winning schedule); None: as written."""
+    progress: Callable[[str], str] | None = None
+    """What a rerun of an interrupted run of it keeps, from its folder, for `llmray status`."""
+
+    def enabled(self, cfg: PipelineConfig) -> bool:
+        return bool(getattr(cfg, self.name).enabled)
+
+    def hashed_sections(self, cfg: PipelineConfig) -> tuple[str, ...]:
+        return self.sections(cfg) if callable(self.sections) else self.sections
 
 
-_STAGING: dict[Path, str] = {}
-"""Driver-local staging folder -> the stage URI in the object store it is uploaded to."""
-
-
-def target(folder: Path) -> str:
-    """Where writers that may run on any node write the stage's files: the store URI for a staging folder,
-    else the folder itself (local or shared storage)."""
-    return _STAGING.get(Path(folder), str(folder))
-
-
-def input_uri(cfg: PipelineConfig, stage: str) -> str:
-    """A committed earlier stage's folder as a path or URI (parquet is read from there directly)."""
+def stage_input(cfg: PipelineConfig, stage: str) -> storage.Folder:
+    """A committed earlier stage's folder (read-only), whose `fetch` copies are checked against its manifest;
+    a one-line error when it is missing or incomplete."""
     uri = cfg.stage_dir(stage)
-    if read_manifest(uri) is None:
+    manifest = read_manifest(uri)
+    if manifest is None:
         raise StageInputError(
             f"{uri}: no complete {stage} output ({MANIFEST} missing or torn); run `llmray {stage}` first"
         )
-    return uri
+    return committed_folder(uri, manifest)
 
 
-def input_dir(cfg: PipelineConfig, stage: str, parts: tuple[str, ...] | None = None) -> Path:
-    """A committed earlier stage's folder on this machine; a clear error when it is missing or incomplete.
-
-    With object-store storage: a local cache copy of its committed files (only those under `parts`, when
-    given) and its manifest, each checked against the manifest's size and sha256.
-    """
-    uri = input_uri(cfg, stage)
-    if not storage.is_remote(uri):
-        return Path(uri)
-    return committed_copy(uri, lambda rel, meta: parts is None or any(
-        rel.startswith(f"{p.rstrip('/')}/") or rel == p for p in parts))
-
-
-def committed_copy(uri: str, select: Callable[[str, dict[str, Any]], bool]) -> Path:
-    """A local cache copy of the committed files of a folder in an object store that `select(rel, meta)`
-    picks, plus its manifest, each checked against the manifest's size and sha256."""
-    blob = storage.read_bytes(storage.join(uri, MANIFEST))
-    manifest = read_manifest(uri)
-    files = {rel: meta for rel, meta in (manifest.files if manifest else {}).items() if select(rel, meta)}
-    files[MANIFEST] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-    return storage.cached_copy(uri, files)
+def committed_folder(uri: str, manifest: Manifest | None = None) -> storage.Folder:
+    """A committed folder whose `fetch` copies are checked against its manifest (the manifest included)."""
+    manifest = manifest or read_manifest(uri)
+    files = dict(manifest.files) if manifest else {}
+    try:
+        blob = storage.read_bytes(storage.join(uri, MANIFEST))
+        files[MANIFEST] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    except FileNotFoundError:
+        pass
+    return storage.Folder(uri, files=files)
 
 
 def hashed_config(cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
@@ -154,103 +161,69 @@ def _why_stale(manifest: Any, hashed: dict[str, Any], inputs: dict[str, str], fo
     return "changed: " + ", ".join(keys or ["inputs"])
 
 
-def execute(
-    cfg: PipelineConfig,
-    stage: str,
-    body: Callable[[Path], dict[str, Any]],
-    *,
-    sections: tuple[str, ...],
-    inputs: tuple[str, ...] = (),
-    force: bool = False,
-    keep_partial: bool = False,
-    on_set_aside: Callable[[Path, Path], None] | None = None,
-    record_only: bool = False,
-    object_store: bool = False,
-) -> StageResult:
+def execute(cfg: PipelineConfig, stage: Stage, body: Callable[[storage.Folder], dict[str, Any]], *,
+            force: bool = False, inputs: tuple[str, ...] | None = None,
+            on_set_aside: Callable[[Path, Path], None] | None = None) -> StageResult:
     """Run `body(folder)` unless a matching manifest says it is done, then commit the folder.
 
     A committed folder for another config (or `force`) is moved aside, never deleted; with
     `cfg.on_change: refuse` the stage stops instead, naming the changed keys. A partial folder is resumed
-    when it was started for this very config and these inputs, and otherwise moved aside too.
+    when the stage is `resumable` and it was started for this very config and these inputs, and otherwise
+    moved aside too.
 
     Args:
         cfg: the pipeline config.
-        stage: the stage's folder name.
+        stage: the stage's declaration (its folder name, hashed sections, inputs, resume rule).
         body: writes the stage's outputs into the folder and returns its metrics.
-        sections: config sections whose output-changing fields are hashed into the manifest.
-        inputs: earlier stages read; their manifest hashes are recorded and compared.
         force: rerun even when the manifest matches, and start over even from a resumable folder.
-        keep_partial: resume an uncommitted folder started for the same config and inputs (training).
-        on_set_aside: called with (old, new) path when the folder is moved aside, before `body` runs.
-        record_only: the folder records a state of the cluster (serve's endpoint), not an artifact; a rerun
-            replaces it instead of keeping the old record aside.
-        object_store: the body writes through `target(folder)` and reads its inputs from the store, so the
-            stage runs with `storage` in an object store; other stages stop there with a one-line error.
+        inputs: the earlier stages this run reads (default: all of `stage.inputs`).
+        on_set_aside: called with (old, new) path when a folder on disk is moved aside, before `body` runs.
     """
-    uri = cfg.stage_dir(stage)
-    remote = storage.is_remote(uri)
-    if remote and not object_store:
-        raise StageInputError(f"storage {cfg.storage!r}: the {stage} stage does not run with `storage` in an "
-                              "object store yet; use a shared-filesystem `storage` for it")
-    input_hashes = {name: manifest_hash(input_uri(cfg, name)) or "" for name in inputs}
-    hashed = hashed_config(cfg, *sections)
+    uri = cfg.stage_dir(stage.name)
+    inputs = stage.inputs if inputs is None else inputs
+    input_hashes = {name: manifest_hash(stage_input(cfg, name).uri) or "" for name in inputs}
+    hashed = hashed_config(cfg, *stage.hashed_sections(cfg))
     digest = canonical_hash(hashed)
     if not force and is_done(uri, digest, input_hashes):
         manifest = read_manifest(uri)
-        return StageResult(stage, uri, skipped=True, metrics=manifest.metrics if manifest else {})
+        return StageResult(stage.name, uri, skipped=True, metrics=manifest.metrics if manifest else {})
     attempt = {"config_hash": digest, "inputs": input_hashes}
-    aside: str | None = None
-    if record_only and storage.exists(uri):
-        storage.remove_tree(uri)
-    if storage.exists(uri):
-        committed = read_manifest(uri)
-        if committed is not None:
-            why = _why_stale(committed, hashed, input_hashes, force)
-            if cfg.on_change == "refuse" and not force:
-                raise StaleOutputError(f"{uri}: committed for another config ({why}); rerun with --force "
-                                       "(the committed folder is kept aside) or set on_change: keep")
-            aside = set_aside(uri)
-            print(f"{stage}: {why}; the committed output was kept at {aside}", flush=True)
-        elif not (keep_partial and not force and _read_attempt(uri) == attempt):
-            storage.remove_file(storage.join(uri, MANIFEST))  # a torn manifest: no half commit travels along
-            aside = set_aside(uri)
-            print(f"{stage}: an unfinished run of another config was moved to {aside}", flush=True)
-        if aside is not None and on_set_aside is not None and not remote:
-            on_set_aside(Path(uri), Path(aside))
-    folder = _staging(uri) if remote else Path(uri)
-    folder.mkdir(parents=True, exist_ok=True)
+    aside = _clear(cfg, stage, uri, attempt, hashed, force)
+    folder = storage.open_for_writing(uri)
+    if aside is not None and on_set_aside is not None and folder.on_disk:
+        on_set_aside(Path(uri), Path(aside))
     storage.write_text(storage.join(uri, ATTEMPT), json.dumps(attempt, sort_keys=True))
     t0 = time.perf_counter()
-    try:
-        metrics = body(folder)
-        if remote:
-            _upload_staged(folder, uri)
-    finally:
-        _STAGING.pop(folder, None)
+    metrics = body(folder)
+    folder.flush(f"{CHECKSUMS}/_driver.json")  # the staged files, with their checksums (the commit trusts them)
     seconds = time.perf_counter() - t0
     metrics = {**metrics, "seconds": round(seconds, 3)}
     storage.remove_file(storage.join(uri, ATTEMPT))
-    write_manifest(uri, stage, digest, input_hashes, metrics, config=hashed)
-    if remote:
-        shutil.rmtree(folder, ignore_errors=True)
-    return StageResult(stage, uri, skipped=False, metrics=metrics, seconds=seconds, kept_aside=aside)
+    write_manifest(uri, stage.name, digest, input_hashes, metrics, config=hashed)
+    folder.close()
+    return StageResult(stage.name, uri, skipped=False, metrics=metrics, seconds=seconds, kept_aside=aside)
 
 
-def _staging(uri: str) -> Path:
-    """A fresh driver-local folder for the stage's driver-written files (the store holds everything else)."""
-    folder = storage.cache_dir() / "staging" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    _STAGING[folder] = uri
-    return folder
-
-
-def _upload_staged(folder: Path, uri: str) -> None:
-    """Upload the staging folder with a checksum sidecar, so the commit does not read them back."""
-    sums = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.relative_to(folder).as_posix()
-            .startswith(f"{CHECKSUMS}/")}
-    if sums:
-        (folder / CHECKSUMS).mkdir(exist_ok=True)
-        (folder / CHECKSUMS / "_driver.json").write_text(json.dumps(sums, sort_keys=True))
-        storage.upload(folder, uri)
+def _clear(cfg: PipelineConfig, stage: Stage, uri: str, attempt: dict[str, Any], hashed: dict[str, Any],
+           force: bool) -> str | None:
+    """Make room for a run: keep a committed or foreign partial folder aside (returns where), or leave a
+    partial folder of this very attempt in place to be resumed."""
+    if stage.record_only and storage.exists(uri):
+        storage.remove_tree(uri)
+    if not storage.exists(uri):
+        return None
+    committed = read_manifest(uri)
+    if committed is not None:
+        why = _why_stale(committed, hashed, attempt["inputs"], force)
+        if cfg.on_change == "refuse" and not force:
+            raise StaleOutputError(f"{uri}: committed for another config ({why}); rerun with --force "
+                                   "(the committed folder is kept aside) or set on_change: keep")
+        aside = set_aside(uri)
+        print(f"{stage.name}: {why}; the committed output was kept at {aside}", flush=True)
+        return aside
+    if stage.resumable and not force and _read_attempt(uri) == attempt:
+        return None
+    storage.remove_file(storage.join(uri, MANIFEST))  # a torn manifest: no half commit travels along
+    aside = set_aside(uri)
+    print(f"{stage.name}: an unfinished run of another config was moved to {aside}", flush=True)
+    return aside

@@ -25,14 +25,20 @@ How a stage writes to remote storage (right on a multi-node cluster):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+
+from llm.errors import ConfigError
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 
@@ -213,6 +219,15 @@ def download(uri: str | Path, local: str | Path, files: dict[str, int] | None = 
     return out
 
 
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a local file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def cache_dir() -> Path:
     """Where downloaded inputs are kept on this node (`LLMRAY_CACHE`, default `~/.cache/llmray`)."""
     return Path(os.environ.get("LLMRAY_CACHE") or Path.home() / ".cache" / "llmray")
@@ -237,8 +252,6 @@ def cached_copy(uri: str | Path, files: dict[str, dict[str, Any]] | None = None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=out.parent))
     download(uri, tmp, {rel: int(meta["size"]) for rel, meta in want.items()})
-    from llm.manifest import file_sha256
-
     for rel, meta in want.items():
         got = tmp / rel
         if got.stat().st_size != meta["size"] or (meta.get("sha256") and file_sha256(got) != meta["sha256"]):
@@ -292,3 +305,185 @@ def _rewrite(out: Any, tmp: str, target: str) -> Any:
     if isinstance(out, dict):
         return {k: [fix(x) for x in v] if isinstance(v, list) else fix(v) for k, v in out.items()}
     return out
+
+
+def fetch(uri: str | Path, files: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A checked local copy of a folder a library needs on disk (a tokenizer, a model): the folder itself
+    when it is local, else a copy in this node's cache (see `cached_copy`)."""
+    return cached_copy(uri, files)
+
+
+@contextlib.contextmanager
+def writing(uri: str | Path) -> Iterator[Path]:
+    """A local folder whose files end up under `uri`: `uri` itself when it is local; otherwise a node-local
+    temp folder uploaded to the store when the block exits without an error."""
+    if not is_remote(uri):
+        out = Path(str(uri).removeprefix("file://"))
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="llmray-out-") as tmp:
+        yield Path(tmp)
+        upload(tmp, uri)
+
+
+def open_for_writing(uri: str | Path) -> Folder:
+    """A stage's folder for its body: on a disk the folder itself (made); with an object store a fresh
+    driver-local staging folder for the files this process writes (the store holds everything else)."""
+    if not is_remote(uri):
+        folder = Folder(uri)
+        Path(folder.uri).mkdir(parents=True, exist_ok=True)
+        return folder
+    local = cache_dir() / "staging" / hashlib.sha256(str(uri).encode()).hexdigest()[:16]
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    return Folder(uri, local)
+
+
+class Folder:
+    """One folder, on a local or shared disk or in an object store, behind one set of methods (the seam that
+    keeps every stage free of `if remote:` branches; datatrove's `DataFolder` has the same idea).
+
+    `uri` is where writers on any node write (pyarrow writers, Ray tasks, Train workers: they take it as a
+    string). `local` is where this process writes the files it makes itself: the folder itself on a local
+    disk; with an object store a driver-local staging folder, uploaded when the stage body returns (or
+    earlier with `publish`). Reads see both.
+
+    Args:
+        uri: a local path or an `s3://` / `gs://` URI (`file://` is stripped).
+        local: the staging folder for an object-store folder (None: a folder that is only read).
+        files: the committed files (relative path -> {"size", "sha256"}) that `fetch` checks copies against.
+    """
+
+    def __init__(self, uri: str | Path, local: Path | None = None,
+                 files: dict[str, dict[str, Any]] | None = None) -> None:
+        text = str(uri).removeprefix("file://")
+        self.uri = text.rstrip("/") if is_remote(text) else os.path.abspath(os.path.expanduser(text))
+        self._local = local
+        self.files = files
+
+    def __repr__(self) -> str:
+        return f"Folder({self.uri!r})"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def local(self) -> Path:
+        """Where this process writes the folder's files (see the class docstring)."""
+        if self._local is not None:
+            return self._local
+        if is_remote(self.uri):
+            raise ValueError(f"{self.uri}: an object-store folder read here has no local side; use fetch()")
+        return Path(self.uri)
+
+    @property
+    def on_disk(self) -> bool:
+        """True when `uri` is a path on this machine's (local or shared) disk."""
+        return not is_remote(self.uri)
+
+    def path(self, *parts: str) -> str:
+        """The URI (or path) of a file or folder inside, for writers on any node and for pyarrow readers."""
+        return join(self.uri, *parts)
+
+    def child(self, *parts: str) -> Folder:
+        """A folder inside this one (its staging side inside this one's)."""
+        local = self._local.joinpath(*parts) if self._local is not None else None
+        files = None if self.files is None else {
+            rel[len(join(*parts)) + 1:]: meta for rel, meta in self.files.items() if rel.startswith(join(*parts) + "/")}
+        return Folder(self.path(*parts), local, files)
+
+    def exists(self, *parts: str) -> bool:
+        return exists(self.path(*parts)) or (self._local is not None and self._local.joinpath(*parts).exists())
+
+    def size(self, *parts: str) -> int | None:
+        """Size of a file in bytes; None when there is no such file."""
+        if self._local is not None and self._local.joinpath(*parts).is_file():
+            return self._local.joinpath(*parts).stat().st_size
+        return size(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        """A whole (small) file, from the staging side when this process wrote it there."""
+        if self._local is not None and self._local.joinpath(*parts).is_file():
+            return self._local.joinpath(*parts).read_bytes()
+        return read_bytes(self.path(*parts))
+
+    def read_text(self, *parts: str) -> str:
+        return self.read_bytes(*parts).decode("utf-8")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole file atomically (on the staging side with an object store)."""
+        write_bytes(self.local / rel, data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def list(self, *parts: str) -> dict[str, int]:
+        """Every file under a folder inside (recursively, relative to it) with its size, both sides merged."""
+        out = list_files(self.path(*parts))
+        if self._local is not None and self._local.joinpath(*parts).is_dir():
+            out.update(list_files(self._local.joinpath(*parts)))
+        return out
+
+    def remove(self, *parts: str) -> None:
+        """Delete a scratch file or folder inside (never a commit), on both sides."""
+        if self._local is not None:
+            target = self._local.joinpath(*parts)
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        remove_tree(self.path(*parts)) if list_files(self.path(*parts)) else remove_file(self.path(*parts))
+
+    def publish(self, *parts: str) -> str:
+        """Make what this process wrote under `local/<parts>` readable by workers on any node now (uploaded
+        with an object store; already there on a disk); returns its URI."""
+        if self._local is not None and self._local.joinpath(*parts).exists():
+            upload(self._local.joinpath(*parts), self.path(*parts))
+        return self.path(*parts)
+
+    def upload(self, local: str | Path, *parts: str) -> str:
+        """Copy a local folder's files into `<parts>` of this folder (nothing to do when it is that very
+        folder on disk); returns the URI."""
+        where = self.path(*parts)
+        if Path(local).resolve() != Path(where).resolve() or not self.on_disk:
+            upload(local, where)
+        return where
+
+    def fetch(self, *parts: str) -> Path:
+        """A checked local copy of a folder (or the whole folder) inside, for libraries that need a disk path:
+        the folder itself on a disk; otherwise a cached download whose files have the committed sizes and
+        sha256 (when this folder knows them)."""
+        if self._local is not None and self._local.joinpath(*parts).exists():
+            return self._local.joinpath(*parts)
+        sub = self.child(*parts) if parts else self
+        return fetch(sub.uri, sub.files)
+
+    def ray_storage(self, *parts: str) -> tuple[str, pafs.FileSystem | None]:
+        """`(storage_path, storage_filesystem)` for Ray Train / Tune's `RunConfig` under this folder."""
+        return ray_storage(self.path(*parts))
+
+    def flush(self, sidecar: str) -> None:
+        """Upload the staging side (object stores), with a JSON sidecar at `sidecar` holding each staged
+        file's size and sha256, so a commit does not read them back; nothing to do on a disk."""
+        if self._local is None:
+            return
+        base = self._local
+        sums = {p.relative_to(base).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                for p in sorted(base.rglob("*")) if p.is_file()
+                and not p.relative_to(base).as_posix().startswith(sidecar.split("/")[0] + "/")}
+        if sums:
+            (base / sidecar).parent.mkdir(parents=True, exist_ok=True)
+            (base / sidecar).write_text(json.dumps(sums, sort_keys=True))
+            upload(base, self.uri)
+
+    def close(self) -> None:
+        """Remove the staging side once its files are in the store."""
+        if self._local is not None:
+            shutil.rmtree(self._local, ignore_errors=True)
+
+    def require_disk(self, error: str) -> Path:
+        """This folder as a local path; `ConfigError(error)` (one line naming the key) in an object store."""
+        if not self.on_disk:
+            raise ConfigError(error)
+        return Path(self.uri)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llm.config import LoadedConfig, load_config
+from llm.config import LoadedConfig
+from llm.loading import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_YAML = ROOT / "cluster" / "local.yaml"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm.config import PipelineConfig, load_config
+from llm.config import PipelineConfig
 from llm.errors import ConfigError
-from llm.loading import apply_override
+from llm.loading import apply_override, load_config
 
 from .conftest import LOCAL_YAML, ROOT, tiny_config
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm.config import load_config
 from llm.hardware import DEFAULT_PRICES
+from llm.loading import load_config
 from llm.plan import build_plan, flops_per_token
 from llm.plan_text import format_plan
 

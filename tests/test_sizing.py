@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from llm.config import ModelConfig, load_config
+from llm.config import ModelConfig
 from llm.hardware import gpu_model_of_instance, gpu_peak_flops
+from llm.loading import load_config
 from llm.plan import flops_per_token, param_counts
 from llm.sizing import derive
 

@@ -19,11 +19,11 @@ def heldout_records(cfg: PipelineConfig, limit: int) -> list[Any]:
     """Up to `limit` SFT records on the val side of the data stage's split (empty without SFT sources)."""
     import numpy as np
 
-    from llm.data.clean import stable_id
-    from llm.data.pack import is_val
     from llm.data.read import Unreadable
-    from llm.data.sft import records, to_messages
+    from llm.data.sft import records
     from llm.data.sources import resolve
+    from llm.eval.split import is_val, stable_id
+    from llm.models.chat import to_messages
 
     sft = cfg.data.sft
     if not sft.sources or limit <= 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.config import PipelineConfig
-from llm.data.sft import IGNORE
+from llm.models.chat import IGNORE
 from llm.train import checkpoint as ckpt
 from llm.train.loop import LoopSpec
 

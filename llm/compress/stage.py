@@ -22,7 +22,7 @@ from llm.compress import variants as build
 from llm.config import PipelineConfig
 from llm.errors import ConfigError, StageInputError
 from llm.manifest import read_manifest
-from llm.stage import StageResult, execute, input_dir, input_uri, local_dir
+from llm.stage import Stage, StageResult, execute, input_dir, input_uri, local_dir
 from llm.stage import target as stage_target
 
 WORK = "_work"
@@ -163,5 +163,18 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
               f"\n  chosen: {storage.join(out, 'chosen.json')}", flush=True)
         return _summary(rows, choice)
 
-    return execute(cfg, "compress", body, sections=("compress",), inputs=inputs, force=force, keep_partial=True,
-                   object_store=True)
+    return execute(cfg, STAGE, body, inputs=inputs, force=force)
+
+
+def progress(folder: str) -> str:
+    """For `llmray status`: variants finished and checked (`<variant>/.done`; `_work/` is not listed)."""
+    done = sorted(rel.split("/")[0] for rel in storage.list_files(folder)
+                  if rel.count("/") == 1 and rel.endswith(f"/{build.DONE}"))
+    if not done:
+        return "no variant done yet; a rerun builds every variant"
+    return f"variants done: {', '.join(done)}; a rerun keeps them"
+
+
+STAGE = Stage("compress", "quantize, prune, distil, evaluate, choose", run, sections=("compress",),
+              inputs=("data", "pretrain", "finetune"), resumable=True,
+              progress=progress)

@@ -10,9 +10,7 @@ One pydantic module per section (`data`, `train`, `sweep`, `compress`, `serve`) 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from llm.config.base import LLM_PREFIX, STAGE_SECTIONS, Section
+from llm.config.base import LLM_PREFIX, Section
 from llm.config.compress import CompressConfig
 from llm.config.data import (
     DataConfig,
@@ -38,24 +36,8 @@ from llm.config.train import (
 from llm.errors import ConfigError
 
 __all__ = [
-    "LLM_PREFIX", "STAGE_SECTIONS", "Section", "CompressConfig", "DataConfig", "DedupConfig", "FuzzyDedupConfig",
+    "LLM_PREFIX", "Section", "CompressConfig", "DataConfig", "DedupConfig", "FuzzyDedupConfig",
     "LanguageConfig", "PiiConfig", "QualityConfig", "SftConfig", "TokenizerConfig", "LoadedConfig", "PipelineConfig",
     "PlanConfig", "RayConfig", "ServeConfig", "SweepConfig", "FinetuneConfig", "ModelConfig", "PretrainConfig",
-    "ScheduleConfig", "SizingOverride", "TrainConfig", "ConfigError", "default_config_path", "load_config",
+    "ScheduleConfig", "SizingOverride", "TrainConfig", "ConfigError",
 ]
-
-
-def default_config_path() -> Path:
-    """`cluster/local.yaml` of the checkout (or the working directory)."""
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent.parent):
-        candidate = base / "cluster" / "local.yaml"
-        if candidate.exists():
-            return candidate
-    raise ConfigError("no config given and cluster/local.yaml not found in the working directory")
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> LoadedConfig:
-    """Load, override and validate a cluster file. Raises `ConfigError` naming the key and the file."""
-    from llm.loading import load
-
-    return load(Path(path) if path is not None else default_config_path(), list(overrides))

@@ -7,8 +7,6 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 LLM_PREFIX = "metadata.llm"
-STAGE_SECTIONS = ("data", "pretrain", "sweep", "finetune", "compress", "serve")
-"""The pipeline's stage sections, in run order."""
 
 
 class Section(BaseModel):

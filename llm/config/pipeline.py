@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from llm.config.base import STAGE_SECTIONS, Section
+from llm.config.base import Section
 from llm.config.compress import CompressConfig
 from llm.config.data import DataConfig
 from llm.config.serve import ServeConfig
@@ -91,9 +91,10 @@ class PipelineConfig(Section):
             )
         return self
 
-    def enabled_stages(self) -> list[str]:
-        """Names of the stage sections with `enabled: true`, in pipeline order."""
-        return [name for name in STAGE_SECTIONS if getattr(self, name).enabled]
+    def stage_sections(self) -> dict[str, Section]:
+        """The sections that enable a stage (those with an `enabled` field), by name, in the tree's order."""
+        return {name: getattr(self, name) for name in type(self).model_fields
+                if isinstance(getattr(self, name), Section) and "enabled" in type(getattr(self, name)).model_fields}
 
     def cluster(self) -> dict[str, Any]:
         """The cluster file's Ray half (node types); `{}` for a config not loaded from a file."""

@@ -11,7 +11,6 @@ failed to read, each with its error: the stats add those up without the driver r
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from llm.data.filters import document_filter, normalize
 from llm.data.pii import KINDS, redact
 from llm.data.read import Unreadable, read_rows
 from llm.data.sources import SourceFile
+from llm.eval.split import stable_id
 
 WORK = "_work/clean"  # under the stage folder; removed before the commit
 _ROWS_PER_GROUP = 512
@@ -34,11 +34,6 @@ _CHARS_PER_GROUP = 32_000_000
 def unit_of(path: str) -> int:
     """The unit number of a cleaned file (`.../<unit>.parquet`)."""
     return int(path.rsplit("/", 1)[-1].split(".")[0])
-
-
-def stable_id(key: str) -> int:
-    """A 63-bit id of a string that is the same in every process (Python's `hash` is salted)."""
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "replace"), digest_size=8).digest(), "little") >> 1
 
 
 def content_hash(text: str) -> int:

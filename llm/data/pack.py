@@ -17,12 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from llm.eval.split import is_val
+
 _DOCS_PER_ENCODE = 256
-
-
-def is_val(content_hash: np.ndarray, val_fraction: float) -> np.ndarray:
-    """Deterministic split by document hash: the same document is always on the same side."""
-    return (content_hash.astype(np.int64) % 1_000_000) < int(round(val_fraction * 1_000_000))
 
 
 def pack(token_lists: list[list[int]], eos_id: int, seq_len: int, carry: np.ndarray | None = None
@@ -95,7 +92,8 @@ def pack_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, seq_le
     from llm import storage
     from llm.data import checksums, shuffle
     from llm.data.clean import unit_of
-    from llm.data.tokenizer import EOS, fast_tokenizer
+    from llm.data.tokenizer import fast_tokenizer
+    from llm.models.chat import EOS
 
     unit = int(batch["unit"][0])
     tok = fast_tokenizer(tokenizer_dir)

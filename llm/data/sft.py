@@ -1,11 +1,5 @@
-"""Supervised fine-tuning examples: chat or instruction records rendered with the tokenizer's chat template
-into `input_ids` and `labels`, where labels are -100 everywhere but on the assistant's tokens.
-
-Assistant spans are found by rendering prefixes of the conversation: the tokens between "everything before
-this turn plus the generation prompt" and "everything up to the end of this turn" are the turn's answer,
-its closing `<|end|>` included, so the model learns to stop. This works for any template whose turns begin
-and end at special tokens, which is what chat templates are built around.
-"""
+"""Supervised fine-tuning examples: chat or instruction records read from their sources and rendered with
+the tokenizer's chat template (`llm.models.chat.render`) into `input_ids` and `labels`."""
 
 from __future__ import annotations
 
@@ -17,45 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-IGNORE = -100
-ROLES = {"system", "user", "assistant"}
-
-
-def to_messages(record: Any) -> list[dict[str, str]] | str:
-    """The messages of a `{"messages": [...]}` or `{"prompt", "response"}` record, or why it is invalid."""
-    if not isinstance(record, dict):
-        return "not_an_object"
-    if "messages" in record:
-        msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return "bad_messages"
-        for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                return "bad_messages"
-        if not any(m["role"] == "assistant" for m in msgs):
-            return "no_assistant"
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
-    return "missing_field"
-
-
-def _ids(tok: Any, messages: list[dict[str, str]], generation: bool) -> list[int]:
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation) if messages else ""
-    return tok(text, add_special_tokens=False)["input_ids"] if text else []
-
-
-def render(tok: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """`input_ids` of the whole conversation and `labels` that keep only the assistant turns."""
-    ids = _ids(tok, messages, False)
-    labels = [IGNORE] * len(ids)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(_ids(tok, messages[:i], True))
-        end = len(_ids(tok, messages[: i + 1], False))
-        labels[start:end] = ids[start:end]
-    return ids, labels
+from llm.models.chat import IGNORE, render, to_messages
 
 
 def records(path: str, kind: str, gz: bool) -> Any:
@@ -98,10 +54,9 @@ def sft_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, max_len
     (`out_dir` is the stage folder; checksums in `<out_dir>/_CHECKSUMS/sft-<unit>.json`); returns its counts and
     its files that failed to read (`read_errors`: JSON list of `{"file", "error"}`)."""
     from llm.data import checksums
-    from llm.data.clean import stable_id
-    from llm.data.pack import is_val
     from llm.data.read import Unreadable
     from llm.data.tokenizer import load_tokenizer
+    from llm.eval.split import is_val, stable_id
 
     unit = int(batch["unit"][0])
     tok = load_tokenizer(tokenizer_dir)

@@ -20,7 +20,7 @@ from llm import storage
 from llm.config import PipelineConfig
 from llm.data import clean, dedup, pack, report, sft, sources
 from llm.data.tokenizer import copy_tokenizer, tokenizer_unit
-from llm.stage import StageResult, execute, target
+from llm.stage import Stage, StageResult, execute, target
 
 
 def units(files: list[sources.SourceFile], n_units: int) -> list[list[sources.SourceFile]]:
@@ -168,8 +168,10 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
     sources.resolve(cfg.data.sources)  # a source that matches nothing fails here, before the old output is cleared
     if cfg.data.sft.sources:
         sources.resolve(cfg.data.sft.sources)
-    result = execute(cfg, "data", lambda folder: _body(cfg, folder), sections=("data",), force=force,
-                     object_store=True)
+    result = execute(cfg, STAGE, lambda folder: _body(cfg, folder), force=force)
     if not result.skipped:
         print(report.summary(result.metrics, result.path))
     return result
+
+
+STAGE = Stage("data", "read, clean, dedup, train a tokenizer, pack (Ray Data)", run, sections=("data",))

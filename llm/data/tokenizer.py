@@ -12,20 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.errors import DataError
-
-EOS = "<|endoftext|>"
-PAD = "<|pad|>"
-ROLES = ("system", "user", "assistant")
-END = "<|end|>"
-SPECIAL = [EOS, PAD, *(f"<|{r}|>" for r in ROLES), END]
-
-# Each message is `<|role|>\ncontent<|end|>\n`; the generation prompt opens an assistant turn.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
+from llm.models.chat import CHAT_TEMPLATE, EOS, PAD, SPECIAL
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: Path, *, vocab_size: int, min_frequency: int) -> Any:

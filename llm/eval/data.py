@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from llm.data.sft import IGNORE, render, to_messages
 from llm.errors import DataError, StageInputError
+from llm.models.chat import IGNORE, render, to_messages
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from llm.data.tokenizer import END
 from llm.errors import DataError
 from llm.eval.data import PromptPair
 from llm.eval.loss import model_device
 from llm.eval.text import text_metrics
+from llm.models.chat import END
 
 
 def context_length(model: Any) -> int:

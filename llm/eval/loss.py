@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from llm.data.sft import IGNORE
 from llm.errors import DataError
 from llm.eval.data import has_answer
+from llm.models.chat import IGNORE
 
 
 def model_device(model: Any) -> Any:

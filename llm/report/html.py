@@ -10,16 +10,19 @@ import csv
 import html
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from llm import storage
-from llm.config import STAGE_SECTIONS, LoadedConfig
+from llm.config import LoadedConfig
 from llm.manifest import manifest_hash, read_manifest
 from llm.report import plots
 from llm.report.status import format_status, run_status
+from llm.stage import committed_folder
+from llm.stages import STAGES
 from llm.train.metrics import read_records
 
 Section = tuple[str, str]  # (title, html body)
@@ -51,14 +54,12 @@ def _committed(loaded: LoadedConfig, stage: str) -> Path | None:
     """The committed folder; in an object store, a verified local copy of its small files (the figures'
     sources: stats, metrics, evaluations), never its checkpoints or weights."""
     uri = loaded.llm.stage_dir(stage)
-    if read_manifest(uri) is None:
+    manifest = read_manifest(uri)
+    if manifest is None:
         return None
-    if not storage.is_remote(uri):
-        return Path(uri)
-    from llm.stage import committed_copy
-
-    return committed_copy(uri, lambda rel, meta: (rel.endswith((".json", ".jsonl", ".csv")) or rel == "curves.png")
-                          and not rel.startswith("ray/") and meta["size"] < 64 << 20)
+    small = {rel: meta for rel, meta in manifest.files.items() if meta["size"] < 64 << 20
+             and (rel.endswith((".json", ".jsonl", ".csv")) or rel == "curves.png") and not rel.startswith("ray/")}
+    return committed_folder(uri, replace(manifest, files=small)).fetch()
 
 
 def _data(loaded: LoadedConfig) -> str | None:
@@ -139,11 +140,12 @@ def build_report(loaded: LoadedConfig) -> str:
     cfg = loaded.llm
     parts = [f"<h1>llmray run {html.escape(cfg.run)}</h1>",
              f"<pre>{html.escape(format_status(run_status(cfg)))}</pre>"]
-    for stage in STAGE_SECTIONS:
-        body = SECTIONS[stage](loaded)
-        parts.append(f"<h2>{stage}</h2>")
-        parts.append(body if body is not None else f"<p class=missing>{stage} has not run (no committed output).</p>")
-    hashes = [{"stage": s, "manifest sha256": manifest_hash(cfg.stage_dir(s)) or "-"} for s in STAGE_SECTIONS]
+    for stage in STAGES:
+        body = SECTIONS[stage.name](loaded)
+        parts.append(f"<h2>{stage.name}</h2>")
+        parts.append(body if body is not None else
+                     f"<p class=missing>{stage.name} has not run (no committed output).</p>")
+    hashes = [{"stage": s.name, "manifest sha256": manifest_hash(cfg.stage_dir(s.name)) or "-"} for s in STAGES]
     parts += ["<h2>manifests</h2>", _table(hashes), "<h2>config</h2>",
               f"<pre>{html.escape(yaml.safe_dump({'metadata': {'llm': cfg.model_dump(mode='json')}}, sort_keys=False))}"
               f"</pre>", f"<p>from {html.escape(str(loaded.path))}</p>"]
@@ -156,6 +158,6 @@ def build_report(loaded: LoadedConfig) -> str:
 def write_report(loaded: LoadedConfig) -> Path | str:
     """Write `<storage>/<run>/report.html` atomically (a temp file renamed; one PUT in an object store);
     returns its path or URI."""
-    out = storage.join(loaded.llm.storage, loaded.llm.run, "report.html")
-    storage.write_text(out, build_report(loaded))
-    return out if storage.is_remote(out) else Path(out)
+    run = storage.Folder(storage.join(loaded.llm.storage, loaded.llm.run))
+    storage.write_text(run.path("report.html"), build_report(loaded))
+    return Path(run.path("report.html")) if run.on_disk else run.path("report.html")

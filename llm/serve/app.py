@@ -16,8 +16,9 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from llm.config import LoadedConfig, PipelineConfig, ServeConfig, load_config
+from llm.config import LoadedConfig, PipelineConfig, ServeConfig
 from llm.errors import ConfigError, StageInputError
+from llm.loading import load_config
 
 APP_NAME = "llm"
 PROXY_MARGIN_S = 5.0  # the proxy times out this much after the app does, so the app's answer arrives

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from llm.config import LoadedConfig, load_config
+from llm.config import LoadedConfig
+from llm.loading import load_config
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 # serve file -> the cluster file it is generated from (paths relative to the checkout).

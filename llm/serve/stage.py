@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.config import PipelineConfig
-from llm.stage import StageResult, execute
+from llm.stage import Stage, StageResult, execute
 
 ENDPOINT = "endpoint.json"
 
@@ -81,7 +81,7 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
         return info
 
     # With `storage` in an object store, endpoint.json is staged here and uploaded; replicas copy the model.
-    result = execute(cfg, "serve", body, sections=("serve",), force=True, record_only=True, object_store=True)
+    result = execute(cfg, STAGE, body, force=True)
     name = next(iter(models))
     print(f"serve: ready in {result.metrics['ready_s']:.1f}s at {base_url(cfg)} (models: {', '.join(models)})\n"
           f"  {curl_example(cfg, name)}", flush=True)
@@ -111,3 +111,7 @@ def _hold() -> None:
         print("serve: shutting down", flush=True)
     finally:
         serve.shutdown()
+
+
+STAGE = Stage("serve", "OpenAI-compatible endpoint (Ray Serve)", run, sections=("serve",), record_only=True,
+              foreground=True)

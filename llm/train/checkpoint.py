@@ -251,3 +251,11 @@ def consolidate_fp32(folder: str | Path) -> dict[str, Any]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG))
+
+
+def resume_detail(folder: str) -> str:
+    """For `llmray status`: the step an interrupted training stage's folder resumes from."""
+    choice = choose(storage.join(folder, "ray"), checksums=False)
+    if choice.path:
+        return f"resumable from step {choice.step}"
+    return "interrupted before its first checkpoint; a rerun starts it over"

@@ -21,13 +21,15 @@ from typing import Any
 from llm import storage
 from llm.config import PipelineConfig, TrainConfig
 from llm.errors import ConfigError, StageInputError
-from llm.stage import StageResult, execute, input_dir, input_uri, target
+from llm.stage import Stage, StageResult, execute, input_dir, input_uri, target
+from llm.train import checkpoint as ckpt
 from llm.train import ds_config
 from llm.train.fit import fit_with_ray, resume_point
 from llm.train.loop import LoopSpec
 from llm.train.metrics import training_summary
 from llm.train.model import check_model_dir
 from llm.train.sft import check_vocab, held_out, prepare_tokenizer, render_sources
+from llm.tune.best import with_best
 
 RAY_DIR = "ray"
 KEY = "metadata.llm.finetune"
@@ -290,5 +292,9 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
                                                                   "exact_match")})
         return summary
 
-    return execute(cfg, "finetune", body, sections=("finetune",), inputs=inputs, force=force, keep_partial=True,
-                   object_store=True)
+    return execute(cfg, STAGE, body, inputs=inputs, force=force)
+
+
+STAGE = Stage("finetune", "chat fine-tuning (Ray Train + DeepSpeed)", run, sections=("finetune",),
+              inputs=("data", "pretrain", "sweep"), resumable=True,
+              as_run=with_best("finetune"), progress=ckpt.resume_detail)

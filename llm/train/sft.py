@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from llm.data.sft import IGNORE, render, to_messages
 from llm.errors import ConfigError, DataError
+from llm.models.chat import IGNORE, render, to_messages
 
 NAMED_DROPS = 100
 """Dropped records named in `stats.json` (all are counted)."""
@@ -33,7 +33,7 @@ def prepare_tokenizer(base: str | Path, out_dir: str | Path, key: str = "metadat
     masked) and, when the base has none, the project's default chat template (saved with every output)."""
     from transformers import AutoTokenizer
 
-    from llm.data.tokenizer import CHAT_TEMPLATE
+    from llm.models.chat import CHAT_TEMPLATE
 
     try:
         tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
@@ -67,8 +67,7 @@ def source_records(sources: list[str], key: str) -> Iterator[tuple[str, Any]]:
 
 def split_of(messages: list[dict[str, str]], val_fraction: float) -> bool:
     """Whether an example is held out: the data stage's rule (hash of the messages against the fraction)."""
-    from llm.data.clean import stable_id
-    from llm.data.pack import is_val
+    from llm.eval.split import is_val, stable_id
 
     return bool(is_val(np.array([stable_id(json.dumps(messages, sort_keys=True))]), val_fraction)[0])
 

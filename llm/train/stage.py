@@ -15,13 +15,15 @@ from typing import Any
 from llm import storage
 from llm.config import PipelineConfig
 from llm.errors import ConfigError
-from llm.stage import StageResult, execute, input_dir, input_uri, target
+from llm.stage import Stage, StageResult, execute, input_dir, input_uri, target
+from llm.train import checkpoint as ckpt
 from llm.train import ds_config
 from llm.train.data import shard_files
 from llm.train.fit import fit_with_ray, resolve_init, resume_point
 from llm.train.loop import LoopSpec
 from llm.train.metrics import training_summary
 from llm.train.model import check_model_dir
+from llm.tune.best import with_best
 
 RAY_DIR = "ray"
 
@@ -167,5 +169,9 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
         return summary
 
     inputs = ("data", "sweep") if lr_from is not None else ("data",)
-    return execute(cfg, "pretrain", body, sections=("pretrain",), inputs=inputs, force=force,
-                   keep_partial=True, on_set_aside=remap, object_store=True)
+    return execute(cfg, STAGE, body, inputs=inputs, force=force, on_set_aside=remap)
+
+
+STAGE = Stage("pretrain", "train the model (Ray Train + DeepSpeed)", run, sections=("pretrain",),
+              inputs=("data", "sweep"), resumable=True,
+              as_run=with_best("pretrain"), progress=ckpt.resume_detail)

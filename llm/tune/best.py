@@ -7,12 +7,13 @@ warms up over the same share of its own (longer) run; kind, peak and floor carry
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from llm import storage
 from llm.config import LLM_PREFIX, PipelineConfig, ScheduleConfig
-from llm.errors import ConfigError, StageInputError
+from llm.errors import ConfigError, LLMRayError, StageInputError
 from llm.tune.results import TrialRow
 
 BEST = "best.json"
@@ -90,3 +91,18 @@ def describe(source: dict[str, Any]) -> str:
     return (f"lr: best from {source['sweep']} (trial {source['trial_id']}, sweep manifest "
             f"{str(source['sweep_manifest'])[:12]}): {s['kind']} peak {s['peak']:.2e}, warmup {s['warmup_steps']}, "
             f"floor {s['floor']:g}")
+
+
+def with_best(stage: str) -> Callable[[PipelineConfig], PipelineConfig]:
+    """For `llmray status`: the config as `stage` hashes it, `lr: best` standing for the sweep's winning
+    schedule (no usable sweep: as written, and the stage reads as stale)."""
+
+    def as_run(cfg: PipelineConfig) -> PipelineConfig:
+        if getattr(cfg, stage).lr != "best":
+            return cfg
+        try:
+            return apply_best(cfg, stage)[0]
+        except LLMRayError:
+            return cfg
+
+    return as_run

@@ -24,7 +24,7 @@ from ray.tune import Callback
 from llm import storage
 from llm.config import LLM_PREFIX, PipelineConfig, ScheduleConfig, SweepConfig
 from llm.errors import ConfigError, TrainingError
-from llm.stage import StageResult, execute, input_dir, input_uri, target
+from llm.stage import Stage, StageResult, execute, input_dir, input_uri, target
 from llm.tune import space
 from llm.tune.best import BEST, best_record
 from llm.tune.results import TrialRow, choose_best, plot_curves, summary_table, trial_rows, write_csv
@@ -258,6 +258,19 @@ def run(cfg: PipelineConfig, force: bool = False, interrupt_after: int | None = 
         inputs = inputs_of(cfg)
     else:
         inputs = ("data",)
-    return execute(tcfg, "sweep", lambda folder: sweep(tcfg, folder, interrupt_after),
-                   sections=("sweep", cfg.sweep.target), inputs=inputs, force=force, keep_partial=True,
-                   object_store=True)
+    return execute(tcfg, STAGE, lambda folder: sweep(tcfg, folder, interrupt_after), inputs=inputs, force=force)
+
+
+def progress(folder: str) -> str:
+    """For `llmray status`: trials started (each writes `trials/<id>/trial.json` first); whether Tune saved
+    the experiment a rerun restores (`tune/tuner.pkl`, what `Tuner.can_restore` looks for)."""
+    started = sum(1 for rel in storage.list_files(storage.join(folder, TRIALS_DIR))
+                  if rel.count("/") == 1 and rel.endswith("/trial.json"))
+    if storage.size(storage.join(folder, "tune", "tuner.pkl")) is None:
+        return f"{started} trials started; Tune saved no experiment yet, a rerun starts the sweep over"
+    return f"{started} trials started; a rerun continues the sweep (ended trials are kept)"
+
+
+STAGE = Stage("sweep", "learning-rate schedules (Ray Tune over Ray Train runs)", run,
+              sections=lambda cfg: ("sweep", cfg.sweep.target), inputs=("data", "pretrain"), resumable=True,
+              as_run=trial_config, progress=progress)

@@ -24,7 +24,7 @@ def _pretrained(cfg: Any, data: Path) -> Path:
     """A committed pretrain folder holding a tiny random Llama with the data stage's tokenizer (+ chat template)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from llm.data.tokenizer import CHAT_TEMPLATE
+    from llm.models.chat import CHAT_TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
     tok.chat_template = CHAT_TEMPLATE

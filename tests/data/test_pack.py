@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from llm.data.pack import is_val, pack, rows_table
+from llm.data.pack import pack, rows_table
+from llm.eval.split import is_val
 
 
 def test_pack_rows_and_remainder():

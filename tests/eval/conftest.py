@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from llm.data.sft import render
+from llm.models.chat import render
 
 RECORDS: list[dict[str, Any]] = [
     {"messages": [{"role": "system", "content": "Answer briefly."},
@@ -57,7 +57,7 @@ def model(tok: Any) -> Any:
 @pytest.fixture(scope="session")
 def sft_val(tok: Any) -> list[dict[str, Any]]:
     """SFT rows of `RECORDS` as the data stage writes them."""
-    from llm.data.sft import to_messages
+    from llm.models.chat import to_messages
 
     rows = []
     for rec in RECORDS:

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.data.sft import IGNORE, render
 from llm.errors import DataError
 from llm.eval import assistant_loss, packed_perplexity, token_nll
+from llm.models.chat import IGNORE, render
 
 
 def _one(row):

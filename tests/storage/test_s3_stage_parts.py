@@ -63,7 +63,7 @@ def _commit_model(tmp_path: Path, stage_uri: str, rel: str) -> None:
 def test_a_model_in_the_bucket_is_served_from_a_checked_cache_copy(s3_prefix: str, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from llm.compress.load import chosen_model_dir, committed_model, load_model, local_model
-    from llm.config import load_config
+    from llm.loading import load_config
     from llm.serve.app import model_dirs
     from tests.conftest import LOCAL_YAML
 
@@ -128,7 +128,7 @@ def test_the_sweep_record_is_committed_in_the_bucket_and_lr_best_reads_it(s3_pre
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from ray.tune import Result
 
-    from llm.config import load_config
+    from llm.loading import load_config
     from llm.stage import execute
     from llm.tune.best import apply_best
     from llm.tune.results import choose_best, trial_rows
@@ -185,7 +185,7 @@ def test_the_sweep_record_is_committed_in_the_bucket_and_lr_best_reads_it(s3_pre
 def test_a_stage_not_declared_for_object_stores_stops_in_one_line_before_writing(s3_prefix: str) -> None:
     """Every shipped stage runs with `storage` in a bucket; the contract still refuses a stage body that did
     not declare it writes through `target(folder)` (a new stage), before anything lands in the bucket."""
-    from llm.config import load_config
+    from llm.loading import load_config
     from llm.stage import execute
     from tests.conftest import LOCAL_YAML
 

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import ray
 
-    from llm.config import load_config
+    from llm.loading import load_config
     from llm.data.stage import run as run_data
     from llm.errors import TrainingError
     from llm.train.stage import run as run_pretrain

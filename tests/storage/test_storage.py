@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from llm import storage
-from llm.config import load_config
 from llm.errors import StageInputError
+from llm.loading import load_config
 from llm.manifest import MANIFEST, read_manifest
 from llm.stage import execute, input_dir, target
 from tests.conftest import LOCAL_YAML

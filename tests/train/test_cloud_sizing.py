@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llm.config import load_config
 from llm.errors import ClusterError
+from llm.loading import load_config
 from tests.conftest import ROOT
 from tests.train.conftest import build_data_stage
 

@@ -105,7 +105,7 @@ def build_stages(loaded: LoadedConfig, tok_dir: Path) -> tuple[Path, Path]:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from llm.data.sft import render, to_messages
+    from llm.models.chat import render, to_messages
     from llm.train.sft import split_of
 
     cfg = loaded.llm

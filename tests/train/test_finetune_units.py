@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from llm.data.sft import IGNORE, render
 from llm.errors import ConfigError, DataError, TrainingError
+from llm.models.chat import IGNORE, render
 from llm.train.sft import check_vocab, prepare_tokenizer, render_sources
 from tests.train.test_finetune_helpers import (
     finetune_config,

@@ -45,7 +45,7 @@ def _free_again(ray, timeout: float = 60.0) -> tuple[dict, list]:
 
 INTERRUPTED = """
 import sys
-from llm.config import load_config
+from llm.loading import load_config
 from llm.errors import TrainingError
 from llm.tune.stage import run
 try:
