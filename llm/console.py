@@ -20,17 +20,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from llm import storage
 from llm.config import PipelineConfig
 
 
 def log_path(cfg: PipelineConfig, stage: str) -> Path:
     """`<storage>/<run>/logs/<stage>.log`; with object-store storage, `<cache>/logs/<run>/<stage>.log` on the
     driver (a log is appended line by line, which an object store cannot do)."""
-    from llm import storage
-
-    if storage.is_remote(cfg.storage):
-        return storage.cache_dir() / "logs" / cfg.run / f"{stage}.log"
-    return Path(cfg.storage) / cfg.run / "logs" / f"{stage}.log"
+    return storage.appendable(storage.join(cfg.storage, cfg.run, "logs", f"{stage}.log"), f"logs/{cfg.run}")
 
 
 class _Router:

@@ -186,7 +186,21 @@ def fits(estimate: MemoryEstimate, setting: MemorySetting, capacity: float, cpu_
 def smallest_fit(shape: ModelShape, cur: MemorySetting, seq_len: int, gpus_per_node: int, nodes: int,
                  capacity: float, precision: str = "bf16", cpu_capacity: float | None = None) -> dict[str, Any] | None:
     """The cheapest change (`_cost`) under which the estimate `fits`, as the fields that differ; None when
-    nothing does. A micro batch change comes with the `grad_accum_factor` that keeps the global batch."""
+    nothing does. A micro batch change comes with the `grad_accum_factor` that keeps the global batch.
+
+    Eight parameters because they are `gpu_memory`'s five plus `fits`' budget, passed through unchanged;
+    a bundle of them would be a second name for each.
+
+    Args:
+        shape: the model.
+        cur: the configured memory setting (ZeRO stage, offload, micro batch, checkpointing).
+        seq_len: tokens per sequence.
+        gpus_per_node: GPUs of one node (ZeRO partitions over them all).
+        nodes: nodes the stage spans.
+        capacity: GiB of one GPU available to the stage.
+        precision: bf16, fp16 or fp32.
+        cpu_capacity: GiB of node RAM for offloaded states (None: not checked).
+    """
     for trial in _candidates(cur):
         if fits(gpu_memory(shape, trial, seq_len, gpus_per_node, nodes, precision), trial, capacity, cpu_capacity):
             change: dict[str, Any] = {k: v for k, v in asdict(trial).items() if v != getattr(cur, k)}

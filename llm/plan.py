@@ -12,6 +12,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
+from llm.flops import training_flops_per_token
 from llm.config import LoadedConfig, ModelConfig, PipelineConfig, TrainConfig
 from llm.hardware import DEFAULT_PRICES, GPU_MEMORY_GIB, GPU_PEAK_TFLOPS, INSTANCE_GPU_MEMORY_GIB, INSTANCE_RAM_GIB
 from llm.memory import (
@@ -57,8 +58,8 @@ def param_counts(model: ModelConfig, vocab: int) -> dict[str, int]:
 def flops_per_token(model: ModelConfig, vocab: int, seq_len: int, method: str = "full") -> float:
     """Training FLOPs per token: 6N (4N for LoRA) plus the attention term 12 x layers x d_model x seq_len
     (PaLM, app. B)."""
-    n = param_counts(model, vocab)["compute"]
-    return FLOPS_PER_PARAM[method] * n + 12.0 * model.n_layers * model.d_model * seq_len
+    return training_flops_per_token(param_counts(model, vocab)["compute"], model.n_layers, model.d_model, seq_len,
+                                    method)
 
 
 def model_shape(model: ModelConfig, vocab: int, lora_rank: int | None = None) -> ModelShape:
@@ -286,8 +287,9 @@ def _overrides(change: dict[str, Any], prefix: str, section: TrainConfig) -> lis
     return out
 
 
-def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None) -> dict[str, Any]:
-    """The plan as a JSON-ready mapping."""
+def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None,
+               stages: dict[str, bool] | None = None) -> dict[str, Any]:
+    """The plan as a JSON-ready mapping; `stages` (name -> enabled, from the registry) is listed as given."""
     cfg = loaded.llm
     sizing = sizing or derive(loaded)
     pre = cfg.pretrain
@@ -332,7 +334,7 @@ def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None) -> dict[str, 
         "config": str(loaded.path),
         "run": cfg.run,
         "storage": cfg.storage,
-        "stages": {name: section.enabled for name, section in cfg.stage_sections().items()},
+        "stages": stages or {},
         "sizing": sizing.as_dict(),
         "pretrain": arithmetic,
         "estimate": estimate,

@@ -9,7 +9,7 @@ to the stage module's `run`, to `llm.stage.execute`.
 from __future__ import annotations
 
 from llm.compress import stage as compress
-from llm.config import LLM_PREFIX, PipelineConfig
+from llm.config import PipelineConfig
 from llm.console import stage_console
 from llm.data import stage as data
 from llm.errors import ConfigError
@@ -31,14 +31,7 @@ def by_name(name: str) -> Stage:
 
 
 def stages_to_run(cfg: PipelineConfig) -> list[str]:
-    """The enabled stages `llmray run` will run, in order; an enabled config section with no stage in this
-    version is an error before any work starts (what `llmray validate` reports too)."""
-    known = {stage.name for stage in STAGES}
-    missing = [name for name, section in cfg.stage_sections().items() if section.enabled and name not in known]
-    if missing:
-        keys = ", ".join(f"{LLM_PREFIX}.{name}.enabled" for name in missing)
-        raise ConfigError(f"{keys}: the {', '.join(missing)} stage{'s are' if len(missing) > 1 else ' is'} not "
-                          f"built in this version of llmray (stages: {', '.join(known)}); set enabled: false")
+    """The enabled stages `llmray run` will run, in order."""
     names = [stage.name for stage in STAGES if stage.enabled(cfg)]
     if "sweep" in names:  # the sweep runs right before the stage it sweeps for (pretrain or finetune)
         names.remove("sweep")

@@ -307,6 +307,14 @@ def _rewrite(out: Any, tmp: str, target: str) -> Any:
     return out
 
 
+def appendable(uri: str | Path, cache_key: str) -> Path:
+    """A local file this process can append to line by line for `uri` (a log): the file itself on a disk;
+    `<cache>/<cache_key>/<name>` on this node for an object store, which cannot append."""
+    if not is_remote(uri):
+        return Path(os.path.abspath(str(uri).removeprefix("file://")))
+    return cache_dir() / cache_key / str(uri).rsplit("/", 1)[-1]
+
+
 def fetch(uri: str | Path, files: dict[str, dict[str, Any]] | None = None) -> Path:
     """A checked local copy of a folder a library needs on disk (a tokenizer, a model): the folder itself
     when it is local, else a copy in this node's cache (see `cached_copy`)."""

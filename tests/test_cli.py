@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from llm import stages
 from llm.cli import COMMANDS, build_parser, main
 from llm.loading import load_config
 from llm.stages import STAGES, stages_to_run
@@ -87,18 +86,6 @@ def test_config_schema(capsys: pytest.CaptureFixture[str]) -> None:
     schema = json.loads(capsys.readouterr().out)
     assert schema["additionalProperties"] is False
     assert {"run", "storage", "data", "pretrain", "sweep", "finetune", "compress", "serve"} <= set(schema["properties"])
-
-
-def test_an_enabled_stage_that_does_not_exist_is_refused_before_any_work(
-        tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    missing = "compress"  # as in a version that does not have the stage yet
-    monkeypatch.setattr(stages, "STAGES", tuple(s for s in STAGES if s.name != missing))
-    storage = tmp_path / "runs"
-    for command in ("validate", "run"):
-        assert main([command, str(LOCAL_YAML), f"storage={storage}", f"{missing}.enabled=true"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and f"metadata.llm.{missing}.enabled" in err and "local.yaml" in err
-    assert not storage.exists()  # `run` stopped before the data stage started
 
 
 def test_validate_lists_the_stages_run_runs(capsys: pytest.CaptureFixture[str]) -> None:

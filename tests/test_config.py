@@ -120,5 +120,5 @@ def test_every_field_is_described() -> None:
     assert undocumented == []
 
 
-def test_stage_dir_layout(local_cfg) -> None:  # noqa: ANN001
+def test_stage_dir_layout(local_cfg) -> None:
     assert local_cfg.llm.stage_dir("data").endswith("/runs/local-tiny/data")

@@ -34,7 +34,7 @@ def _port() -> int:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):  # noqa: ANN001, ANN201
+def head(tmp_path_factory):
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
     assert ray, "the ray CLI of this environment"
     # The entrypoint's `python` is the one on PATH when `ray start` runs: this environment's.
@@ -49,7 +49,7 @@ def head(tmp_path_factory):  # noqa: ANN001, ANN201
     token.write_text(generate_new_authentication_token())
     env["RAY_AUTH_TOKEN_PATH"] = str(token)
     env.pop("RAY_AUTH_TOKEN", None)
-    log = open(tmp_path_factory.mktemp("head") / "ray-start.log", "w+")  # noqa: SIM115 (closed below)
+    log = open(tmp_path_factory.mktemp("head") / "ray-start.log", "w+")
     gcs, dash, agent = _port(), _port(), _port()
     # `--block` keeps the head's processes children of this one: stopping it stops this cluster only
     # (`ray stop` would kill every Ray on the machine, the test session's own included).
@@ -69,7 +69,7 @@ def head(tmp_path_factory):  # noqa: ANN001, ANN201
         log.close()
 
 
-def _submit(head, *entrypoint: str) -> tuple[str, str]:  # noqa: ANN001
+def _submit(head, *entrypoint: str) -> tuple[str, str]:
     ray, env, proc, log = head
     for _ in range(60):  # the head and its job agent take a few seconds to come up after `ray start`
         if proc.poll() is not None:  # the head is gone: say why instead of retrying into a timeout
@@ -89,7 +89,7 @@ def _submit(head, *entrypoint: str) -> tuple[str, str]:  # noqa: ANN001
     return job.group(0), logs.stdout
 
 
-def test_pipeline_then_single_stage_job(head, tmp_path: Path) -> None:  # noqa: ANN001
+def test_pipeline_then_single_stage_job(head, tmp_path: Path) -> None:
     from pydoc_data.topics import topics
 
     corpus = tmp_path / "topics.jsonl"

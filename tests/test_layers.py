@@ -42,7 +42,7 @@ def test_no_project_module_is_imported_inside_a_function() -> None:
 
 
 def test_the_cli_imports_no_heavy_framework() -> None:
-    code = ("import sys, llm.cli; print(','.join(m for m in %r if m in sys.modules))" % (HEAVY,))
+    code = f"import sys, llm.cli; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "", f"`import llm.cli` imported {out.stdout.strip()}: import them lazily"

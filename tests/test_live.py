@@ -13,17 +13,17 @@ from .conftest import tiny_config
 pytestmark = pytest.mark.ray
 
 
-def test_local_sizing_fits_live_cluster(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
+def test_local_sizing_fits_live_cluster(ray_session, tmp_path: Path) -> None:
     assert check_live(derive(tiny_config(tmp_path))) == []
 
 
-def test_shortfall_is_named(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
+def test_shortfall_is_named(ray_session, tmp_path: Path) -> None:
     sizing = derive(tiny_config(tmp_path, "pretrain.sizing.workers=6", "pretrain.sizing.cpus_per_worker=2"))
     missing = check_live(sizing)
     assert missing == ["pretrain: 6 workers x 2 CPU = 12 CPUs asked, cluster has 4 now"]
 
 
-def test_plan_job_connects_and_reports(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
+def test_plan_job_connects_and_reports(ray_session, tmp_path: Path) -> None:
     """jobs/plan.py as `ray job submit` runs it: RAY_ADDRESS points at the cluster."""
     import os
     import subprocess

@@ -147,7 +147,7 @@ def test_partial_folder_resumed_only_by_the_same_attempt(tmp_path: Path) -> None
     assert seen == [True, False, False, False]  # force starts over even from a resumable folder
 
 
-def _committed(tmp_path: Path, *overrides: str):  # noqa: ANN202
+def _committed(tmp_path: Path, *overrides: str):
     cfg = tiny_config(tmp_path, *overrides).llm
     result = execute(cfg, "pretrain", lambda f: (f / "weights.bin").write_text("trained") and {},
                      sections=("pretrain",))

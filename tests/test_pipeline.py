@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from llm.stages import run_pipeline, stages_to_run
 
 from llm.manifest import manifest_hash, read_manifest
+from llm.stages import run_pipeline, stages_to_run
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.multiprocess, pytest.mark.slow]

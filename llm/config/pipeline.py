@@ -91,11 +91,6 @@ class PipelineConfig(Section):
             )
         return self
 
-    def stage_sections(self) -> dict[str, Section]:
-        """The sections that enable a stage (those with an `enabled` field), by name, in the tree's order."""
-        return {name: getattr(self, name) for name in type(self).model_fields
-                if isinstance(getattr(self, name), Section) and "enabled" in type(getattr(self, name)).model_fields}
-
     def cluster(self) -> dict[str, Any]:
         """The cluster file's Ray half (node types); `{}` for a config not loaded from a file."""
         return self._cluster or {}

@@ -11,29 +11,33 @@ from pathlib import Path
 
 import pytest
 
-from llm.config import LoadedConfig
+from llm import storage
+from llm.config import LoadedConfig, PipelineConfig
 from llm.report import build_report, format_status, run_status, write_report
 from llm.stage import execute
+from llm.stages import by_name
 from llm.train import checkpoint as ckpt
 from tests.conftest import tiny_config
 
+DATA, PRETRAIN = by_name("data"), by_name("pretrain")
 
-def states(loaded) -> dict[str, str]:  # noqa: ANN001
+
+def states(loaded: LoadedConfig) -> dict[str, str]:
     return {r.stage: r.state for r in run_status(loaded.llm)}
 
 
-def _pretrain_body(folder: Path) -> dict:
+def _pretrain_body(folder: storage.Folder) -> dict:
     records = [{"step": s, "loss": 6.0 - s / 2, "lr": 1e-3 * s, "tokens": 100 * s, "tokens_per_s": 1e3,
                 "mfu": 0.1, **({"val_loss": 5.5 - s / 4, "val_ppl": 2.0} if s % 2 == 0 else {})} for s in (1, 2, 3, 4)]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder.local / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"val_ppl": 7.5, "final_loss": 4.0}
 
 
-def _data_body(folder: Path) -> dict:
+def _data_body(folder: storage.Folder) -> dict:
     stats = {"documents_in": 100, "dropped": {"too_short": 10, "language": 5}, "exact_duplicates": 3,
              "fuzzy_duplicates": 2, "documents_out": 80, "tokens_train": 5000, "tokens_val": 100,
              "read_errors": [{"file": "a.gz", "error": "truncated gzip stream"}]}
-    (folder / "stats.json").write_text(json.dumps(stats))
+    (folder.local / "stats.json").write_text(json.dumps(stats))
     return {"documents_out": 80}
 
 
@@ -41,7 +45,7 @@ def test_status_fresh_partial_done_stale(tmp_path: Path) -> None:
     loaded = tiny_config(tmp_path)
     assert states(loaded) == {"data": "not started", "pretrain": "not started", "sweep": "not started",
                               "finetune": "not started", "compress": "not started", "serve": "not started"}
-    execute(loaded.llm, "data", _data_body, sections=("data",))
+    execute(loaded.llm, DATA, _data_body)
     # An interrupted pretrain: a whole checkpoint at step 3 in its Ray Train attempt folder.
     part = Path(loaded.llm.stage_dir("pretrain")) / "ray" / "attempt-1" / "checkpoint_x"
     part.mkdir(parents=True)
@@ -50,14 +54,14 @@ def test_status_fresh_partial_done_stale(tmp_path: Path) -> None:
     rows = {r.stage: r for r in run_status(loaded.llm)}
     assert rows["data"].state == "done" and "documents_out 80" in rows["data"].detail
     assert rows["pretrain"].state == "partial" and rows["pretrain"].detail == "resumable from step 3"
-    execute(loaded.llm, "pretrain", _pretrain_body, sections=("pretrain",), inputs=("data",), keep_partial=True)
+    execute(loaded.llm, PRETRAIN, _pretrain_body, inputs=("data",))
     assert states(loaded)["pretrain"] == "done"
     stale = tiny_config(tmp_path, "pretrain.lr.peak=1e-4")
     rows = {r.stage: r for r in run_status(stale.llm)}
     assert rows["data"].state == "done" and rows["pretrain"].state == "stale"
     assert "pretrain.lr.peak" in rows["pretrain"].detail
     # A rerun of data makes pretrain's input stale even with the same pretrain config.
-    execute(loaded.llm, "data", _data_body, sections=("data",), force=True)
+    execute(loaded.llm, DATA, _data_body, force=True)
     rows = {r.stage: r for r in run_status(loaded.llm)}
     assert rows["pretrain"].state == "stale" and "input data" in rows["pretrain"].detail
     text = format_status(run_status(loaded.llm))
@@ -95,8 +99,8 @@ def test_report_with_stages_missing_embeds_decodable_images(tmp_path: Path) -> N
     import matplotlib.image as mpimg
 
     loaded = tiny_config(tmp_path)
-    execute(loaded.llm, "data", _data_body, sections=("data",))
-    execute(loaded.llm, "pretrain", _pretrain_body, sections=("pretrain",), inputs=("data",))
+    execute(loaded.llm, DATA, _data_body)
+    execute(loaded.llm, PRETRAIN, _pretrain_body, inputs=("data",))
     page = build_report(loaded)
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 2  # data funnel, pretrain curves
@@ -112,11 +116,11 @@ def test_report_with_stages_missing_embeds_decodable_images(tmp_path: Path) -> N
     assert out == Path(loaded.llm.storage) / loaded.llm.run / "report.html" and out.read_text() == page
 
 
-def _sweep_body(cfg) -> Callable[[Path], dict]:  # noqa: ANN001
+def _sweep_body(cfg: PipelineConfig) -> Callable[[storage.Folder], dict]:
     from llm.tune.results import TrialRow, choose_best
     from llm.tune.stage import write_record
 
-    def body(folder: Path) -> dict:
+    def body(folder: storage.Folder) -> dict:
         rows = [TrialRow(trial_id=tid, kind="cosine", peak=peak, warmup_fraction=0.1, warmup_steps=6, floor=0.1,
                          weight_decay=None, micro_batch_size=None, steps=steps, final_val_loss=loss,
                          best_val_loss=loss, stopped_early=steps < 60, wall_s=1.0,
@@ -126,20 +130,20 @@ def _sweep_body(cfg) -> Callable[[Path], dict]:  # noqa: ANN001
                                                ("ccc03", 1e-2, 20, 5.5))]
         best = choose_best(rows)
         assert best is not None
-        write_record(folder, rows, best, cfg.sweep)  # trials.csv, best.json, curves.png as the stage writes them
+        write_record(folder.local, rows, best, cfg.sweep)  # trials.csv, best.json, curves.png as the stage writes them
         return {"trials": 3, "best_trial": best.trial_id, "best_val_loss": best.final_val_loss}
     return body
 
 
-def _finetune_body(folder: Path) -> dict:
+def _finetune_body(folder: storage.Folder) -> dict:
     _pretrain_body(folder)
     rows = [{"model": "base", "params": 1000, "sft_loss": 3.0, "sft_ppl": 20.1, "rouge_l": 0.1, "bleu": 2.0},
             {"model": "finetuned", "params": 1000, "sft_loss": 2.0, "sft_ppl": 7.4, "rouge_l": 0.3, "bleu": 9.0}]
-    (folder / "eval.json").write_text(json.dumps(rows))
+    (folder.local / "eval.json").write_text(json.dumps(rows))
     return {"final_loss": 4.0}
 
 
-def _compress_body(folder: Path) -> dict:
+def _compress_body(folder: storage.Folder) -> dict:
     from llm.compress.choose import write_chosen
     from llm.compress.compare import write_eval
 
@@ -147,9 +151,9 @@ def _compress_body(folder: Path) -> dict:
              "sft_ppl": 7.5, "rouge_l": 0.3}
             for name, params, mb, loss in (("original", 1000, 4.0, 2.30), ("int8", 1000, 1.1, 2.31),
                                            ("pruned", 600, 2.4, 2.45))]
-    write_eval(folder, rows)
-    write_chosen(folder, {"variant": "int8", "reason": "smallest disk (disk_mb 1.1) of 1 passing variant(s)",
-                          "rule": {}, "checks": {}}, folder.parent / "finetune" / "model")
+    write_eval(folder.local, rows)
+    write_chosen(folder.local, {"variant": "int8", "reason": "smallest disk (disk_mb 1.1) of 1 passing variant(s)",
+                                "rule": {}, "checks": {}}, folder.local.parent / "finetune" / "model")
     return {"chosen": "int8"}
 
 
@@ -161,13 +165,12 @@ def _whole_run(tmp_path: Path) -> LoadedConfig:
 
     loaded = tiny_config(tmp_path, "sweep.enabled=true", "pretrain.lr=best")
     cfg = loaded.llm
-    execute(cfg, "data", _data_body, sections=("data",))
+    execute(cfg, DATA, _data_body)
     tcfg = trial_config(cfg)
-    execute(tcfg, "sweep", _sweep_body(tcfg), sections=("sweep", "pretrain"), inputs=("data",))
-    execute(apply_best(cfg, "pretrain")[0], "pretrain", _pretrain_body, sections=("pretrain",),
-            inputs=("data", "sweep"))
-    execute(cfg, "finetune", _finetune_body, sections=("finetune",), inputs=("data", "pretrain"))
-    execute(cfg, "compress", _compress_body, sections=("compress",), inputs=("data", "finetune"))
+    execute(tcfg, by_name("sweep"), _sweep_body(tcfg), inputs=("data",))
+    execute(apply_best(cfg, "pretrain")[0], PRETRAIN, _pretrain_body, inputs=("data", "sweep"))
+    execute(cfg, by_name("finetune"), _finetune_body, inputs=("data", "pretrain"))
+    execute(cfg, by_name("compress"), _compress_body, inputs=("data", "finetune"))
     return loaded
 
 

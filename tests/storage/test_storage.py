@@ -12,7 +12,9 @@ from llm import storage
 from llm.errors import StageInputError
 from llm.loading import load_config
 from llm.manifest import MANIFEST, read_manifest
-from llm.stage import execute, input_dir, target
+from llm.report.html import write_report
+from llm.report.status import stage_status
+from llm.stage import Stage, execute, stage_input
 from tests.conftest import LOCAL_YAML
 
 
@@ -34,7 +36,7 @@ def test_files_round_trip_and_move(s3_prefix: str, tmp_path: Path) -> None:
     assert (got / "d" / "z.txt").read_text() == "zz"
 
 
-def test_cached_copy_checks_the_committed_sizes(s3_prefix: str, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_cached_copy_checks_the_committed_sizes(s3_prefix: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("LLMRAY_CACHE", str(tmp_path / "cache"))
     storage.write_text(f"{s3_prefix}/m/config.json", "{}")
     copy = storage.cached_copy(f"{s3_prefix}/m", {"config.json": {"size": 2}})
@@ -43,45 +45,48 @@ def test_cached_copy_checks_the_committed_sizes(s3_prefix: str, tmp_path: Path, 
         storage.cached_copy(f"{s3_prefix}/m", {"config.json": {"size": 3}})
 
 
-def _cfg(prefix: str, *overrides: str):  # noqa: ANN202
+def _cfg(prefix: str, *overrides: str):
     return load_config(LOCAL_YAML, [f"storage={prefix}", *overrides]).llm
 
 
-def _body(folder: Path) -> dict[str, int]:
-    (folder / "out").mkdir()
-    (folder / "out" / "part-0.txt").write_text("hello")
-    storage.write_text(storage.join(target(folder), "remote.txt"), "written by a task")  # as a Ray task does
+def _body(folder: storage.Folder) -> dict[str, int]:
+    (folder.local / "out").mkdir()
+    (folder.local / "out" / "part-0.txt").write_text("hello")
+    storage.write_text(folder.path("remote.txt"), "written by a task")  # as a Ray task does
     return {"rows": 1}
+
+
+DATA = Stage("data", "test", run=lambda cfg, force=False: execute(cfg, DATA, _body, force=force), sections=("data",))
 
 
 def test_stage_commit_skip_and_not_done_on_s3(s3_prefix: str) -> None:
     cfg = _cfg(s3_prefix)
-    first = execute(cfg, "data", _body, sections=("data",), object_store=True)
+    first = execute(cfg, DATA, _body)
     uri = cfg.stage_dir("data")
     assert first.path == uri and not first.skipped
     manifest = read_manifest(uri)
     assert manifest is not None and set(manifest.files) == {"out/part-0.txt", "remote.txt"}
     assert manifest.files["out/part-0.txt"]["size"] == 5
     assert "_ATTEMPT.json" not in storage.list_files(uri)
-    assert execute(cfg, "data", _body, sections=("data",), object_store=True).skipped
-    assert (input_dir(cfg, "data") / "out" / "part-0.txt").read_text() == "hello"  # a verified local copy
+    assert execute(cfg, DATA, _body).skipped
+    assert (stage_input(cfg, "data").fetch("out") / "part-0.txt").read_text() == "hello"  # a verified local copy
 
     storage.write_text(f"{uri}/remote.txt", "changed size")  # a listed object no longer as committed
     assert read_manifest(uri) is None
     storage.remove_file(f"{uri}/remote.txt")  # a listed object missing
     assert read_manifest(uri) is None
     with pytest.raises(StageInputError, match="no complete data output"):
-        input_dir(cfg, "data")
-    assert not execute(cfg, "data", _body, sections=("data",), object_store=True).skipped  # not done: it runs again
+        stage_input(cfg, "data")
+    assert not execute(cfg, DATA, _body).skipped  # not done: it runs again
 
 
 def test_changed_config_keeps_the_old_objects_aside(s3_prefix: str) -> None:
     cfg = _cfg(s3_prefix)
-    execute(cfg, "data", _body, sections=("data",), object_store=True)
+    execute(cfg, DATA, _body)
     uri = cfg.stage_dir("data")
     before = storage.list_files(uri)
     changed = _cfg(s3_prefix, "data.min_chars=7")
-    result = execute(changed, "data", _body, sections=("data",), object_store=True)
+    result = execute(changed, DATA, _body)
     assert not result.skipped and result.kept_aside and result.kept_aside.startswith(f"{uri}.")
     assert storage.list_files(result.kept_aside) == before  # every object, manifest included, at the new prefix
     old = read_manifest(result.kept_aside)
@@ -89,17 +94,11 @@ def test_changed_config_keeps_the_old_objects_aside(s3_prefix: str) -> None:
     assert read_manifest(uri) is not None and read_manifest(uri).config_hash != old.config_hash
 
 
-def test_other_stages_name_storage_and_status_report_read_the_store(s3_prefix: str) -> None:
-    from llm.report.html import write_report
-    from llm.report.status import stage_status
-
+def test_status_and_report_read_the_store(s3_prefix: str) -> None:
     loaded = load_config(LOCAL_YAML, [f"storage={s3_prefix}"])
     cfg = loaded.llm
-    with pytest.raises(StageInputError, match="storage .*the finetune stage does not run"):
-        execute(cfg, "finetune", _body, sections=("finetune",))
-    assert not storage.exists(cfg.stage_dir("finetune"))
-    assert stage_status(cfg, "data").state == "not started"
-    execute(cfg, "data", _body, sections=("data",), object_store=True)
-    assert stage_status(cfg, "data").state == "done"
+    assert stage_status(cfg, DATA).state == "not started"
+    execute(cfg, DATA, _body)
+    assert stage_status(cfg, DATA).state == "done"
     out = write_report(loaded)
     assert out == f"{s3_prefix}/local-tiny/report.html" and "llmray run local-tiny" in storage.read_text(out)
