@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llm.loading import load_config  # noqa: E402
+from llm.loading import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ, VOCAB, VAL_ROWS, NEW_TOKENS = 128, 4096, 64, 32
@@ -56,10 +56,10 @@ def data_stage(cfg: Any) -> Path:
 
     from llm.data.tokenizer import train_tokenizer
     from llm.manifest import read_manifest, write_manifest
-    from llm.stage import config_hash, local_dir
+    from llm.stage import config_hash
     from llm.train.data import write_rows
 
-    folder = local_dir(cfg.stage_dir("data"))
+    folder = Path(cfg.stage_dir("data"))
     if read_manifest(folder) is not None:
         return folder
     texts = [topics[k] for k in sorted(topics)]
@@ -126,11 +126,13 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from llm import storage
     from llm.compress import variants
-    from llm.compress.distill import distill
-    from llm.compress.load import load_model
+    from llm.compress.distill import DistillJob, distill
+    from llm.config import ModelConfig
     from llm.eval import packed_rows
-    from llm.train import stage as pretrain
+    from llm.models.load import load_model
+    from llm.train import pretrain
 
     work = Path(args.work)
     threads = torch.get_num_threads()
@@ -140,7 +142,7 @@ def main() -> None:
     teacher_dir = Path(pretrain.run(cfg).path) / "model"
     print(f"teacher: {teacher_dir} ({time.perf_counter() - t0:.0f} s; {args.steps} steps, kept for later runs)")
     val = packed_rows(data, VAL_ROWS)
-    calib = variants.calibration_rows(data, 32)
+    calib = variants.calibration_rows(storage.Folder(data), 32)
     base = load_model(teacher_dir)
     prompt = val[0][:16].tolist()
     torch.set_num_threads(args.threads)
@@ -156,7 +158,9 @@ def main() -> None:
     torch.set_num_threads(threads)  # training uses every core; measuring goes back to --threads below
     t0 = time.perf_counter()
     shutil.rmtree(work / "distill", ignore_errors=True)  # distil anew each run (no resume from the last one)
-    exported = distill(cfg, work / "distill", data, teacher_dir, {"path": str(pruned_dir)}, sft=False)
+    job = DistillJob(work=storage.Folder(work / "distill"), data=storage.Folder(data), teacher=teacher_dir,
+                     teacher_uri=str(teacher_dir), student=ModelConfig(path=str(pruned_dir)), sft=False)
+    exported = distill(cfg, job)
     distilled_dir = variants.place_export(exported, work / "pruned-distilled")
     print(f"  distillation: {args.distill_steps} steps in {time.perf_counter() - t0:.0f} s (the one loop, KL hook)")
     torch.set_num_threads(args.threads)

@@ -33,18 +33,18 @@ from pathlib import Path
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: "per CPU" means one core
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from llm.config.data import FuzzyDedupConfig  # noqa: E402
-from llm.data import dedup, minhash, pack, shuffle  # noqa: E402
-from llm.data.clean import content_hash  # noqa: E402
-from llm.data.filters import normalize  # noqa: E402
-from llm.data.read import read_rows  # noqa: E402
-from llm.data.sources import resolve  # noqa: E402
-from llm.data.stage import map_units  # noqa: E402
-from llm.data.tokenizer import fast_tokenizer, train_tokenizer  # noqa: E402
+from llm.config.data import FuzzyDedupConfig
+from llm.data import dedup, minhash, pack, shuffle
+from llm.data.clean import content_hash
+from llm.data.filters import normalize
+from llm.data.read import read_rows
+from llm.data.sources import resolve
+from llm.data.stage import map_units
+from llm.data.tokenizer import fast_tokenizer, train_tokenizer
 from llm.eval.split import stable_id
 
 CPUS = 2  # Ray gets exactly the cores, so per-CPU figures divide by what really ran

@@ -58,19 +58,21 @@ def _setup(root: Path) -> tuple[Path, list[str]]:
 
 
 def ours(method: str, root: Path, steps: int, precision: str) -> dict[str, Any]:
-    from llm.config import ScheduleConfig, TrainConfig
+    from llm.config import ModelConfig, ScheduleConfig, TrainConfig
     from llm.eval import PeakMemory
-    from llm.train.loop import LoopSpec, run_loop
+    from llm.train.loop import run_loop
+    from llm.train.lora import apply
     from llm.train.runtime import LocalRuntime
+    from llm.train.spec import LoopSpec
 
     base, files = _setup(root)
     train = TrainConfig(max_steps=steps, micro_batch_size=MICRO, zero_stage=2, precision=precision, weight_decay=0.0,
                         lr=ScheduleConfig(kind="constant", peak=1e-4, warmup_steps=0), checkpoint_every=10**6,
                         eval_every=10**6, log_every=1, max_failures=0)
     lora = method == "lora"
-    spec = LoopSpec(train=train.model_dump(mode="json"), model={"path": str(base)}, vocab_size=VOCAB, seq_len=SEQ,
+    spec = LoopSpec(train=train, model=ModelConfig(path=str(base)), vocab_size=VOCAB, seq_len=SEQ,
                     train_files=files, columns=["input_ids", "labels"], pad_id=0, stage="finetune", export=False,
-                    model_hook="llm.train.lora:apply" if lora else None, extra={"lora": LORA}, peak_flops=1e12,
+                    model_hook=apply if lora else None, extra={"lora": LORA}, peak_flops=1e12,
                     out_dir=str(root / f"out-{method}"))
     rt = LocalRuntime(device="cpu")
     import deepspeed  # noqa: F401 - imported before the measured block: memory of training, not of imports
@@ -93,11 +95,12 @@ def _trainable(base: Path, lora: bool) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     if not lora:
         return {"trainable": total, "params": total}
-    from types import SimpleNamespace
-
+    from llm.config import ModelConfig, TrainConfig
     from llm.train.lora import apply
+    from llm.train.spec import LoopSpec
 
-    wrapped = apply(model, SimpleNamespace(extra={"lora": LORA}, train={}))
+    wrapped = apply(model, LoopSpec(train=TrainConfig(), model=ModelConfig(), vocab_size=VOCAB, seq_len=SEQ,
+                                    extra={"lora": LORA}))
     return {"trainable": sum(p.numel() for p in wrapped.parameters() if p.requires_grad), "params": total}
 
 

@@ -29,14 +29,14 @@ def _p50(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def in_process_p50(model_dir: str, n: int, cfg) -> float:  # noqa: ANN001
+def in_process_p50(model_dir: str, n: int, cfg) -> float:
     """p50 seconds of a 1-token completion through the app in this process (no Serve, no network), with the
     replica's torch threads: the difference is then what Serve and HTTP add, not a thread count."""
     import httpx
     import openai
     import torch
 
-    from llm.compress.load import load_model
+    from llm.models.load import load_model
     from llm.serve.app import replica_threads
     from llm.serve.engine import Engine
     from llm.serve.routes import create_app
@@ -59,7 +59,7 @@ def in_process_p50(model_dir: str, n: int, cfg) -> float:  # noqa: ANN001
     return _p50(asyncio.run(main()))
 
 
-def endpoint_p50(client, n: int) -> float:  # noqa: ANN001
+def endpoint_p50(client, n: int) -> float:
     times = []
     for i in range(n + 5):
         t0 = time.perf_counter()
@@ -69,7 +69,7 @@ def endpoint_p50(client, n: int) -> float:  # noqa: ANN001
     return _p50(times)
 
 
-def stream_one(client) -> tuple[int, float]:  # noqa: ANN001
+def stream_one(client) -> tuple[int, float]:
     """(tokens, seconds to first token) of one streamed completion."""
     t0 = time.perf_counter()
     first, tokens = None, 0
@@ -83,7 +83,7 @@ def stream_one(client) -> tuple[int, float]:  # noqa: ANN001
     return tokens, first if first is not None else time.perf_counter() - t0
 
 
-def streams(client, concurrency: int, rounds: int) -> tuple[float, float]:  # noqa: ANN001
+def streams(client, concurrency: int, rounds: int) -> tuple[float, float]:
     """(generated tokens/s, p50 time to first token) at a concurrency."""
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda _: stream_one(client), range(concurrency)))  # warm-up

@@ -47,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llm.config import ModelConfig, ScheduleConfig, TrainConfig  # noqa: E402
+from llm.config import ModelConfig, ScheduleConfig, TrainConfig
 
 VOCAB, SEQ, MICRO = 4096, 128, 8
 MODEL = ModelConfig(arch="llama", n_layers=4, d_model=128, n_heads=4, context=SEQ)
@@ -184,11 +184,11 @@ def plain_run(world: int, steps: int, threads: int, files: list[str], tmp: Path,
     """Step times of rank 0 of `world` fresh baseline processes."""
     import torch.multiprocessing as mp
 
-    from llm.train.runtime import _free_port
+    from llm.train.runtime import free_port
 
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the spawned processes start with it, as Ray workers do
     out = tempfile.mktemp(prefix="plain-", dir=tmp)
-    mp.spawn(plain_worker, args=(world, steps, threads, files, _free_port(), out, nice), nprocs=world, join=True)
+    mp.spawn(plain_worker, args=(world, steps, threads, files, free_port(), out, nice), nprocs=world, join=True)
     results = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
     assert all(r["threads"] == threads for r in results), results
     return list(results[0]["times"])
@@ -221,18 +221,17 @@ def watch_lines(path: Path, stop: threading.Event, stamps: list[float]) -> None:
 def ray_run(workers: int, steps: int, threads: int, files: list[str], tmp: Path, log_every: int) -> dict[str, Any]:
     """The one loop (llm.train.loop) under Ray Train's TorchTrainer, `workers` workers of `threads` CPUs."""
     from llm.train.fit import build_trainer
-    from llm.train.loop import LoopSpec
+    from llm.train.spec import LoopSpec
 
     run = Path(tempfile.mkdtemp(prefix=f"ray{workers}-", dir=tmp))
-    spec = LoopSpec(train=train_config(steps, log_every).model_dump(mode="json"), model=MODEL.model_dump(mode="json"),
-                    vocab_size=VOCAB, seq_len=SEQ, train_files=files, out_dir=str(run / "out"), export=False,
-                    peak_flops=1.0)
+    spec = LoopSpec(train=train_config(steps, log_every), model=MODEL, vocab_size=VOCAB, seq_len=SEQ,
+                    train_files=files, out_dir=str(run / "out"), export=False, peak_flops=1.0)
     stamps: list[float] = []
     stop = threading.Event()
     watcher = threading.Thread(target=watch_lines, args=(run / "out" / "metrics.jsonl", stop, stamps), daemon=True)
     watcher.start()
     try:
-        build_trainer(spec, {"num_workers": workers, "resources_per_worker": {"CPU": threads}}, run / "ray",
+        build_trainer(spec, {"num_workers": workers, "resources_per_worker": {"CPU": threads}}, str(run / "ray"),
                       keep_checkpoints=1, max_failures=0).fit()
     finally:
         stop.set()

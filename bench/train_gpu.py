@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llm.config import ModelConfig, ScheduleConfig, TrainConfig  # noqa: E402
+from llm.config import ModelConfig, ScheduleConfig, TrainConfig
 
 WARMUP = 5
 
@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import torch
 
     from llm.train.data import synthetic_rows, write_rows
-    from llm.train.loop import LoopSpec, run_loop
+    from llm.train.loop import run_loop
     from llm.train.runtime import LocalRuntime
+    from llm.train.spec import LoopSpec
 
     if args.tiny:
         model, vocab, seq = ModelConfig(arch="gpt2", n_layers=2, d_model=64, n_heads=4, context=64), 512, 64
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rows_needed = (steps * args.accum + 1) * args.micro
     with tempfile.TemporaryDirectory(prefix="llmray-bench-gpu-") as tmp:
         files = write_rows(synthetic_rows(vocab, seq, rows_needed), Path(tmp) / "shards")
-        spec = LoopSpec(train=train.model_dump(mode="json"), model=model.model_dump(mode="json"), vocab_size=vocab,
+        spec = LoopSpec(train=train, model=model, vocab_size=vocab,
                         seq_len=seq, train_files=files, out_dir=tmp, export=False)
         run_loop(spec, LocalRuntime())
         records = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines() if x.strip()]

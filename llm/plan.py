@@ -9,11 +9,11 @@ estimates and the output says so.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from llm.flops import training_flops_per_token
 from llm.config import LoadedConfig, ModelConfig, PipelineConfig, TrainConfig
+from llm.flops import training_flops_per_token
 from llm.hardware import DEFAULT_PRICES, GPU_MEMORY_GIB, GPU_PEAK_TFLOPS, INSTANCE_GPU_MEMORY_GIB, INSTANCE_RAM_GIB
 from llm.memory import (
     USABLE_CPU_FRACTION,
@@ -29,9 +29,39 @@ from llm.sizing import Sizing, derive
 
 GIB = 2**30
 
-# Training FLOPs per parameter and token: forward 2, backward 4; LoRA's frozen base skips the weight
-# gradients (2 of the 4), its adapters are too small to count.
-FLOPS_PER_PARAM = {"full": 6.0, "lora": 4.0}
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One GPU training stage as the plan sees it (a sweep counts `runs` trials, `concurrent` at once)."""
+
+    stage: str
+    section: TrainConfig
+    shape: ModelShape | None
+    """The model's shapes; None when its directory is not readable here (time and memory show as n/a)."""
+    workers: int
+    steps: int
+    seq_len: int
+    prefix: str
+    """The dotted override prefix of the section (`pretrain.`, `compress.distill.`)."""
+    method: str = "full"
+    runs: int = 1
+    concurrent: int = 1
+    teacher: ModelShape | None = None
+    """The frozen teacher of a distillation (its forward pass and logits cost too)."""
+
+    @property
+    def tokens_per_run(self) -> int:
+        s = self.section
+        return self.steps * s.micro_batch_size * s.grad_accum * max(1, self.workers) * self.seq_len
+
+    @property
+    def flops_per_token(self) -> float | None:
+        if self.shape is None:
+            return None
+        fpt = training_flops_per_token(self.shape.compute, self.shape.n_layers, self.shape.d_model, self.seq_len,
+                                       self.method)
+        return fpt + (2.0 * self.teacher.compute if self.teacher else 0.0)  # the teacher's forward pass
 
 
 def param_counts(model: ModelConfig, vocab: int) -> dict[str, int]:
@@ -161,7 +191,7 @@ def _head(loaded: LoadedConfig) -> tuple[str | None, str | None]:
     return head, (spec.get("node_config") or {}).get("InstanceType")
 
 
-def _training_stages(loaded: LoadedConfig, sizing: Sizing) -> list[dict[str, Any]]:
+def _training_stages(loaded: LoadedConfig, sizing: Sizing) -> list[TrainingRun]:
     """Each enabled GPU training stage: its section, model shape, workers, tokens, FLOPs and override prefix.
     A model directory that is not readable here has no shape (its time and memory show as n/a)."""
     cfg = loaded.llm
@@ -170,7 +200,7 @@ def _training_stages(loaded: LoadedConfig, sizing: Sizing) -> list[dict[str, Any
     built = pre.model if pre.model.path is None else None
     pre_shape = model_shape(built, vocab) if built else dir_shape(pre.model.path or "")
     lora = fin.lora.rank if fin.method == "lora" else None
-    out: list[dict[str, Any]] = []
+    out: list[TrainingRun] = []
 
     def base_shape(rank: int | None = None) -> ModelShape | None:
         if fin.base is not None:
@@ -179,31 +209,20 @@ def _training_stages(loaded: LoadedConfig, sizing: Sizing) -> list[dict[str, Any
             return model_shape(built, vocab, rank) if not (rank and fin.lora.target_modules) else None
         return dir_shape(pre.model.path or "", rank, fin.lora.target_modules)
 
-    def add(stage: str, section: TrainConfig, shape: ModelShape | None, workers: int, steps: int, seq_len: int,
-            prefix: str, method: str = "full", runs: int = 1, concurrent: int = 1,
-            teacher: ModelShape | None = None) -> None:
-        tokens = steps * section.micro_batch_size * section.grad_accum * max(1, workers) * seq_len
-        fpt = None
-        if shape is not None:
-            fpt = FLOPS_PER_PARAM[method] * shape.compute + 12.0 * shape.n_layers * shape.d_model * seq_len
-            fpt += 2.0 * teacher.compute if teacher else 0.0  # the frozen teacher's forward pass
-        out.append({"stage": stage, "section": section, "shape": shape, "workers": workers, "seq_len": seq_len,
-                    "prefix": prefix, "runs": runs, "concurrent": concurrent, "tokens_per_run": tokens,
-                    "flops_per_token": fpt, "teacher": teacher})
-
     if cfg.sweep.enabled:
         target = getattr(cfg, cfg.sweep.target)
         trials = (len(cfg.sweep.space.kind) * cfg.sweep.grid_peaks if cfg.sweep.search == "grid"
                   else cfg.sweep.num_trials)
         on_pre = cfg.sweep.target == "pretrain"
-        add("sweep", target, pre_shape if on_pre else base_shape(lora), sizing.sweep_trial.workers,
-            cfg.sweep.max_steps, seq if on_pre else fin.max_len or sft_len, f"{cfg.sweep.target}.",
-            method="full" if on_pre else fin.method, runs=trials, concurrent=sizing.sweep_concurrent_trials)
+        out.append(TrainingRun("sweep", target, pre_shape if on_pre else base_shape(lora), sizing.sweep_trial.workers,
+                               cfg.sweep.max_steps, seq if on_pre else fin.max_len or sft_len, f"{cfg.sweep.target}.",
+                               method="full" if on_pre else fin.method, runs=trials,
+                               concurrent=sizing.sweep_concurrent_trials))
     if pre.enabled:
-        add("pretrain", pre, pre_shape, sizing.pretrain.workers, pre.max_steps, seq, "pretrain.")
+        out.append(TrainingRun("pretrain", pre, pre_shape, sizing.pretrain.workers, pre.max_steps, seq, "pretrain."))
     if fin.enabled:
-        add("finetune", fin, base_shape(lora), sizing.finetune.workers, fin.max_steps, fin.max_len or sft_len,
-            "finetune.", method=fin.method)
+        out.append(TrainingRun("finetune", fin, base_shape(lora), sizing.finetune.workers, fin.max_steps,
+                               fin.max_len or sft_len, "finetune.", method=fin.method))
     distilled = [v for v in cfg.compress.variants if "distilled" in v]
     teacher = base_shape()
     if cfg.compress.enabled and distilled:
@@ -214,42 +233,42 @@ def _training_stages(loaded: LoadedConfig, sizing: Sizing) -> list[dict[str, Any
             student = model_shape(_pruned(built, cfg), vocab)
         else:
             student = teacher  # the pruned directory's shape is known only after pruning: an upper bound
-        add("compress", dist, student if teacher else None, sizing.compress.workers, dist.max_steps, seq,
-            "compress.distill.", teacher=teacher)
+        out.append(TrainingRun("compress", dist, student if teacher else None, sizing.compress.workers,
+                               dist.max_steps, seq, "compress.distill.", teacher=teacher))
     return out
 
 
-def _time_and_cost(run: dict[str, Any], hw: dict[str, Any], cfg: PipelineConfig, head_price: float | None,
+def _time_and_cost(run: TrainingRun, hw: dict[str, Any], cfg: PipelineConfig, head_price: float | None,
                    node_price: float | None) -> dict[str, Any]:
-    concurrent = max(1, min(run["concurrent"], run["runs"]))
-    gpus_at_once = max(1, run["workers"]) * concurrent
+    concurrent = max(1, min(run.concurrent, run.runs))
+    gpus_at_once = max(1, run.workers) * concurrent
     nodes = math.ceil(gpus_at_once / hw["gpus_per_node"])
-    row: dict[str, Any] = {"stage": run["stage"], "workers": run["workers"], "runs": run["runs"],
-                           "gpu_nodes": nodes, "tokens": run["tokens_per_run"] * run["runs"]}
-    if run["flops_per_token"] is None or not hw["peak_tflops"]:
+    row: dict[str, Any] = {"stage": run.stage, "workers": run.workers, "runs": run.runs,
+                           "gpu_nodes": nodes, "tokens": run.tokens_per_run * run.runs}
+    if run.flops_per_token is None or not hw["peak_tflops"]:
         return {**row, "wall_hours": None, "gpu_hours": None, "cost_usd": None}
-    per_run_s = run["tokens_per_run"] * run["flops_per_token"] / (
-        max(1, run["workers"]) * hw["peak_tflops"] * 1e12 * cfg.plan.mfu)
-    hours = per_run_s * math.ceil(run["runs"] / concurrent) / 3600
+    per_run_s = run.tokens_per_run * run.flops_per_token / (
+        max(1, run.workers) * hw["peak_tflops"] * 1e12 * cfg.plan.mfu)
+    hours = per_run_s * math.ceil(run.runs / concurrent) / 3600
     cost = None
     if node_price is not None and not hw["local"]:
         cost = hours * (nodes * node_price + (head_price or 0.0))
-    return {**row, "flops": run["tokens_per_run"] * run["runs"] * run["flops_per_token"], "wall_hours": hours,
+    return {**row, "flops": run.tokens_per_run * run.runs * run.flops_per_token, "wall_hours": hours,
             "gpu_hours": hours * nodes * hw["gpus_per_node"], "cost_usd": cost}
 
 
-def _memory(run: dict[str, Any], cfg: PipelineConfig, hw: dict[str, Any] | None) -> dict[str, Any] | None:
+def _memory(run: TrainingRun, cfg: PipelineConfig, hw: dict[str, Any] | None) -> dict[str, Any] | None:
     """The configured setting's estimate per GPU, its fit, the smallest change that fits, and every ZeRO row."""
-    shape: ModelShape | None = run["shape"]
+    shape: ModelShape | None = run.shape
     if shape is None:
         return None
-    s: TrainConfig = run["section"]
+    s: TrainConfig = run.section
     vocab = shape.vocab
-    per_node = min(max(1, run["workers"]), hw["gpus_per_node"]) if hw else 1
-    nodes = math.ceil(max(1, run["workers"]) / per_node)
+    per_node = min(max(1, run.workers), hw["gpus_per_node"]) if hw else 1
+    nodes = math.ceil(max(1, run.workers) / per_node)
     extra = 0
-    if run["teacher"] is not None:  # distillation holds the fp32 teacher and its fp32 logits on every GPU
-        extra = 4 * run["teacher"].total + 4 * s.micro_batch_size * run["seq_len"] * vocab
+    if run.teacher is not None:  # distillation holds the fp32 teacher and its fp32 logits on every GPU
+        extra = 4 * run.teacher.total + 4 * s.micro_batch_size * run.seq_len * vocab
     setting = MemorySetting(s.zero_stage, s.offload_optimizer, s.offload_params, s.micro_batch_size,
                             s.gradient_checkpointing)
 
@@ -257,13 +276,13 @@ def _memory(run: dict[str, Any], cfg: PipelineConfig, hw: dict[str, Any] | None)
     ram = hw["node_ram_gib"] * USABLE_CPU_FRACTION * GIB if hw and hw["node_ram_gib"] else None
 
     def estimate(m: MemorySetting) -> dict[str, Any]:
-        e = gpu_memory(shape, m, run["seq_len"], per_node, nodes, s.precision)
+        e = gpu_memory(shape, m, run.seq_len, per_node, nodes, s.precision)
         e = replace(e, model_states=e.model_states + extra)
         return {"setting": m.label, "states_gib": e.model_states / GIB, "activations_gib": e.activations / GIB,
                 "total_gib": e.total / GIB, "cpu_per_node_gib": e.cpu_per_node / GIB,
                 "fits": None if capacity is None else fits(e, m, capacity, ram)}
 
-    result: dict[str, Any] = {"stage": run["stage"], "params": shape.total, "trainable": shape.trainable,
+    result: dict[str, Any] = {"stage": run.stage, "params": shape.total, "trainable": shape.trainable,
                               "capacity_gib": capacity / GIB if capacity else None,
                               "cpu_capacity_gib": ram / GIB if ram else None, **estimate(setting), "change": None}
     result["zero_table"] = [{"configured": o.label == setting.label,
@@ -271,8 +290,8 @@ def _memory(run: dict[str, Any], cfg: PipelineConfig, hw: dict[str, Any] | None)
                                                 gradient_checkpointing=s.gradient_checkpointing))}
                             for o in ZERO_OPTIONS]
     if result["fits"] is False and capacity is not None:
-        change = smallest_fit(shape, setting, run["seq_len"], per_node, nodes, capacity - extra, s.precision, ram)
-        result["change"] = None if change is None else _overrides(change, run["prefix"], s)
+        change = smallest_fit(shape, setting, run.seq_len, per_node, nodes, capacity - extra, s.precision, ram)
+        result["change"] = None if change is None else _overrides(change, run.prefix, s)
     return result
 
 
@@ -288,8 +307,9 @@ def _overrides(change: dict[str, Any], prefix: str, section: TrainConfig) -> lis
 
 
 def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None,
-               stages: dict[str, bool] | None = None) -> dict[str, Any]:
-    """The plan as a JSON-ready mapping; `stages` (name -> enabled, from the registry) is listed as given."""
+               enabled: dict[str, bool] | None = None) -> dict[str, Any]:
+    """The plan as a JSON-ready mapping; `enabled` (stage name -> enabled, from the registry) is listed as
+    given."""
     cfg = loaded.llm
     sizing = sizing or derive(loaded)
     pre = cfg.pretrain
@@ -334,7 +354,7 @@ def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None,
         "config": str(loaded.path),
         "run": cfg.run,
         "storage": cfg.storage,
-        "stages": stages or {},
+        "stages": enabled or {},
         "sizing": sizing.as_dict(),
         "pretrain": arithmetic,
         "estimate": estimate,
@@ -345,5 +365,5 @@ def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None,
         "training": stages,
         "total": total,
         "serve_usd_per_hour": serve_per_hour,
-        "memory": [m for m in (_memory(r, cfg, hw) for r in runs if (hw or r["stage"] == "pretrain")) if m],
+        "memory": [m for m in (_memory(r, cfg, hw) for r in runs if (hw or r.stage == "pretrain")) if m],
     }

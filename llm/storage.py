@@ -29,6 +29,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -450,6 +451,15 @@ class Folder:
             upload(self._local.joinpath(*parts), self.path(*parts))
         return self.path(*parts)
 
+    def pull(self, *parts: str) -> Path:
+        """What writers on other nodes wrote under `<parts>`, on this process's local side (`publish`'s
+        reverse): downloaded from an object store into the staging folder; already there on a disk. Returns
+        `local/<parts>`."""
+        here = self.local.joinpath(*parts)
+        if self._local is not None:
+            download(self.path(*parts), here)
+        return here
+
     def upload(self, local: str | Path, *parts: str) -> str:
         """Copy a local folder's files into `<parts>` of this folder (nothing to do when it is that very
         folder on disk); returns the URI."""
@@ -495,3 +505,61 @@ class Folder:
         if not self.on_disk:
             raise ConfigError(error)
         return Path(self.uri)
+
+
+def subfolders(uri: str | Path) -> list[str]:
+    """Names of the folders right inside `uri` (on an object store: the common prefixes), sorted; [] when none."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+@contextlib.contextmanager
+def reading(uri: str | Path) -> Iterator[Path]:
+    """A local folder holding the files under `uri` for the length of the block: `uri` itself on a disk;
+    otherwise a temp copy removed afterwards (a checkpoint read once by one process: not worth a place in
+    the cache that `fetch` fills)."""
+    if not is_remote(uri):
+        yield Path(str(uri).removeprefix("file://"))
+        return
+    with tempfile.TemporaryDirectory(prefix="llmray-in-") as tmp:
+        yield download(uri, tmp)
+
+
+def write_scratch(uri: str | Path, data: Any) -> None:
+    """Write a scratch file whole (`data`: any bytes-like object), for files under a stage's `_work/` that are
+    removed before the commit: a plain write on a disk (no temp file, no fsync), one PUT on an object store."""
+    if is_remote(uri):
+        write_bytes(uri, bytes(data))
+        return
+    path = Path(str(uri).removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def map_file(uri: str | Path) -> Any:
+    """A whole file as a read-only buffer: memory-mapped on a disk (pages are read when touched), read whole
+    from an object store."""
+    if is_remote(uri):
+        return read_bytes(uri)
+    with open(str(uri).removeprefix("file://"), "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+
+
+def read_ranges(uri: str | Path, ranges: list[tuple[int, int]]) -> list[Any]:
+    """The bytes `[start, stop)` of a file for each of `ranges`, as read-only buffers: slices of a memory map
+    on a disk (nothing read until touched), one ranged read each from an object store."""
+    if not is_remote(uri):
+        view = memoryview(map_file(uri))
+        return [view[a:b] for a, b in ranges]
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        return [f.read_at(b - a, a) for a, b in ranges]
+
+
+def read_gap(uri: str | Path) -> float:
+    """Bytes between two wanted ranges of a file under which one read across both beats two (`read_ranges`):
+    unbounded on a disk (a memory map reads only the pages touched), 64 KiB on an object store (each ranged
+    read is a request)."""
+    return 1 << 16 if is_remote(uri) else float("inf")

@@ -46,3 +46,11 @@ def test_the_cli_imports_no_heavy_framework() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "", f"`import llm.cli` imported {out.stdout.strip()}: import them lazily"
+
+
+def test_ruff_is_clean() -> None:
+    """The lint rules in pyproject.toml (RUF100 among them: no `noqa` for a rule that is not enabled)."""
+    ruff = Path(sys.executable).with_name("ruff")
+    out = subprocess.run([str(ruff), "check", "llm", "tests", "bench", "jobs"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:]

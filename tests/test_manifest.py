@@ -11,11 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from llm import storage
 from llm.errors import StageInputError
 from llm.manifest import CHECKSUMS, MANIFEST, file_sha256, is_done, manifest_hash, read_manifest, write_manifest
-from llm.stage import config_hash, execute, input_dir
+from llm.stage import Stage, StageResult, config_hash, execute, stage_input
 
 from .conftest import tiny_config
+
+
+def _unused(cfg: object, force: bool = False) -> StageResult:
+    raise AssertionError("these stages run through execute() in the tests")
+
+
+DATA = Stage("data", "test data stage", _unused, sections=("data",))
+PRETRAIN = Stage("pretrain", "test training stage", _unused, sections=("pretrain",), inputs=("data",))
+TRAINING = Stage("pretrain", "test training stage", _unused, sections=("pretrain",), resumable=True)
+SOLO = Stage("pretrain", "test stage without inputs", _unused, sections=("pretrain",))
 
 
 def _write_files(folder: Path) -> None:
@@ -74,41 +85,43 @@ def test_execute_skips_when_done_and_reruns_on_change(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path).llm
     calls = []
 
-    def body(folder: Path) -> dict:
+    def body(stage_folder: storage.Folder) -> dict:
+        folder = stage_folder.local
         calls.append(folder)
         (folder / "out.txt").write_text(str(len(calls)))
         return {"n": len(calls)}
 
-    first = execute(cfg, "data", body, sections=("data",))
+    first = execute(cfg, DATA, body)
     assert not first.skipped and first.metrics["n"] == 1
-    again = execute(cfg, "data", body, sections=("data",))
+    again = execute(cfg, DATA, body)
     assert again.skipped and again.metrics["n"] == 1 and len(calls) == 1
-    forced = execute(cfg, "data", body, sections=("data",), force=True)
+    forced = execute(cfg, DATA, body, force=True)
     assert not forced.skipped and len(calls) == 2
     changed = tiny_config(tmp_path, "data.min_chars=1").llm
     assert config_hash(changed, "data") != config_hash(cfg, "data")
-    assert not execute(changed, "data", body, sections=("data",)).skipped and len(calls) == 3
+    assert not execute(changed, DATA, body).skipped and len(calls) == 3
 
     # A downstream stage records its input's manifest hash; a rerun upstream invalidates it.
-    down = execute(changed, "pretrain", lambda f: {}, sections=("pretrain",), inputs=("data",))
+    down = execute(changed, PRETRAIN, lambda f: {})
     manifest = json.loads((Path(down.path) / MANIFEST).read_text())
-    assert manifest["inputs"] == {"data": manifest_hash(input_dir(changed, "data"))}
-    assert execute(changed, "pretrain", lambda f: {}, sections=("pretrain",), inputs=("data",)).skipped
-    execute(changed, "data", body, sections=("data",), force=True)
-    assert not execute(changed, "pretrain", lambda f: {}, sections=("pretrain",), inputs=("data",)).skipped
+    assert manifest["inputs"] == {"data": manifest_hash(stage_input(changed, "data").uri)}
+    assert execute(changed, PRETRAIN, lambda f: {}).skipped
+    execute(changed, DATA, body, force=True)
+    assert not execute(changed, PRETRAIN, lambda f: {}).skipped
 
 
 def test_failed_body_leaves_folder_uncommitted(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path).llm
 
-    def boom(folder: Path) -> dict:
+    def boom(stage_folder: storage.Folder) -> dict:
+        folder = stage_folder.local
         (folder / "half.txt").write_text("x")
         raise RuntimeError("crash")
 
     with pytest.raises(RuntimeError):
-        execute(cfg, "data", boom, sections=("data",))
+        execute(cfg, DATA, boom)
     with pytest.raises(StageInputError, match=r"no complete data output.*llmray data"):
-        input_dir(cfg, "data")
+        stage_input(cfg, "data")
 
 
 def test_partial_folder_resumed_only_by_the_same_attempt(tmp_path: Path) -> None:
@@ -117,40 +130,41 @@ def test_partial_folder_resumed_only_by_the_same_attempt(tmp_path: Path) -> None
     cfg = tiny_config(tmp_path).llm
     seen: list[bool] = []
 
-    def crash(folder: Path) -> dict:
+    def crash(stage_folder: storage.Folder) -> dict:
+        folder = stage_folder.local
         (folder / "ckpt").write_text("step 3")
         raise RuntimeError("interrupted")
 
-    def resume(folder: Path) -> dict:
+    def resume(stage_folder: storage.Folder) -> dict:
+        folder = stage_folder.local
         seen.append((folder / "ckpt").exists())
         (folder / "ckpt").write_text("step 6")
         return {}
 
     with pytest.raises(RuntimeError):
-        execute(cfg, "pretrain", crash, sections=("pretrain",), keep_partial=True)
-    execute(cfg, "pretrain", resume, sections=("pretrain",), keep_partial=True)
+        execute(cfg, TRAINING, crash)
+    execute(cfg, TRAINING, resume)
     assert seen == [True]  # same config: resumed from the partial folder
     assert not list(Path(cfg.stage_dir("pretrain")).glob("_ATTEMPT*"))  # the marker is not committed
 
     changed = tiny_config(tmp_path, "pretrain.max_steps=7").llm
-    execute(changed, "pretrain", resume, sections=("pretrain",), keep_partial=True)
+    execute(changed, TRAINING, resume)
     assert seen == [True, False]  # a folder committed for another config starts over
 
     with pytest.raises(RuntimeError):
-        execute(cfg, "pretrain", crash, sections=("pretrain",), keep_partial=True)
-    execute(changed, "pretrain", resume, sections=("pretrain",), keep_partial=True)
+        execute(cfg, TRAINING, crash)
+    execute(changed, TRAINING, resume)
     assert seen == [True, False, False]  # a partial folder of another config starts over too
 
     with pytest.raises(RuntimeError):
-        execute(cfg, "pretrain", crash, sections=("pretrain",), keep_partial=True)
-    execute(cfg, "pretrain", resume, sections=("pretrain",), keep_partial=True, force=True)
+        execute(cfg, TRAINING, crash)
+    execute(cfg, TRAINING, resume, force=True)
     assert seen == [True, False, False, False]  # force starts over even from a resumable folder
 
 
 def _committed(tmp_path: Path, *overrides: str):
     cfg = tiny_config(tmp_path, *overrides).llm
-    result = execute(cfg, "pretrain", lambda f: (f / "weights.bin").write_text("trained") and {},
-                     sections=("pretrain",))
+    result = execute(cfg, SOLO, lambda f: (f.local / "weights.bin").write_text("trained") and {})
     return cfg, Path(result.path)
 
 
@@ -161,14 +175,14 @@ def _committed(tmp_path: Path, *overrides: str):
 ])
 def test_fields_that_change_no_output_do_not_rerun(tmp_path: Path, override: str) -> None:
     _committed(tmp_path)
-    again = execute(tiny_config(tmp_path, override).llm, "pretrain", lambda f: {"ran": True}, sections=("pretrain",))
+    again = execute(tiny_config(tmp_path, override).llm, SOLO, lambda f: {"ran": True})
     assert again.skipped and "ran" not in again.metrics
 
 
 def test_changed_output_field_keeps_the_committed_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, folder = _committed(tmp_path)
     changed = tiny_config(tmp_path, "pretrain.lr.peak=1e-3").llm
-    result = execute(changed, "pretrain", lambda f: {"ran": True}, sections=("pretrain",))
+    result = execute(changed, SOLO, lambda f: {"ran": True})
     assert not result.skipped and result.kept_aside is not None
     kept = Path(result.kept_aside)
     assert kept.parent == folder.parent and kept.name.startswith("pretrain.")
@@ -176,7 +190,7 @@ def test_changed_output_field_keeps_the_committed_folder(tmp_path: Path, capsys:
     out = capsys.readouterr().out
     assert "changed: pretrain.lr.peak" in out and str(kept) in out
     # --force also keeps the committed folder aside: nothing committed is deleted by a rerun.
-    forced = execute(changed, "pretrain", lambda f: {}, sections=("pretrain",), force=True)
+    forced = execute(changed, SOLO, lambda f: {}, force=True)
     assert forced.kept_aside and read_manifest(forced.kept_aside) is not None
 
 
@@ -187,7 +201,7 @@ def test_refuse_names_the_changed_keys_and_force(tmp_path: Path) -> None:
     before = read_manifest(folder)
     changed = tiny_config(tmp_path, "on_change=refuse", "pretrain.lr.peak=1e-3", "pretrain.seed=7").llm
     with pytest.raises(StaleOutputError, match=r"changed: pretrain\.lr\.peak, pretrain\.seed\).*--force"):
-        execute(changed, "pretrain", lambda f: {}, sections=("pretrain",))
+        execute(changed, SOLO, lambda f: {})
     after = read_manifest(folder)
     assert before is not None and after is not None and after.created == before.created
 

@@ -14,10 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.config.compress import ChooseConfig
 from llm.errors import ConfigError
+from llm.models.load import CHOSEN, ORIGINAL
 
-ORIGINAL = "original"
 EPS = 1e-9  # a figure exactly at a limit passes, whatever the float rounding of the subtraction
 PREFER = {"smallest_disk": ("disk_mb", min), "fewest_params": ("params", min), "fastest": ("tok_s_b1", max)}
 
@@ -73,12 +74,10 @@ def choose(rows: Sequence[Mapping[str, Any]], rule: ChooseConfig) -> dict[str, A
 
 
 def write_chosen(folder: Path, choice: dict[str, Any], original_dir: Path | str) -> Path:
-    """`compress/chosen.json`, which the serve stage reads; `path` is absolute for the original (it lives in
-    another stage's folder: a store URI when it is in one) and the variant's folder name otherwise."""
-    from llm import storage
-
-    path = folder / "chosen.json"
-    original = str(original_dir) if storage.is_remote(original_dir) else str(Path(original_dir).resolve())
-    where = original if choice["variant"] == ORIGINAL else choice["variant"]
+    """`compress/chosen.json` in the local folder `folder`, which `llm.models.load.chosen_model_dir` reads;
+    `path` is absolute for the original (it lives in another stage's folder: a store URI when it is in one)
+    and the variant's folder name otherwise."""
+    path = folder / CHOSEN
+    where = storage.Folder(original_dir).uri if choice["variant"] == ORIGINAL else choice["variant"]
     path.write_text(json.dumps({**choice, "path": where}, indent=2) + "\n")
     return path

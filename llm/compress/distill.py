@@ -6,22 +6,45 @@ next-token loss, both over the label-carrying tokens only (every token of packed
 SFT rows). The teacher is held by the hook rather than attached to the model by `model_hook`: a submodule
 would be wrapped, partitioned and checkpointed by DeepSpeed as if it were trained.
 
-The student is the pruned model (`LoopSpec.model.path`) or one built from `compress.distill.student`; it runs
-on Ray Train with DeepSpeed like every training stage, and the loop's export writes its Hugging Face folder.
+The student is the pruned model (`DistillJob.student.path`) or one built from `compress.distill.student`; it
+runs through the one training recipe (`llm.train.recipe`) like every training stage, on Ray Train with
+DeepSpeed, and the loop's export writes its Hugging Face folder.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm.config import PipelineConfig
+from llm import storage
+from llm.config import ModelConfig, PipelineConfig
+from llm.errors import ConfigError
+from llm.manifest import manifest_hash
 from llm.models.chat import IGNORE
-from llm.train import checkpoint as ckpt
-from llm.train.loop import LoopSpec
+from llm.sizing import planned
+from llm.train import recipe
+from llm.train.data import data_shards
+from llm.train.fit import TrainJob
+from llm.train.spec import LoopSpec, train_fields
 
-DISTILL_ONLY = {"temperature", "alpha", "data", "student"}
-"""`DistillConfig` fields that are not `TrainConfig` fields (the loop validates its `train` dict strictly)."""
+
+@dataclass(frozen=True)
+class DistillJob:
+    """One distillation: where it trains, what it reads, who teaches and who learns."""
+
+    work: storage.Folder
+    """Its folder: checkpoints under `ray/`, `metrics.jsonl`, the exported `model/`."""
+    data: storage.Folder
+    """The data stage's folder; packed or SFT shards are read from there (an object store included)."""
+    teacher: Path
+    """The original on this machine (its tokenizer is the student's)."""
+    teacher_uri: str
+    """Where workers on any node read the teacher: the same folder on a disk, or its store URI."""
+    student: ModelConfig
+    """The student: `path` of the pruned model, or `compress.distill.student` built from scratch."""
+    sft: bool
+    """Train on SFT rows (loss on assistant tokens) instead of packed text."""
 
 
 def distill_loss(student_logits: Any, teacher_logits: Any, labels: Any, temperature: float, alpha: float) -> Any:
@@ -57,10 +80,8 @@ def kd_loss(spec: LoopSpec) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llm import storage
-
     extra = spec.extra
-    where = str(storage.cached_copy(extra["teacher"]))  # from a store: this node's checked cache copy
+    where = str(storage.fetch(extra["teacher"]))  # from a store: this node's checked cache copy
     teacher = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=torch.float32)
     teacher.eval().requires_grad_(False)
     temperature, alpha = float(extra["temperature"]), float(extra["alpha"])
@@ -79,96 +100,50 @@ def kd_loss(spec: LoopSpec) -> Any:
     return loss_fn
 
 
-def use_sft(cfg: PipelineConfig, data: Path | str, from_finetune: bool) -> bool:
+def use_sft(cfg: PipelineConfig, data: storage.Folder, from_finetune: bool) -> bool:
     """Whether distillation reads SFT rows (loss on assistant tokens) instead of packed text."""
-    from llm.train.stage import data_shards
-
     has_sft = bool(data_shards(data, "train", "sft"))
     choice = cfg.compress.distill.data
     if choice == "sft" and not has_sft:
-        from llm.errors import ConfigError
-
-        raise ConfigError(f"metadata.llm.compress.distill.data: sft, but {data}/sft/train has no shards")
+        raise ConfigError(f"metadata.llm.compress.distill.data: sft, but {data.uri}/sft/train has no shards")
     return choice == "sft" or (choice == "auto" and from_finetune and has_sft)
 
 
-def distill_spec(cfg: PipelineConfig, work: Path, data: Path | str, teacher: Path, student: dict[str, Any],
-                 sft: bool, teacher_uri: str | None = None) -> LoopSpec:
-    """The loop's plain-dict config: the student (`{"path": dir}` or `ModelConfig` fields), the teacher in
-    `extra`, packed or SFT rows of the data stage, and the val split of the same kind for the loop's val loss.
-    With `teacher_uri` (the teacher in an object store) the workers copy it from there, not from `teacher`."""
+def distill_spec(cfg: PipelineConfig, job: DistillJob) -> LoopSpec:
+    """The loop's spec: the student, the teacher in `extra`, packed or SFT rows of the data stage, and the val
+    split of the same kind for the loop's val loss. Workers read the teacher from `job.teacher_uri`."""
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from llm.config import ModelConfig
-    from llm.manifest import manifest_hash
-    from llm.train.stage import data_shards as shard_files
-
     dist = cfg.compress.distill
-    tokenizer = AutoTokenizer.from_pretrained(str(teacher), local_files_only=True)
-    kind = "sft" if sft else "packed"
-    train_files = shard_files(data, "train", kind)
+    tokenizer = AutoTokenizer.from_pretrained(str(job.teacher), local_files_only=True)
+    kind = "sft" if job.sft else "packed"
+    train_files = data_shards(job.data, "train", kind)
     first = pq.ParquetFile(train_files[0]).read_row_group(0, columns=["input_ids"]).column(0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return LoopSpec(
-        train=dist.model_dump(mode="json", exclude=DISTILL_ONLY),
-        model=ModelConfig.model_validate(student).model_dump(mode="json"),
+    spec = LoopSpec(
+        train=train_fields(dist),
+        model=job.student,
         vocab_size=len(tokenizer),
         seq_len=len(first[0]),
         train_files=train_files,
-        columns=["input_ids", "labels"] if sft else ["input_ids"],
-        pad_id=pad if sft else None,
-        tokenizer_dir=teacher_uri or str(teacher),
-        out_dir=str(work),
+        columns=["input_ids", "labels"] if job.sft else ["input_ids"],
+        pad_id=pad if job.sft else None,
+        tokenizer_dir=job.teacher_uri,
+        out_dir=job.work.uri,
         stage="compress.distill",
-        val_files=shard_files(data, "val", kind),  # the same kind as training: SFT rows carry labels
-        data_id=manifest_hash(data) or "",
-        loss_hook="llm.compress.distill:kd_loss",
-        extra={"teacher": teacher_uri or str(teacher), "temperature": dist.temperature, "alpha": dist.alpha},
+        val_files=data_shards(job.data, "val", kind),  # the same kind as training: SFT rows carry labels
+        data_id=manifest_hash(job.data.uri) or "",
+        loss_hook=kd_loss,
+        extra={"teacher": job.teacher_uri, "temperature": dist.temperature, "alpha": dist.alpha},
     )
+    return recipe.to_store(spec, job.work)
 
 
-def distill_sizing(cfg: PipelineConfig) -> Any:
-    """Workers for distillation: derived from the node types like every training stage, `compress.sizing` on top."""
-    from llm.sizing import planned
-
-    return planned(cfg).compress
-
-
-def distill(cfg: PipelineConfig, work: Path, data: Path | str, teacher: Path, student: dict[str, Any],
-            sft: bool, store: str | None = None, teacher_uri: str | None = None) -> Path:
-    """Train the student into `work/model` on Ray Train (or in this process with `compress.sizing.workers: 0`),
-    resuming from the newest whole checkpoint under `work/ray`; returns the exported model folder.
-
-    With `store` (the run's URI in an object store) the checkpoints and the export go there, written by the
-    workers; the export is then copied into `work/model` here."""
-    from llm import storage
-    from llm.errors import ConfigError
-    from llm.train import ds_config
-    from llm.train.fit import fit_with_ray
-    from llm.train.stage import to_store
-
-    dist = cfg.compress.distill
-    sizing = distill_sizing(cfg)
-    ds_config.build(dist, max(1, sizing.workers), "compress.distill")  # a bad `deepspeed:` fails before workers
-    spec = distill_spec(cfg, work, data, teacher, student, sft, teacher_uri)
-    root: Path | str = work / "ray"
-    if store is not None:
-        if sizing.workers < 1:
-            raise ConfigError(f"metadata.llm.compress.sizing.workers: 0 trains without Ray and needs a local "
-                              f"`storage` (got {cfg.storage})")
-        spec, root = to_store(spec, store), storage.join(store, "ray")
-    choice = ckpt.choose(root, set_aside=True)
-    if choice.path:
-        print(f"compress: distillation resumes from step {choice.step}", flush=True)
-    spec.resume_from = choice.path
-    if sizing.workers < 1:
-        from llm.train.loop import run_loop
-        from llm.train.runtime import LocalRuntime
-
-        run_loop(spec, LocalRuntime(checkpoint_root=str(root), keep=dist.keep_checkpoints))
-    else:
-        fit_with_ray(cfg, "compress", spec, sizing, root, dist.keep_checkpoints, dist.max_failures)
-    if store is not None:
-        return storage.download(storage.join(store, "model"), work / "model")
-    return work / "model"
+def distill(cfg: PipelineConfig, job: DistillJob) -> Path:
+    """Train the student into `job.work` through the one recipe (Ray Train, or this process with
+    `compress.sizing.workers: 0`), resuming from the newest whole checkpoint under its `ray/`; returns the
+    exported model folder on this machine (copied from an object store, where the workers wrote it)."""
+    train = TrainJob("compress", "compress.distill", cfg.compress.distill, planned(cfg).compress)
+    recipe.fit(cfg, train, distill_spec(cfg, job), job.work)
+    return job.work.pull("model")

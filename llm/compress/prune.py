@@ -105,12 +105,14 @@ def _heads(config: Any) -> tuple[int, int, int]:
 
 
 def _group_scores(attn: Any, config: Any, mean_sq: Any) -> Any:
+    import torch
+
     n_heads, n_kv, head_dim = _heads(config)
     w = attn.o_proj.weight.detach().float()  # (d, n_heads * head_dim)
     per_head = [(mean_sq[h * head_dim:(h + 1) * head_dim].sum().sqrt()
                  * w[:, h * head_dim:(h + 1) * head_dim].norm()) for h in range(n_heads)]
     rep = n_heads // n_kv  # KV head g serves query heads g*rep ... g*rep+rep-1 (transformers' repeat_kv)
-    return __import__("torch").stack([sum(per_head[g * rep:(g + 1) * rep]) for g in range(n_kv)]).cpu()
+    return torch.stack([sum(per_head[g * rep:(g + 1) * rep]) for g in range(n_kv)]).cpu()
 
 
 def _top(scores: Any, k: int) -> Any:

@@ -1,7 +1,7 @@
 """The compress stage: variants of the fine-tuned (else pretrained) model, one eval table, one choice.
 
 Writes under `<storage>/<run>/compress/`: `<variant>/` for each of `compress.variants` (each opens with
-`llm.compress.load.load_model`), `_work/` (distillation runs with their checkpoints, and intermediate
+`llm.models.load.load_model`), `_work/` (distillation runs with their checkpoints, and intermediate
 models a variant is built from but that is not listed itself), `eval.json` (the original and every variant
 on the same tokens and prompts), `chosen.json` (the variant the rule picks, read by the serve stage), then
 the manifest. A rerun after an interruption keeps the variants already finished and checked.
@@ -14,63 +14,67 @@ interrupted stage keeps it); distillation runs on Ray Train with its checkpoints
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llm import storage
 from llm.compress import variants as build
-from llm.config import PipelineConfig
+from llm.compress.choose import choose, write_chosen
+from llm.compress.compare import compare, write_eval
+from llm.compress.distill import DistillJob, distill, use_sft
+from llm.config import ModelConfig, PipelineConfig
 from llm.errors import ConfigError, StageInputError
+from llm.eval import format_table
 from llm.manifest import read_manifest
-from llm.stage import Stage, StageResult, execute, input_dir, input_uri, local_dir
-from llm.stage import target as stage_target
+from llm.stage import Stage, StageResult, committed_folder, execute, stage_input
 
 WORK = "_work"
 
 
-def base_model(cfg: PipelineConfig) -> tuple[Path, str | None]:
-    """(the model to compress, the stage it comes from): `compress.base`, else finetune's, else pretrain's."""
+@dataclass(frozen=True)
+class Original:
+    """The model compressed: a local copy to build from, where workers on any node read it, its stage."""
+
+    local: Path
+    """On this machine (a checked cache copy when its stage folder is in an object store)."""
+    uri: str
+    """Where workers read it and what `chosen.json` names: the same folder on a disk, or its store URI."""
+    stage: str | None
+    """The stage it comes from (`finetune`, `pretrain`), None for `compress.base`."""
+
+
+def base_model(cfg: PipelineConfig) -> Original:
+    """The model to compress: `compress.base`, else finetune's, else pretrain's."""
     if cfg.compress.base:
         path = Path(cfg.compress.base).expanduser()
         if not (path / "config.json").exists():
             raise ConfigError(f"metadata.llm.compress.base: {path} is not a Hugging Face model directory "
                               "(no config.json)")
-        return path, None
+        return Original(path, str(path), None)
     for stage in ("finetune", "pretrain"):
-        uri = cfg.stage_dir(stage)
-        if storage.is_remote(uri):
-            manifest = read_manifest(uri)
-            if manifest is not None and "model/config.json" in manifest.files:
-                return input_dir(cfg, stage, parts=("model",)) / "model", stage  # a checked cache copy
-            continue
-        folder = local_dir(uri)
-        if read_manifest(folder) is not None and (folder / "model" / "config.json").exists():
-            return folder / "model", stage
+        manifest = read_manifest(cfg.stage_dir(stage))
+        if manifest is not None and "model/config.json" in manifest.files:
+            folder = committed_folder(cfg.stage_dir(stage), manifest)
+            return Original(folder.fetch("model"), folder.path("model"), stage)
     raise StageInputError(f"{cfg.stage_dir('')}: no committed finetune or pretrain model to compress; "
                           "run `llmray pretrain` (or finetune) first, or set compress.base=<model directory>")
 
 
-def _done_before(folder: Path, where: Path) -> bool:
-    """Whether a variant was finished and checked by an earlier, interrupted run; from a store it is copied
-    back into the (fresh) staging folder, as the variants built from it and the table read it there."""
-    store = stage_target(folder)
-    if not storage.is_remote(store):
-        return build.is_done(where)
-    uri = storage.join(store, where.relative_to(folder).as_posix())
-    if storage.size(storage.join(uri, build.DONE)) is None:
+def _done_before(folder: storage.Folder, rel: str) -> bool:
+    """Whether a variant was finished and checked by an earlier, interrupted run (its `.done` is there); from
+    a store it is copied back into the (fresh) staging folder, as the variants built from it and the table
+    read it there."""
+    if folder.size(rel, build.DONE) is None:
         return False
-    storage.download(uri, where)
+    folder.pull(rel)
     return True
 
 
-def _publish(folder: Path, where: Path) -> None:
-    """Mark a checked variant done; in a store, upload it first and write its `.done` object last."""
-    store = stage_target(folder)
-    if storage.is_remote(store):
-        uri = storage.join(store, where.relative_to(folder).as_posix())
-        storage.upload(where, uri)
-        storage.write_bytes(storage.join(uri, build.DONE), b"")
-    build.mark_done(where)
+def _publish(folder: storage.Folder, rel: str) -> None:
+    """Mark a checked variant done: its files published first (uploaded with a store), its `.done` last."""
+    folder.publish(rel)
+    storage.write_bytes(folder.path(rel, build.DONE), b"")
 
 
 def _ordered(names: list[str]) -> list[str]:
@@ -89,43 +93,52 @@ def _ordered(names: list[str]) -> list[str]:
     return out
 
 
-def make_variants(cfg: PipelineConfig, folder: Path, base: Path, from_stage: str | None,
-                  data: Path | str) -> dict[str, Path]:
-    """Build every listed variant (and what it is built from) that is not done yet; name -> folder.
-    `data` is the data stage's folder (a store URI included: shards are read from there)."""
-    from llm.compress.distill import distill, use_sft
+@dataclass(frozen=True)
+class Sources:
+    """What the variants are built from: the original, the data stage's folder, the calibration tokens."""
 
+    original: Original
+    data: storage.Folder
+    calib: Any
+    """The first `compress.prune.calib_rows` packed train rows (`variants.calibration_rows`)."""
+
+
+def _build(cfg: PipelineConfig, folder: storage.Folder, name: str, rels: dict[str, str], src: Sources) -> None:
+    """Build variant `name` into `folder.local/<rels[name]>` from the original or the variant it comes from.
+    The pruned student of distillation is read by workers on any node from where it was published."""
     comp = cfg.compress
-    store = stage_target(folder)
-    remote = storage.is_remote(store)
-    teacher_uri = storage.join(cfg.stage_dir(from_stage), "model") if remote and from_stage else None
-    calib = build.calibration_rows(data, comp.prune.calib_rows)
-    where: dict[str, Path] = {}
-    for name in _ordered(list(comp.variants)):
-        target = folder / name if name in comp.variants else folder / WORK / name
-        where[name] = target
-        if _done_before(folder, target):
+    parent = build.SOURCE[name]
+    source = src.original.local if parent is None else folder.local / rels[parent]
+    target = folder.local / rels[name]
+    print(f"compress: building {name} from {source}", flush=True)
+    if name in ("int8", "pruned-distilled-int8"):
+        build.build_int8(source, target, src.calib, comp.quantize.embeddings, comp.device, comp.quantize.gpu_config)
+    elif name == "pruned":
+        build.build_pruned(source, target, src.calib, comp.prune.mlp_ratio, comp.prune.head_ratio,
+                           comp.prune.multiple_of)
+    else:
+        student = comp.distill.student if parent is None else ModelConfig(path=folder.path(rels[parent]))
+        assert student is not None  # the config requires distill.student for student-distilled
+        job = DistillJob(work=folder.child(WORK, f"{name}-train"), data=src.data, teacher=src.original.local,
+                         teacher_uri=src.original.uri, student=student,
+                         sft=use_sft(cfg, src.data, src.original.stage == "finetune"))
+        build.place_export(distill(cfg, job), target)
+
+
+def make_variants(cfg: PipelineConfig, folder: storage.Folder, original: Original,
+                  data: storage.Folder) -> dict[str, Path]:
+    """Build every listed variant (and what it is built from) that is not done yet; name -> local folder.
+    `data` is the data stage's folder (shards are read from there, a store included)."""
+    comp = cfg.compress
+    src = Sources(original, data, build.calibration_rows(data, comp.prune.calib_rows))
+    rels = {name: name if name in comp.variants else f"{WORK}/{name}" for name in _ordered(list(comp.variants))}
+    for name, rel in rels.items():
+        if _done_before(folder, rel):
             print(f"compress: {name}: done earlier, kept", flush=True)
             continue
-        src = base if build.SOURCE[name] is None else where[str(build.SOURCE[name])]
-        print(f"compress: building {name} from {src}", flush=True)
-        if name in ("int8", "pruned-distilled-int8"):
-            build.build_int8(src, target, calib, comp.quantize.embeddings, comp.device, comp.quantize.gpu_config)
-        elif name == "pruned":
-            build.build_pruned(src, target, calib, comp.prune.mlp_ratio, comp.prune.head_ratio,
-                               comp.prune.multiple_of)
-        else:
-            if name != "pruned-distilled":
-                student = comp.distill.student.model_dump(mode="json")  # type: ignore[union-attr]  # checked
-            else:  # workers on any node read the pruned model from the store, where it was published
-                student = {"path": storage.join(store, src.relative_to(folder).as_posix()) if remote else str(src)}
-            work = folder / WORK / f"{name}-train"
-            exported = distill(cfg, work, data, base, student, use_sft(cfg, data, from_stage == "finetune"),
-                               store=storage.join(store, WORK, f"{name}-train") if remote else None,
-                               teacher_uri=teacher_uri)
-            build.place_export(exported, target)
-        _publish(folder, target)
-    return {name: where[name] for name in comp.variants}
+        _build(cfg, folder, name, rels, src)
+        _publish(folder, rel)
+    return {name: folder.local / rels[name] for name in comp.variants}
 
 
 def _summary(rows: list[dict[str, Any]], choice: dict[str, Any]) -> dict[str, Any]:
@@ -141,26 +154,20 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
         cfg: the pipeline config.
         force: rebuild everything (the committed folder is kept aside).
     """
-    from llm.compress.choose import choose, write_chosen
-    from llm.compress.compare import compare, write_eval
-    from llm.eval import format_table
+    original = base_model(cfg)
+    inputs = ("data",) + ((original.stage,) if original.stage else ())
 
-    base, from_stage = base_model(cfg)
-    inputs = ("data",) + ((from_stage,) if from_stage else ())
-    remote = storage.is_remote(cfg.stage_dir("compress"))
-    original = storage.join(cfg.stage_dir(from_stage), "model") if remote and from_stage else base
-
-    def body(folder: Path) -> dict[str, Any]:
-        made = make_variants(cfg, folder, base, from_stage, input_uri(cfg, "data"))
+    def body(folder: storage.Folder) -> dict[str, Any]:
+        data = stage_input(cfg, "data")
+        made = make_variants(cfg, folder, original, data)
         print("compress: evaluating the original and every variant on the same tokens and prompts", flush=True)
-        rows = compare(cfg, {"original": base, **made}, input_dir(cfg, "data", parts=("packed/val", "sft/val")))
-        write_eval(folder, rows)
+        rows = compare(cfg, {"original": original.local, **made}, data)
+        write_eval(folder.local, rows)
         choice = choose(rows, cfg.compress.choose)
-        write_chosen(folder, choice, original)
+        write_chosen(folder.local, choice, original.uri)
         print(format_table(rows), flush=True)
-        out = stage_target(folder)
-        print(f"compress: chosen {choice['variant']}: {choice['reason']}\n  table: {storage.join(out, 'eval.json')}"
-              f"\n  chosen: {storage.join(out, 'chosen.json')}", flush=True)
+        print(f"compress: chosen {choice['variant']}: {choice['reason']}\n  table: {folder.path('eval.json')}"
+              f"\n  chosen: {folder.path('chosen.json')}", flush=True)
         return _summary(rows, choice)
 
     return execute(cfg, STAGE, body, inputs=inputs, force=force)

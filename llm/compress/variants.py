@@ -10,22 +10,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llm.compress.load import load_model
-from llm.errors import ConfigError
+from llm import storage
+from llm.compress.prune import prune_model
+from llm.compress.quantize import quantize_dynamic_int8, quantize_torchao_gpu, save_int8
+from llm.errors import ConfigError, StageInputError
+from llm.models.load import load_model
+from llm.train.data import data_shards
 
 DONE = ".done"
 # Variant -> the variant it is built from (None: the original).
 SOURCE: dict[str, str | None] = {"int8": None, "pruned": None, "pruned-distilled": "pruned",
                                  "student-distilled": None, "pruned-distilled-int8": "pruned-distilled"}
-
-
-def is_done(folder: Path) -> bool:
-    """Whether a variant folder was finished and checked."""
-    return (folder / DONE).exists()
-
-
-def mark_done(folder: Path) -> None:
-    (folder / DONE).write_text("")
 
 
 def _fresh(folder: Path) -> Path:
@@ -36,17 +31,15 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def calibration_rows(data: Path | str, rows: int) -> Any:
-    """The first `rows` packed train sequences (the tokens pruning ranks channels on and checks are run on)."""
+def calibration_rows(data: storage.Folder, rows: int) -> Any:
+    """The first `rows` packed train sequences of the data stage's folder `data` (the tokens pruning ranks
+    channels on and checks are run on)."""
     import numpy as np
     import pyarrow.parquet as pq
 
-    from llm.errors import StageInputError
-    from llm.train.stage import data_shards
-
     files = data_shards(data, "train")  # local, or read straight from an object store
     if not files:
-        raise StageInputError(f"{data}/packed/train: no parquet shards for calibration; rerun `llmray data`")
+        raise StageInputError(f"{data.uri}/packed/train: no parquet shards for calibration; rerun `llmray data`")
     out: list[Any] = []
     for f in files:
         out += pq.read_table(f, columns=["input_ids"]).column(0).to_pylist()[: rows - len(out)]
@@ -58,8 +51,6 @@ def calibration_rows(data: Path | str, rows: int) -> Any:
 def build_int8(source: Path, folder: Path, calib: Any, embeddings: bool, device: str, gpu_config: str) -> Path:
     """Int8 of `source` into `folder`, re-opened with the one loader and checked to give the same logits."""
     import torch
-
-    from llm.compress.quantize import quantize_dynamic_int8, quantize_torchao_gpu, save_int8
 
     _fresh(folder)
     if device == "cuda":
@@ -83,8 +74,6 @@ def build_int8(source: Path, folder: Path, calib: Any, embeddings: bool, device:
 
 def build_pruned(source: Path, folder: Path, calib: Any, mlp_ratio: float, head_ratio: float, multiple: int) -> Path:
     """A structurally pruned `source` saved with `save_pretrained` (+ tokenizer) into `folder`."""
-    from llm.compress.prune import prune_model
-
     loaded = load_model(source, "cpu")
     smaller = prune_model(loaded.model, calib, mlp_ratio, head_ratio, multiple)
     _fresh(folder)

@@ -16,8 +16,6 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from llm.data.sources import SourceFile
-
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__",
               "turtledemo", "ensurepip", "venv"}
 
@@ -27,14 +25,6 @@ def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts[:-1])]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def units(source: str) -> list[SourceFile]:
-    """The reading units of a built-in corpus: one per stdlib file (plus the manual's topics)."""
-    if source == "builtin:python-sft":
-        return [SourceFile(str(p), "builtin-sft") for p in stdlib_files()]
-    return [SourceFile("pydoc_data.topics", "builtin-topics")] + [
-        SourceFile(str(p), "builtin-docs") for p in stdlib_files()]
 
 
 def _module_name(path: str) -> str:

@@ -11,6 +11,7 @@ failed to read, each with its error: the stats add those up without the driver r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llm.config import DataConfig
-from llm.data import minhash
+from llm.data import checksums, minhash
 from llm.data.filters import document_filter, normalize
 from llm.data.pii import KINDS, redact
 from llm.data.read import Unreadable, read_rows
@@ -105,10 +106,6 @@ def clean_unit(batch: dict[str, Any], *, cfg: DataConfig, out_dir: str) -> dict[
     "error"}`). With `cfg.keep_dropped`, the dropped rows go to `<out_dir>/dropped/<unit>.parquet`,
     checksummed in `<out_dir>/_CHECKSUMS/clean-<unit>.json` (`out_dir` is the stage folder).
     """
-    import json
-
-    from llm.data import checksums
-
     unit = int(batch["unit"][0])
     files = [SourceFile(**f) for f in json.loads(batch["files"][0])]
     path = Path(out_dir) / WORK / f"{unit:06d}.parquet"

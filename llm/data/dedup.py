@@ -19,6 +19,7 @@ depend on bucket size. Connected components of the verified pairs run as Ray tas
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,21 @@ _ROWS_PER_PART = 1 << 21  # shuffle rows per reducer (32 MiB): more data, more r
 _CHUNK = 1 << 16  # documents hashed into band keys at once
 _CELLS = 1 << 24  # pair x permutation cells compared at once (16 MiB of booleans)
 _TASK: dict[str, Any] = {"num_cpus": 1}
+
+
+@dataclass(frozen=True)
+class Lsh:
+    """The fuzzy pass's shape, the same for its band map and verify reduce tasks."""
+
+    bands: int
+    rows: int
+    """Signature values per band."""
+    num_perm: int
+    """Signature width (MinHash permutations)."""
+    threshold: float
+    """Estimated Jaccard a candidate pair must reach."""
+    block: int = BLOCK
+    """Bucket members compared at once (larger buckets are split, never truncated)."""
 
 
 def sig_path(clean_path: str) -> str:
@@ -71,16 +87,15 @@ def exact_reduce(src: str, marks: str, p: int) -> int:
     return int(dup.sum())
 
 
-def band_map(clean_path: str, unit: int, marks: list[str], out: str, n_parts: int, bands: int, rows: int,
-             num_perm: int) -> int:
+def band_map(clean_path: str, unit: int, marks: list[str], out: str, n_parts: int, lsh: Lsh) -> int:
     """(band key, position) of the unit's kept, not exact-duplicate documents, shuffled by key; no signature."""
     kept = kept_rows(clean_path, unit, marks)
     parts = []
     for lo in range(0, len(kept), _CHUNK):
         r = kept[lo:lo + _CHUNK]
-        sig = shuffle.take(sig_path(clean_path), np.uint32, num_perm, r)
-        keys = minhash.band_keys(sig, bands, rows).view(np.int64)
-        parts.append(np.stack([keys.ravel(), np.repeat(shuffle.position(unit, r), bands)], axis=1))
+        sig = shuffle.take(sig_path(clean_path), np.uint32, lsh.num_perm, r)
+        keys = minhash.band_keys(sig, lsh.bands, lsh.rows).view(np.int64)
+        parts.append(np.stack([keys.ravel(), np.repeat(shuffle.position(unit, r), lsh.bands)], axis=1))
     shuffle.write_parts(storage.join(out, f"{unit:06d}"), np.concatenate(parts) if parts else np.zeros((0, 2)),
                         n_parts)
     return len(kept)
@@ -127,8 +142,7 @@ def bucket_pairs(members: list[np.ndarray], block: int) -> tuple[np.ndarray, np.
     return (np.concatenate(a), np.concatenate(b)) if a else (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
-def verify_reduce(src: str, clean_dir: str, edges: str, p: int, n_parts: int, threshold: float, num_perm: int,
-                  block: int) -> dict[str, int]:
+def verify_reduce(src: str, clean_dir: str, edges: str, p: int, n_parts: int, lsh: Lsh) -> dict[str, int]:
     """Buckets of partition `p` to verified pairs of positions, written as components' round-0 edges."""
     e = shuffle.read_part(src, p)
     e = e[np.lexsort((e[:, 1], e[:, 0]))]
@@ -138,8 +152,8 @@ def verify_reduce(src: str, clean_dir: str, edges: str, p: int, n_parts: int, th
     cand = np.unique(e[np.repeat(multi, size), 1])
     index = np.searchsorted(cand, e[:, 1])  # a row's candidate index (meaningful in multi-member buckets)
     members = [index[s:s + n] for s, n in zip(start[multi], size[multi], strict=True)]
-    i, j = bucket_pairs(members, block)
-    ok = _similar(_signatures_of(cand, clean_dir, num_perm), i, j, threshold) if len(i) else i.astype(bool)
+    i, j = bucket_pairs(members, lsh.block)
+    ok = _similar(_signatures_of(cand, clean_dir, lsh.num_perm), i, j, lsh.threshold) if len(i) else i.astype(bool)
     a, b = cand[i[ok]], cand[j[ok]]
     shuffle.write_parts(storage.join(edges, f"{p:05d}"), components.edge_rows(a, b), n_parts)
     return {"buckets": int(multi.sum()), "candidates": len(cand), "compared": len(i), "verified": len(a)}
@@ -160,7 +174,8 @@ def run(clean_paths: list[str], work: str, *, documents: int, exact: bool, fuzzy
         exact: drop documents whose normalized content repeats an earlier one.
         fuzzy: `FuzzyDedupConfig`; near duplicates (MinHash-LSH, verified) when `fuzzy.enabled`.
         cpus: CPUs the tasks spread over (at least one reducer each).
-        block: bucket members compared at once (larger buckets are split, never truncated).
+        block: bucket members compared at once (larger buckets are split, never truncated); a knob for tests,
+            which split small buckets to exercise the block path (hence a seventh parameter).
 
     Returns:
         The folders of mark files (positions to drop, see `shuffle.marks_of_unit`) and the counts.
@@ -181,17 +196,15 @@ def run(clean_paths: list[str], work: str, *, documents: int, exact: bool, fuzzy
                                                  for p in range(n_parts)]))
         marks.append(marks_dir)
     if fuzzy.enabled:
-        bands, rows = minhash.lsh_params(fuzzy.threshold, fuzzy.num_perm)
+        lsh = Lsh(*minhash.lsh_params(fuzzy.threshold, fuzzy.num_perm), fuzzy.num_perm, fuzzy.threshold, block)
         keys_dir, edges_dir = storage.join(work, "band-keys"), storage.join(work, "edges")
-        n_parts = _parts(documents * bands, cpus)
+        n_parts = _parts(documents * lsh.bands, cpus)
         mapper = ray.remote(**_TASK)(band_map)
         reducer = ray.remote(**_TASK)(verify_reduce)
-        stats["fuzzy_documents"] = sum(ray.get([mapper.remote(
-            path, u, marks, keys_dir, n_parts, bands, rows, fuzzy.num_perm)
-            for u, path in units]))
+        stats["fuzzy_documents"] = sum(ray.get([mapper.remote(path, u, marks, keys_dir, n_parts, lsh)
+                                                for u, path in units]))
         clean_dir = clean_paths[0].rsplit("/", 1)[0] if clean_paths else ""
-        verified = ray.get([reducer.remote(keys_dir, clean_dir, edges_dir, p, n_parts, fuzzy.threshold,
-                                           fuzzy.num_perm, block) for p in range(n_parts)])
+        verified = ray.get([reducer.remote(keys_dir, clean_dir, edges_dir, p, n_parts, lsh) for p in range(n_parts)])
         stats["fuzzy_candidates"] = sum(v["candidates"] for v in verified)
         fuzzy_marks, cc = components.run(edges_dir, storage.join(work, "components"), n_parts, _TASK)
         stats.update(fuzzy_duplicates=cc["duplicates"], fuzzy_clusters=cc["clusters"], fuzzy_pairs=cc["pairs"])

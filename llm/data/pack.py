@@ -9,6 +9,7 @@ No padding is ever written.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from llm import storage
+from llm.data import checksums, shuffle
+from llm.data.clean import unit_of
+from llm.data.tokenizer import fast_tokenizer
 from llm.eval.split import is_val
+from llm.models.chat import EOS
 
 _DOCS_PER_ENCODE = 256
 
@@ -88,20 +94,14 @@ def pack_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, seq_le
               rows_per_shard: int, marks: list[str]) -> dict[str, list]:
     """Ray Data UDF: one unit (`unit`, `paths` of cleaned files) tokenized and packed into shards under
     `<out_dir>/packed/{train,val}/` (`out_dir` is the stage folder), checksummed in
-    `<out_dir>/_CHECKSUMS/pack-<unit>.json`; documents marked in `marks` (dedup's folders) are left out."""
-    from llm import storage
-    from llm.data import checksums, shuffle
-    from llm.data.clean import unit_of
-    from llm.data.tokenizer import fast_tokenizer
-    from llm.models.chat import EOS
-
+    `<out_dir>/_CHECKSUMS/pack-<unit>.json`; documents marked in `marks` (dedup's folders) are left out.
+    The keyword arguments are the job's `fn_kwargs`, one per setting the unit needs (hence seven)."""
     unit = int(batch["unit"][0])
-    tok = fast_tokenizer(tokenizer_dir)
+    tok_dir = storage.fetch(tokenizer_dir)  # the store's copy, cached on this node
+    tok = fast_tokenizer(tok_dir)
     eos = tok.token_to_id(EOS)
     if eos is None:  # a given tokenizer: its own eos, recorded at save time
-        import json
-
-        cfg = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text())
+        cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
         eos_tok = cfg.get("eos_token")
         eos = tok.token_to_id(eos_tok["content"] if isinstance(eos_tok, dict) else eos_tok)
     splits = [_Split(Path(out_dir) / "packed" / name, unit, eos, seq_len, rows_per_shard) for name in ("train", "val")]

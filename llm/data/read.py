@@ -16,7 +16,8 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO, NamedTuple
 
-from llm.data.sources import SourceFile
+from llm.data import builtin
+from llm.data.sources import SourceFile, hf_rows
 
 BATCH_ROWS = 256
 _CHUNK = 1 << 20
@@ -76,7 +77,7 @@ def open_binary(src: SourceFile) -> BinaryIO:
         fs, path = pafs.FileSystem.from_uri(src.path)
         raw: BinaryIO = fs.open_input_stream(path)
     else:
-        raw = open(src.path.removeprefix("file://"), "rb")  # noqa: SIM115 - closed by the caller
+        raw = open(src.path.removeprefix("file://"), "rb")  # closed by the caller
     return gzip.GzipFile(fileobj=raw, mode="rb") if src.gz else raw  # type: ignore[return-value]
 
 
@@ -162,8 +163,6 @@ def _parquet(src: SourceFile, f: BinaryIO, field: str, max_chars: int) -> Iterat
 
 
 def _builtin(src: SourceFile) -> Iterator[dict[str, Any]]:
-    from llm.data import builtin
-
     if src.kind == "builtin-topics":
         for key, text in builtin.topics():
             yield row(text, key)
@@ -173,8 +172,6 @@ def _builtin(src: SourceFile) -> Iterator[dict[str, Any]]:
 
 def _hf_arrow(src: SourceFile, field: str, max_chars: int) -> Iterator[dict[str, Any]]:
     """Rows of one Arrow shard of a `datasets` folder, as a parquet file's: the text field, or a reason."""
-    from llm.data.sources import hf_rows
-
     try:
         for i, rec in hf_rows(src.path):
             yield _value_row(rec.get(field), f"{src.path}[{i}]", max_chars)
@@ -202,21 +199,3 @@ def read_rows(src: SourceFile, *, text_field: str, max_chars: int) -> Iterator[d
                 yield from _parquet(src, f, text_field, max_chars)
     except READ_ERRORS as e:
         yield row(read_error_message(e, src), src.path, "read_error")
-
-
-def read_batches(batch: dict[str, Any], *, text_field: str, max_chars: int) -> Iterator[dict[str, list]]:
-    """Ray Data generator UDF: one input row per file (`path`, `kind`, `gz`) to batches of document rows."""
-    for path, kind, gz in zip(batch["path"], batch["kind"], batch["gz"], strict=True):
-        out: list[dict[str, Any]] = []
-        for r in read_rows(SourceFile(str(path), str(kind), bool(gz)), text_field=text_field, max_chars=max_chars):
-            out.append(r)
-            if len(out) >= BATCH_ROWS:
-                yield columns(out)
-                out = []
-        if out:
-            yield columns(out)
-
-
-def columns(rows: list[dict[str, Any]]) -> dict[str, list]:
-    """Rows to a column batch."""
-    return {k: [r[k] for r in rows] for k in ("text", "source", "reason", "utf8_errors")}

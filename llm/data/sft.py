@@ -1,32 +1,37 @@
 """Supervised fine-tuning examples: chat or instruction records read from their sources and rendered with
-the tokenizer's chat template (`llm.models.chat.render`) into `input_ids` and `labels`."""
+the tokenizer's chat template (`llm.models.chat.render`) into `input_ids` and `labels`; and the held-out
+conversations of SFT sources (`held_out`), the one reader of the split rule for fine-tuning and compress."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llm import storage
+from llm.data import builtin, checksums
+from llm.data.read import READ_ERRORS, Unreadable, bounded_lines, decode, open_binary, read_error_message
+from llm.data.sources import SourceFile, hf_rows, resolve
+from llm.data.tokenizer import load_tokenizer
+from llm.errors import ConfigError
+from llm.eval.split import is_held_out
 from llm.models.chat import IGNORE, render, to_messages
 
+SFT_KINDS = ("jsonl", "builtin-sft", "hf-arrow")
+"""The kinds of file an SFT source may resolve to (fine-tuning refuses the others by name)."""
 
-def records(path: str, kind: str, gz: bool) -> Any:
+
+def records(path: str, kind: str, gz: bool) -> Iterator[tuple[str, Any]]:
     """(key, record or error reason) of every line of a JSONL file, or of a built-in SFT unit. A file that
     fails to read ends with `(path, Unreadable)`; the lines read before it are kept."""
-    from llm.data import builtin
-    from llm.data.read import READ_ERRORS, Unreadable, bounded_lines, decode, open_binary, read_error_message
-    from llm.data.sources import SourceFile
-
     if kind == "builtin-sft":
         yield from builtin.sft_pairs(path)
         return
     if kind == "hf-arrow":
-        from llm.data.sources import hf_rows
-
         try:
             for i, rec in hf_rows(path):
                 yield f"{path}[{i}]", rec
@@ -48,18 +53,52 @@ def records(path: str, kind: str, gz: bool) -> Any:
         yield path, Unreadable(path, read_error_message(e, src))
 
 
+def sft_files(sources: list[str], key: str | None) -> list[SourceFile]:
+    """The files SFT `sources` name, in order. With `key` (the config key naming them), a file of a kind that is
+    not an SFT kind is a `ConfigError` naming it; without, every file is read as the data stage reads it."""
+    files = resolve(sources)
+    for f in files if key is not None else []:
+        if f.kind not in SFT_KINDS:
+            raise ConfigError(f"{key}: {f.path}: SFT sources are JSONL, builtin:python-sft or a datasets folder")
+    return files
+
+
+def held_out(sources: list[str], val_fraction: float, key: str | None = None,
+             limit: int | None = None) -> list[list[dict[str, str]]]:
+    """The conversations of SFT `sources` on the val side of the split (`llm.eval.split.is_held_out`), in
+    source order; records that fail to read or are not valid conversations are skipped.
+
+    Args:
+        sources: `data.sft.sources`-style paths, globs, URIs, datasets folders or `builtin:python-sft`.
+        val_fraction: the split's val fraction.
+        key: the config key naming `sources` (fine-tuning): files of other kinds are a `ConfigError` naming
+            it, checked even when `limit` is 0; None (compress): every file is read as the data stage's SFT
+            units read it (other kinds as JSONL lines), and nothing is resolved when `limit` is 0.
+        limit: stop after this many (None: all).
+    """
+    if not sources or (key is None and limit is not None and limit <= 0):
+        return []
+    files = sft_files(sources, key)
+    out: list[list[dict[str, str]]] = []
+    if limit is not None and limit <= 0:
+        return out
+    for f in files:
+        for _key, rec in records(f.path, f.kind, f.gz):
+            msgs = rec if isinstance(rec, (str, Unreadable)) else to_messages(rec)
+            if not isinstance(msgs, (str, Unreadable)) and is_held_out(msgs, val_fraction):
+                out.append(msgs)
+                if limit is not None and len(out) >= limit:
+                    return out
+    return out
+
+
 def sft_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, max_len: int,
              val_fraction: float) -> dict[str, list]:
     """Ray Data UDF: one unit of SFT files rendered into `<out_dir>/sft/{train,val}/part-<unit>.parquet`
     (`out_dir` is the stage folder; checksums in `<out_dir>/_CHECKSUMS/sft-<unit>.json`); returns its counts and
     its files that failed to read (`read_errors`: JSON list of `{"file", "error"}`)."""
-    from llm.data import checksums
-    from llm.data.read import Unreadable
-    from llm.data.tokenizer import load_tokenizer
-    from llm.eval.split import is_val, stable_id
-
     unit = int(batch["unit"][0])
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(storage.fetch(tokenizer_dir))  # the store's copy, cached on this node
     out: dict[bool, list[tuple[list[int], list[int]]]] = {False: [], True: []}
     counts: dict[str, int] = {"examples": 0, "truncated": 0}
     errors: list[dict[str, str]] = []
@@ -79,8 +118,7 @@ def sft_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, max_len
             if all(x == IGNORE for x in labels):  # truncation cut every answer token: nothing to learn
                 counts["dropped_no_answer_tokens"] = counts.get("dropped_no_answer_tokens", 0) + 1
                 continue
-            h = stable_id(json.dumps(msgs, sort_keys=True))
-            out[bool(is_val(np.array([h]), val_fraction)[0])].append((ids, labels))
+            out[is_held_out(msgs, val_fraction)].append((ids, labels))
             counts["examples"] += 1
     written = []
     for side, name in ((False, "train"), (True, "val")):

@@ -15,15 +15,12 @@ to drop) are grouped files too, grouped by unit, so a task reads only its own un
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from llm import storage
 
 ROW_BITS = 32
 ROW_MASK = np.int64((1 << ROW_BITS) - 1)
-_GAP = 1 << 16  # ranged reads on an object store closer than this are merged into one
 
 
 def position(unit: int, rows: np.ndarray) -> np.ndarray:
@@ -40,41 +37,26 @@ def partition_of(values: np.ndarray, n_parts: int) -> np.ndarray:
 
 def save(uri: str, arr: np.ndarray) -> None:
     """Write an array's raw bytes (scratch: no fsync locally, one PUT on an object store)."""
-    arr = np.ascontiguousarray(arr)
-    if storage.is_remote(uri):
-        storage.write_bytes(uri, arr.tobytes())
-        return
-    Path(uri).parent.mkdir(parents=True, exist_ok=True)
-    arr.tofile(uri)
+    storage.write_scratch(uri, np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
 
 
 def load(uri: str, dtype: type, width: int = 1) -> np.ndarray:
     """A raw array of rows of `width` values: memory-mapped locally, read whole from an object store."""
-    flat: np.ndarray
-    if storage.is_remote(uri):
-        flat = np.frombuffer(storage.read_bytes(uri), dtype=dtype)
-    elif Path(uri).stat().st_size == 0:
-        flat = np.zeros(0, dtype=dtype)
-    else:
-        flat = np.memmap(uri, dtype=dtype, mode="r")
+    flat: np.ndarray = np.frombuffer(storage.map_file(uri), dtype=dtype)
     return flat.reshape(-1, width) if width > 1 else flat
 
 
 def take(uri: str, dtype: type, width: int, rows: np.ndarray) -> np.ndarray:
-    """Rows `rows` (sorted) of a raw array; on an object store, near rows come in one ranged read."""
-    if not storage.is_remote(uri):
-        return np.asarray(load(uri, dtype, width)[rows])
-    fs, path = storage.resolve(uri)
+    """Rows `rows` (sorted) of a raw array: near rows come in one read (`storage.read_gap`), so on an object
+    store rows far apart cost a ranged read each and on a disk all of them are one slice of a memory map."""
     item = np.dtype(dtype).itemsize * width
-    out: np.ndarray = np.empty((len(rows), width), dtype=dtype)
-    with fs.open_input_file(path) as f:
-        breaks = np.flatnonzero(np.diff(rows) * item > _GAP) + 1
-        for run in np.split(np.arange(len(rows)), breaks):
-            if len(run):
-                lo, hi = int(rows[run[0]]), int(rows[run[-1]]) + 1
-                raw = f.read_at((hi - lo) * item, lo * item)
-                block: np.ndarray = np.frombuffer(raw, dtype=dtype).reshape(-1, width)
-                out[run] = block[rows[run] - lo]
+    breaks = np.flatnonzero(np.diff(rows) * item > storage.read_gap(uri)) + 1
+    runs = [run for run in np.split(np.arange(len(rows)), breaks) if len(run)]
+    spans = [(int(rows[run[0]]), int(rows[run[-1]]) + 1) for run in runs]
+    raws = storage.read_ranges(uri, [(a * item, b * item) for a, b in spans])
+    parts = [np.frombuffer(raw, dtype=dtype).reshape(-1, width)[rows[run] - lo]
+             for run, (lo, _hi), raw in zip(runs, spans, raws, strict=True)]
+    out: np.ndarray = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty((0, width), dtype)
     return out if width > 1 else out[:, 0]
 
 
@@ -93,11 +75,10 @@ def read_group(folder: str, g: int, width: int) -> np.ndarray:
             continue
         off = load(storage.join(folder, rel), np.int64)
         if g + 1 < len(off) and off[g + 1] > off[g]:
-            data = storage.join(folder, rel.removesuffix(".off"))
-            if storage.is_remote(data):
-                out.append(take(data, np.int64, width, np.arange(off[g], off[g + 1])))
-            else:
-                out.append(np.array(load(data, np.int64, width)[off[g]:off[g + 1]]))
+            [raw] = storage.read_ranges(storage.join(folder, rel.removesuffix(".off")),
+                                        [(int(off[g]) * 8 * width, int(off[g + 1]) * 8 * width)])
+            rows = np.frombuffer(raw, dtype=np.int64)  # a view of a memory map or of the bytes read: copied
+            out.append(np.array(rows.reshape(-1, width) if width > 1 else rows))
     shape = (0, width) if width > 1 else (0,)
     return np.concatenate(out) if out else np.zeros(shape, np.int64)
 

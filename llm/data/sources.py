@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from llm.data import builtin
 from llm.errors import DataError
 
 BUILTINS = ("builtin:python-docs", "builtin:python-sft")
@@ -81,8 +83,6 @@ def is_hf_dataset(path: str) -> bool:
 
 def hf_units(path: str) -> list[SourceFile]:
     """The Arrow shards of a `save_to_disk` folder, splits in the order the folder lists them."""
-    import json
-
     root = os.path.expanduser(path)
     try:
         if os.path.exists(os.path.join(root, "dataset_dict.json")):
@@ -107,14 +107,20 @@ def hf_rows(path: str) -> Any:
     yield from enumerate(datasets.Dataset.from_file(path))
 
 
+def builtin_units(source: str) -> list[SourceFile]:
+    """The reading units of a built-in corpus: one per stdlib file (plus the manual's topics)."""
+    if source == "builtin:python-sft":
+        return [SourceFile(str(p), "builtin-sft") for p in builtin.stdlib_files()]
+    return [SourceFile("pydoc_data.topics", "builtin-topics")] + [
+        SourceFile(str(p), "builtin-docs") for p in builtin.stdlib_files()]
+
+
 def resolve(sources: list[str], *, builtin_ok: tuple[str, ...] = BUILTINS) -> list[SourceFile]:
     """Every file the sources name, in a stable order.
 
     Raises:
         DataError: a source matches nothing, or names an unknown built-in or file type.
     """
-    from llm.data import builtin
-
     if not sources:
         raise DataError("data.sources is empty: name at least one path, glob, URI or builtin:python-docs")
     out: list[SourceFile] = []
@@ -122,7 +128,7 @@ def resolve(sources: list[str], *, builtin_ok: tuple[str, ...] = BUILTINS) -> li
         if source.startswith("builtin:"):
             if source not in builtin_ok:
                 raise DataError(f"{source}: unknown built-in corpus (known: {', '.join(builtin_ok)})")
-            out.extend(builtin.units(source))
+            out.extend(builtin_units(source))
             continue
         if "://" not in source and is_hf_dataset(source.removeprefix("file://")):
             out.extend(hf_units(source.removeprefix("file://")))

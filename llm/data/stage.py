@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from llm import storage
-from llm.config import PipelineConfig
+from llm.config import DataConfig, PipelineConfig
 from llm.data import clean, dedup, pack, report, sft, sources
 from llm.data.tokenizer import copy_tokenizer, tokenizer_unit
-from llm.stage import Stage, StageResult, execute, target
+from llm.raycluster import connect
+from llm.stage import Stage, StageResult, execute
 
 
 def units(files: list[sources.SourceFile], n_units: int) -> list[list[sources.SourceFile]]:
@@ -37,8 +38,6 @@ def _unit_items(groups: list[list[sources.SourceFile]]) -> list[dict[str, Any]]:
 def _setup_ray(cfg: PipelineConfig) -> int:
     import ray
     from ray.data import DataContext
-
-    from llm.raycluster import connect
 
     connect(cfg)
     ctx = DataContext.get_current()
@@ -66,11 +65,27 @@ def map_units(items: list[dict[str, Any]], fn: Any, kwargs: dict[str, Any]) -> l
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # Object-store storage: each task writes on its own node and uploads (`llm.storage.remote_task`).
-        task = storage.remote_task(fn, local_args=("tokenizer_dir",))
+        task = storage.remote_task(fn)
         out = ds.map_batches(task, batch_size=1, fn_kwargs=kwargs, num_cpus=1, batch_format="pandas")
         return out.take_all()
     finally:
         ctx.op_resource_reservation_enabled = reservation
+
+
+@dataclass
+class Cleaned:
+    """What the clean step made: the cleaned units' paths (in unit order) and the counts they returned."""
+
+    paths: list[str]
+    read_errors: list[dict[str, str]]
+    reasons: dict[str, int]
+    """Documents per drop reason (`kept` for the rest)."""
+    pii: dict[str, int]
+    utf8: int
+
+    @property
+    def documents(self) -> int:
+        return sum(self.reasons.values())
 
 
 def _clean_counts(cleaned: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int], int]:
@@ -88,72 +103,97 @@ def _clean_counts(cleaned: list[dict[str, Any]]) -> tuple[dict[str, int], dict[s
     return reasons, pii, utf8
 
 
-def _body(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
+def _clean(dc: DataConfig, files: list[sources.SourceFile], cpus: int, store: str) -> Cleaned:
+    """Read and clean every unit into `<store>/_work/clean/`; the units' paths and counts."""
+    groups = units(files, max(4 * cpus, len(files) // 64))
+    rows = sorted(map_units(_unit_items(groups), clean.clean_unit, {"cfg": dc, "out_dir": store}),
+                  key=lambda r: r["unit"])
+    reasons, pii, utf8 = _clean_counts(rows)
+    return Cleaned([r["path"] for r in rows], [e for r in rows for e in json.loads(r["read_errors"])],
+                   reasons, pii, utf8)
+
+
+def _tokenizer(dc: DataConfig, folder: storage.Folder, paths: list[str], marks: list[str]) -> tuple[int, str]:
+    """The stage's tokenizer in `<folder>/tokenizer/`: (its vocab size, the URI the pack and SFT tasks read it
+    from, on any node)."""
+    if dc.tokenizer.path:  # a folder on the driver's machine: copied here, published for the tasks
+        vocab_size = len(copy_tokenizer(dc.tokenizer.path, folder.local / "tokenizer"))
+        return vocab_size, folder.publish("tokenizer")
+    t = dc.tokenizer  # trained in one task on a sample streamed from the cleaned units
+    vocab_size = int(map_units([{"unit": 0}], tokenizer_unit, {
+        "paths": paths, "marks": marks, "sample_bytes": t.sample_bytes, "vocab_size": t.vocab_size,
+        "min_frequency": t.min_frequency, "out_dir": folder.uri})[0]["vocab_size"])
+    return vocab_size, folder.path("tokenizer")
+
+
+class Rendered(NamedTuple):
+    """What the SFT step made: its counts summed over the units, and its files that failed to read."""
+
+    counts: dict[str, int]
+    read_errors: list[dict[str, str]]
+
+
+def _sft(dc: DataConfig, sft_files: list[sources.SourceFile], cpus: int, tok_src: str, store: str) -> Rendered:
+    """Render the SFT sources into `<store>/sft/` with the tokenizer at `tok_src`."""
+    counts: dict[str, int] = {}
+    errors: list[dict[str, str]] = []
+    if not sft_files:
+        return Rendered(counts, errors)
+    items = _unit_items(units(sft_files, max(cpus, len(sft_files) // 64)))
+    rendered = map_units(items, sft.sft_unit, {"tokenizer_dir": tok_src, "out_dir": store,
+                                               "max_len": dc.sft.max_len, "val_fraction": dc.sft.val_fraction})
+    for r in sorted(rendered, key=lambda r: r["unit"]):
+        for k, v in json.loads(r["counts"]).items():
+            counts[k] = counts.get(k, 0) + v
+        errors += json.loads(r["read_errors"])
+    return Rendered(counts, errors)
+
+
+def _body(cfg: PipelineConfig, folder: storage.Folder) -> dict[str, Any]:
     t0 = time.perf_counter()
     dc = cfg.data
     files = sources.resolve(dc.sources)  # before any Ray work: a bad source fails fast
     sft_files = sources.resolve(dc.sft.sources) if dc.sft.sources else []
     cpus = _setup_ray(cfg)
-    # Tasks write the stage's files (and their checksum sidecars) under `store`: this folder, or the stage's URI
-    # in an object store. The driver gets counts and paths back, never a row.
-    store = target(folder)
-    groups = units(files, max(4 * cpus, len(files) // 64))
-    cleaned = map_units(_unit_items(groups), clean.clean_unit, {"cfg": dc, "out_dir": store})
-    cleaned = sorted(cleaned, key=lambda r: r["unit"])
-    paths = [r["path"] for r in cleaned]
-    read_errors = [e for r in cleaned for e in json.loads(r["read_errors"])]
-    reasons, pii, utf8 = _clean_counts(cleaned)
+    # Tasks write the stage's files (and their checksum sidecars) under `folder.uri`, on whatever node they run;
+    # the driver gets counts and paths back, never a row.
+    cleaned = _clean(dc, files, cpus, folder.uri)
     t_dedup = time.perf_counter()
-    marks, dedup_stats = dedup.run(paths, storage.join(store, "_work", "dedup"), documents=sum(reasons.values()),
+    marks, dedup_stats = dedup.run(cleaned.paths, folder.path("_work", "dedup"), documents=cleaned.documents,
                                    exact=dc.dedup.exact, fuzzy=dc.dedup.fuzzy, cpus=cpus)
-    dedup_seconds = round(time.perf_counter() - t_dedup, 2)
-
-    tok_dir = folder / "tokenizer"
-    if dc.tokenizer.path:  # a folder on the driver's machine: copied here, uploaded with the driver's files
-        vocab_size = len(copy_tokenizer(dc.tokenizer.path, tok_dir))
-        tok_src = str(tok_dir)
-        if storage.is_remote(store):  # the pack and SFT tasks read the tokenizer from the store, on any node
-            tok_src = storage.join(store, "tokenizer")
-            storage.upload(tok_dir, tok_src)
-    else:  # trained in one task on a sample streamed from the cleaned units
-        t = dc.tokenizer
-        vocab_size = int(map_units([{"unit": 0}], tokenizer_unit, {
-            "paths": paths, "marks": marks, "sample_bytes": t.sample_bytes, "vocab_size": t.vocab_size,
-            "min_frequency": t.min_frequency, "out_dir": store})[0]["vocab_size"])
-        tok_src = storage.join(store, "tokenizer")
-
-    packed = map_units([{"unit": i, "paths": "\n".join(g)} for i, g in enumerate(_path_groups(paths, cpus))],
+    dedup_stats["dedup_seconds"] = round(time.perf_counter() - t_dedup, 2)
+    vocab_size, tok_src = _tokenizer(dc, folder, cleaned.paths, marks)
+    packed = map_units([{"unit": i, "paths": "\n".join(g)} for i, g in enumerate(_path_groups(cleaned.paths, cpus))],
                         pack.pack_unit,
-                        {"tokenizer_dir": tok_src, "out_dir": store, "seq_len": dc.seq_len,
+                        {"tokenizer_dir": tok_src, "out_dir": folder.uri, "seq_len": dc.seq_len,
                          "val_fraction": dc.val_fraction, "rows_per_shard": dc.rows_per_shard, "marks": marks})
-    sft_counts: dict[str, int] = {}
-    if sft_files:
-        items = _unit_items(units(sft_files, max(cpus, len(sft_files) // 64)))
-        rendered = map_units(items, sft.sft_unit, {"tokenizer_dir": tok_src, "out_dir": store,
-                                                   "max_len": dc.sft.max_len, "val_fraction": dc.sft.val_fraction})
-        for r in sorted(rendered, key=lambda r: r["unit"]):
-            for k, v in json.loads(r["counts"]).items():
-                sft_counts[k] = sft_counts.get(k, 0) + v
-            read_errors += json.loads(r["read_errors"])
-    storage.remove_tree(storage.join(store, "_work"))
+    rendered = _sft(dc, sft_files, cpus, tok_src, folder.uri)
+    folder.remove("_work")
+    metrics = _metrics(dc, cleaned, dedup_stats, packed, vocab_size, rendered)
+    metrics["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    folder.write_text("stats.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
 
+
+def _metrics(dc: DataConfig, cleaned: Cleaned, dedup_stats: dict[str, Any], packed: list[dict[str, Any]],
+             vocab_size: int, rendered: Rendered) -> dict[str, Any]:
+    """The stage's stats (`stats.json` and the manifest's metrics) from what its steps returned, in the order
+    they have always had, but for `wall_seconds`, which the body adds last."""
+    reasons = cleaned.reasons
     total = {k: int(sum(r[k] for r in packed)) for k in packed[0] if k != "unit"}
     tokens = total["tokens_train"] + total["tokens_val"]
-    metrics = {
-        "documents_in": sum(reasons.values()), "documents_kept_after_filters": reasons.get("kept", 0),
+    return {
+        "documents_in": cleaned.documents, "documents_kept_after_filters": reasons.get("kept", 0),
         "documents_out": total["docs_train"] + total["docs_val"],
-        "dropped": {k: v for k, v in sorted(reasons.items()) if k != "kept"}, "read_errors": read_errors,
-        "pii_redacted": pii, "utf8_replacements": utf8, **dedup_stats,
-        "dedup_seconds": dedup_seconds,
+        "dropped": {k: v for k, v in sorted(reasons.items()) if k != "kept"},
+        "read_errors": cleaned.read_errors + rendered.read_errors,
+        "pii_redacted": cleaned.pii, "utf8_replacements": cleaned.utf8, **dedup_stats,
         "tokens_train": total["tokens_train"], "tokens_val": total["tokens_val"],
         "sequences_train": total["rows_train"], "sequences_val": total["rows_val"],
         "remainder_tokens_dropped": total["remainder_tokens"],
         "bytes_per_token": round(total["text_bytes"] / max(tokens, 1), 4), "shards": total["shards"],
-        "vocab_size": vocab_size, "seq_len": dc.seq_len, "sft": sft_counts,
-        "wall_seconds": round(time.perf_counter() - t0, 2),
+        "vocab_size": vocab_size, "seq_len": dc.seq_len, "sft": rendered.counts,
     }
-    (folder / "stats.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
 
 
 def _path_groups(paths: list[str], cpus: int) -> list[list[str]]:

@@ -11,6 +11,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llm import storage
+from llm.data import checksums
+from llm.data.clean import unit_of
+from llm.data.shuffle import marks_of_unit
 from llm.errors import DataError
 from llm.models.chat import CHAT_TEMPLATE, EOS, PAD, SPECIAL
 
@@ -39,10 +43,6 @@ def sample(paths: list[str], marks: list[str], limit: int) -> Iterator[str]:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from llm import storage
-    from llm.data.clean import unit_of
-    from llm.data.shuffle import marks_of_unit
-
     seen = 0
     for path in paths:
         drop = marks_of_unit(marks, unit_of(path))
@@ -63,9 +63,8 @@ def sample(paths: list[str], marks: list[str], limit: int) -> Iterator[str]:
 def tokenizer_unit(batch: dict[str, Any], *, paths: list[str], marks: list[str], sample_bytes: int, vocab_size: int,
                    min_frequency: int, out_dir: str) -> dict[str, list]:
     """Ray Data UDF (one row): train the tokenizer in this task on a sample streamed from the cleaned units, save
-    it to `<out_dir>/tokenizer/` (`out_dir` is the stage folder) with its checksums; returns its vocab size."""
-    from llm.data import checksums
-
+    it to `<out_dir>/tokenizer/` (`out_dir` is the stage folder) with its checksums; returns its vocab size.
+    The keyword arguments are the job's `fn_kwargs`, one per setting the task needs (hence seven)."""
     folder = Path(out_dir) / "tokenizer"
     tok = train_tokenizer(sample(paths, marks, sample_bytes), folder, vocab_size=vocab_size,
                           min_frequency=min_frequency)

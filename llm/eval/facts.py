@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from llm.eval.generate import greedy_generate
 from llm.eval.loss import model_device
 
 
@@ -151,8 +152,6 @@ def tokens_per_second(model: Any, prompt: list[int], batch: int, new_tokens: int
     Returns:
         Generated tokens (batch x new_tokens) per second of wall time.
     """
-    from llm.eval.generate import greedy_generate
-
     prompts = [list(prompt)] * batch
     device = model_device(model)
     best = math.inf

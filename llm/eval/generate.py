@@ -68,6 +68,9 @@ def greedy_generate(model: Any, prompts: Sequence[list[int]], max_new_tokens: in
                     stop: Sequence[int] = (), batch_size: int = 8, min_new_tokens: int = 0) -> list[list[int]]:
     """New tokens of greedy decoding for each prompt, batched with left padding, cut before the first stop id.
 
+    The four decoding options are keyword-only, each with a default: one `generate` call's settings, not a
+    group worth a type of its own.
+
     Args:
         model: a `transformers` causal LM (eval mode).
         prompts: token ids of each prompt, in order.

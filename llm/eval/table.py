@@ -2,7 +2,7 @@
 
 Fine-tuning compares the base with the tuned model and compression compares variants with the original;
 both call `evaluate_models`, so their `eval.json` rows can sit side by side. Models given as directories
-are opened one at a time through the one loader (`llm.compress.load`) and released before the next, so a
+are opened one at a time through the one loader (`llm.models.load`) and released before the next, so a
 model's load time and memory are not inflated by the one before it.
 """
 
@@ -23,6 +23,7 @@ from llm.eval.data import PromptPair, packed_rows, sft_rows
 from llm.eval.facts import PeakMemory, dir_bytes, param_count, tokens_per_second, weights_bytes
 from llm.eval.generate import encode_prompts, generation_metrics, pad_id
 from llm.eval.loss import assistant_loss, model_device, packed_perplexity
+from llm.models.load import load_model
 
 MB = float(1 << 20)
 
@@ -80,8 +81,6 @@ class EvalSettings:
 
 
 def _load_dir(path: Path, device: str) -> tuple[Any, Any]:
-    from llm.compress.load import load_model
-
     loaded = load_model(path, device)
     return loaded.model, loaded.tokenizer
 
@@ -127,6 +126,9 @@ def evaluate_model(name: str, model: Any, tokenizer: Any, *, packed_val: np.ndar
                    settings: EvalSettings | None = None) -> dict[str, Any]:
     """One table row for a loaded model (the load facts are the caller's: `source`, `disk_mb`, `load_s`).
 
+    The inputs after `tokenizer` are keyword-only and optional: each one left out leaves its figures None
+    (the same keywords as `evaluate_models`, which passes them through).
+
     Args:
         name: the row's `model`.
         model: a `transformers` causal LM; it is evaluated in eval mode and given its mode back.
@@ -168,7 +170,7 @@ def evaluate_models(models: Mapping[str, ModelSpec], *, packed_val: str | Path |
             returning rows (e.g. `lambda tok: render_rows(tok, records)` for models with other tokenizers).
         prompts: held-out prompts from `llm.eval.data.prompt_pairs`, answered by every model.
         settings: shared batch sizes, row counts, decoding length and load device.
-        loader: opens a directory as `(model, tokenizer)`; defaults to `llm.compress.load.load_model`.
+        loader: opens a directory as `(model, tokenizer)`; defaults to `llm.models.load.load_model`.
 
     Raises:
         LLMRayError: a model directory that does not load, or missing or malformed val data (one line).

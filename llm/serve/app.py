@@ -1,5 +1,6 @@
-"""The Serve application: one deployment (`LLMServer`) whose replicas each hold the models and a
-continuous-batching engine per model, behind the OpenAI-compatible FastAPI app.
+"""The Serve application: one deployment (`LLMServer`, made by `server_deployment`) whose
+replicas each hold the models and a continuous-batching engine per model, behind the OpenAI-compatible
+FastAPI app.
 
 `build_app` is the import path `serve run serve/local.yaml` / `serve deploy serve/config.yaml` call with
 `args: {config, overrides}`; `build_application` is what `llmray serve` deploys. Both read the one
@@ -10,15 +11,21 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ray import serve
-from ray.serve import Application
-
+from llm import sizing
 from llm.config import LoadedConfig, PipelineConfig, ServeConfig
-from llm.errors import ConfigError, StageInputError
+from llm.errors import ConfigError
 from llm.loading import load_config
+from llm.models.load import checked_model, chosen_model_dir, load_model, local_model
+from llm.serve.engine import Engine
+from llm.serve.metrics import request_recorder
+from llm.serve.routes import create_app
+from llm.serve.service import Service, key_digest
+from llm.serve.vllm import build_vllm_app
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 APP_NAME = "llm"
 PROXY_MARGIN_S = 5.0  # the proxy times out this much after the app does, so the app's answer arrives
@@ -30,18 +37,11 @@ def replica_threads(cfg: ServeConfig) -> int:
     return cfg.threads or max(1, math.ceil(cfg.cpus_per_replica))
 
 
-@serve.deployment(name=DEPLOYMENT)
-@serve.ingress()
 class LLMServer:
-    """A replica: loads every model once, then serves them through one FastAPI app."""
+    """What a replica holds: every model loaded once, each with its engine, behind one FastAPI app."""
 
     def __init__(self, models: dict[str, str], serve_cfg: dict[str, Any], key_sha256: str | None) -> None:
         import torch
-
-        from llm.compress.load import load_model, local_model
-        from llm.serve.engine import Engine
-        from llm.serve.metrics import request_recorder
-        from llm.serve.service import Service
 
         cfg = ServeConfig.model_validate(serve_cfg)
         torch.set_num_threads(replica_threads(cfg))
@@ -52,8 +52,6 @@ class LLMServer:
         self.service = Service(engines, cfg, key_sha256)
 
     def __serve_build_asgi_app__(self) -> Any:
-        from llm.serve.routes import create_app
-
         return create_app(self.service)
 
     async def check_health(self) -> None:
@@ -61,30 +59,22 @@ class LLMServer:
         await self.service.check()
 
 
-def model_dirs(cfg: PipelineConfig) -> dict[str, str]:
-    """Served model name -> directory: `serve.model` (or the chosen variant) plus `serve.models`; a model in
-    an object store stays a URI (each replica copies it, see `LLMServer`), checked here against its manifest."""
-    from llm import storage
-    from llm.compress.load import chosen_model_dir, committed_model, model_format
+def server_deployment() -> Any:
+    """The Serve deployment (a `serve.Deployment`) of `LLMServer`. Made here rather than decorated at the top
+    of the module, so importing this module (the serve stage does, and `llm.cli` imports every stage) does not
+    import Ray."""
+    from ray import serve
 
+    return serve.deployment(name=DEPLOYMENT)(serve.ingress()(LLMServer))
+
+
+def model_dirs(cfg: PipelineConfig) -> dict[str, str]:
+    """Served model name -> directory: `serve.model` (or the chosen variant) plus `serve.models`, each checked
+    (`llm.models.load.checked_model`); a model in an object store stays a URI (each replica copies it)."""
     main = cfg.serve.model or chosen_model_dir(cfg)
     named = {cfg.serve.name or cfg.run: main, **cfg.serve.models}
-    remote = {name: str(v) for name, v in named.items() if storage.is_remote(v)}
-    for name, uri in remote.items():
-        try:
-            committed_model(uri)
-        except StageInputError as e:
-            key = "serve.model" if uri == str(main) else f"serve.models.{name}"
-            raise ConfigError(f"metadata.llm.{key}: {e}") from None
-    dirs = {k: Path(v).expanduser() for k, v in named.items() if k not in remote}
-    main = Path(main).expanduser() if not storage.is_remote(main) else main
-    for name, path in dirs.items():
-        if not path.is_dir():
-            key = "serve.model" if path == main else f"serve.models.{name}"
-            raise ConfigError(f"metadata.llm.{key}: model directory {str(path)!r} not found")
-        model_format(path)
-    local = {name: str(path.resolve()) for name, path in dirs.items()}
-    return {name: remote.get(name) or local[name] for name in named}
+    return {name: checked_model(path, "metadata.llm." + ("serve.model" if path == main else f"serve.models.{name}"))
+            for name, path in named.items()}
 
 
 def replica_bounds(cfg: ServeConfig, cpus: float, gpus: float) -> tuple[int, int]:
@@ -122,8 +112,6 @@ def http_options(cfg: ServeConfig) -> dict[str, Any]:
 
 def api_key_digest(cfg: ServeConfig) -> str | None:
     """SHA-256 of the key in `serve.api_key_env` (replicas never see the key), or None when auth is off."""
-    from llm.serve.service import key_digest
-
     if cfg.api_key_env is None:
         return None
     key = os.environ.get(cfg.api_key_env, "").strip()
@@ -136,22 +124,17 @@ def api_key_digest(cfg: ServeConfig) -> str | None:
 def build_application(cfg: PipelineConfig, cpus: float, gpus: float) -> Application:
     """The Serve application for a config, sized for a cluster with `cpus` and `gpus`."""
     if cfg.serve.engine == "vllm":
-        from llm.serve.vllm import build_vllm_app
-
         return build_vllm_app(cfg, model_dirs(cfg), deployment_options(cfg.serve, cpus, gpus))
     options = deployment_options(cfg.serve, cpus, gpus)
-    deployment: Any = LLMServer  # a serve.Deployment; the decorator's type is lost to mypy
-    return deployment.options(**options).bind(model_dirs(cfg), cfg.serve.model_dump(mode="json"),
-                                             api_key_digest(cfg.serve))
+    return server_deployment().options(**options).bind(model_dirs(cfg), cfg.serve.model_dump(mode="json"),
+                                                       api_key_digest(cfg.serve))
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """Serve's application builder: `args` are `config` (a cluster file) and `overrides` (dotted keys)."""
-    from llm.sizing import derive
-
     unknown = set(args) - {"config", "overrides"}
     if unknown:
         raise ConfigError(f"serve app args: unknown {sorted(unknown)}; expected config and overrides")
     loaded: LoadedConfig = load_config(args.get("config"), list(args.get("overrides") or []))
-    sizing = derive(loaded)
-    return build_application(loaded.llm, sizing.cluster_cpus, sizing.cluster_gpus)
+    derived = sizing.derive(loaded)
+    return build_application(loaded.llm, derived.cluster_cpus, derived.cluster_gpus)

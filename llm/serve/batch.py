@@ -8,13 +8,15 @@ attention mask hides the padding and explicit position ids keep each row's posit
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # torch is imported where it is used: the serve stage's import must not load it
+    import torch
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
     missing = length - t.shape[dim]
     if missing <= 0:
         return t
@@ -26,6 +28,8 @@ class PaddedBatch:
     """KV cache, attention mask and positions of the rows decoding together."""
 
     def __init__(self, model: Any) -> None:
+        import torch
+
         self.model = model
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long)
@@ -45,21 +49,25 @@ class PaddedBatch:
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         return out.logits.float(), layers
 
-    @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
         """Run new prompts (left-padded together), append them as rows; returns logits `(new, len, vocab)`.
 
         Logits at padded positions are garbage; a row's real positions are its last `len(prompt)` ones.
         """
-        length = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], dtype=torch.long)
-        mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits, kv = self._forward(ids, mask, positions, None)
-        self._append(kv, mask)
+        import torch
+
+        with torch.inference_mode():
+            length = max(len(p) for p in prompts)
+            ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], dtype=torch.long)
+            mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            logits, kv = self._forward(ids, mask, positions, None)
+            self._append(kv, mask)
         return logits
 
     def _append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        import torch
+
         if not self.rows:
             self.kv, self.mask = kv, mask
             return
@@ -69,18 +77,22 @@ class PaddedBatch:
                    for (k0, v0), (k1, v1) in zip(self.kv, kv, strict=True)]
         self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
 
-    @torch.inference_mode()
     def decode(self, last_tokens: list[int]) -> torch.Tensor:
         """Feed each row's newest token; returns next-token logits `(rows, vocab)`."""
-        ids = torch.tensor(last_tokens, dtype=torch.long)[:, None]
-        positions = self.mask.sum(1, keepdim=True)  # real tokens so far = this token's position
-        mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
-        logits, self.kv = self._forward(ids, mask, positions, self.kv)
-        self.mask = mask
-        return logits[:, -1]
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor(last_tokens, dtype=torch.long)[:, None]
+            positions = self.mask.sum(1, keepdim=True)  # real tokens so far = this token's position
+            mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
+            logits, self.kv = self._forward(ids, mask, positions, self.kv)
+            self.mask = mask
+            return logits[:, -1]
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order), then drop columns that are padding in every row left."""
+        import torch
+
         if len(rows) == self.rows:
             return
         if not rows:

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
-from llm.compress.load import LoadedModel
+from llm.models.load import LoadedModel
 from llm.serve.batch import PaddedBatch
 from llm.serve.sampling import Choice, Sampling, prompt_logprobs, sample
 

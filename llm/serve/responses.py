@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from llm.serve.protocol import ApiError
 from llm.serve.sampling import Choice
 
 
@@ -85,14 +86,12 @@ def sse(data: dict[str, Any]) -> str:
 async def sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     """Events of the chunks, then `data: [DONE]`. A failure mid-stream (the status is already sent)
     becomes an error event, as OpenAI does."""
-    from llm.serve.protocol import ApiError
-
     try:
         async for chunk in chunks:
             yield sse(chunk)
     except ApiError as e:  # e.g. the request's deadline passed mid-stream
         yield sse(e.body())
-    except Exception as e:  # noqa: BLE001 - the client must learn the stream is broken
+    except Exception as e:  # the client must learn the stream is broken
         yield sse({"error": {"message": f"generation failed: {type(e).__name__}", "type": "server_error",
                              "param": None, "code": None}})
     yield "data: [DONE]\n\n"

@@ -49,7 +49,7 @@ async def merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
         try:
             async for piece in stream:
                 queue.put_nowait(piece)
-        except Exception as e:  # noqa: BLE001 - re-raised in the consumer
+        except Exception as e:  # re-raised in the consumer
             queue.put_nowait(e)
         queue.put_nowait(None)
 

@@ -4,8 +4,10 @@ the log-probabilities the API reports (of the model's own distribution, before t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the serve stage's import must not load it
+    import torch
 
 
 @dataclass
@@ -20,6 +22,8 @@ class Sampling:
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        import torch
+
         self.generator = torch.Generator()
         if self.seed is not None:
             self.generator.manual_seed(self.seed)
@@ -38,6 +42,8 @@ class Choice:
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero out the tail beyond cumulative probability `top_p` (the most likely token always stays)."""
+    import torch
+
     sorted_p, order = probs.sort(descending=True)
     drop = sorted_p.cumsum(0) - sorted_p > top_p
     sorted_p[drop] = 0.0
@@ -46,6 +52,8 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def sample_row(logits: torch.Tensor, s: Sampling) -> Choice:
     """Pick the next token from one row's logits `(vocab,)`."""
+    import torch
+
     if s.temperature <= 0:
         token = int(logits.argmax())
     else:
@@ -82,6 +90,8 @@ def prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[Cho
         prompt: the prompt's token ids.
         k: alternatives per position.
     """
+    import torch
+
     if len(prompt) < 2:
         return []
     logp = torch.log_softmax(logits[:-1].float(), dim=-1)

@@ -16,6 +16,8 @@ import yaml
 
 from llm.config import LoadedConfig
 from llm.loading import load_config
+from llm.serve.app import APP_NAME, DEPLOYMENT, deployment_options, http_options
+from llm.sizing import derive
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 # serve file -> the cluster file it is generated from (paths relative to the checkout).
@@ -24,9 +26,6 @@ FILES = {"serve/local.yaml": "cluster/local.yaml", "serve/config.yaml": "cluster
 
 def serve_config(loaded: LoadedConfig, cluster_file: str) -> dict[str, Any]:
     """Serve's deploy schema for one cluster config (the model is resolved when the app is built)."""
-    from llm.serve.app import APP_NAME, DEPLOYMENT, deployment_options, http_options
-    from llm.sizing import derive
-
     cfg = loaded.llm.serve
     sizing = derive(loaded)
     options = deployment_options(cfg, sizing.cluster_cpus, sizing.cluster_gpus)

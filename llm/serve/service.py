@@ -70,7 +70,7 @@ class Service:
         try:
             text = tok.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True,
                                            chat_template=None if tok.chat_template else DEFAULT_CHAT_TEMPLATE)
-        except Exception as e:  # noqa: BLE001 - a template may refuse a conversation (e.g. roles must alternate)
+        except Exception as e:  # a template may refuse a conversation (e.g. roles must alternate)
             raise ApiError(400, f"messages: the chat template refused them: {e}", param="messages") from None
         return list(tok(text, add_special_tokens=False)["input_ids"])
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.config import PipelineConfig
+from llm.raycluster import connect
+from llm.serve.app import APP_NAME, build_application, http_options, model_dirs
+from llm.serve.vllm import check_vllm_config, require_vllm
 from llm.stage import Stage, StageResult, execute
 
 ENDPOINT = "endpoint.json"
@@ -44,8 +47,6 @@ def deploy(cfg: PipelineConfig) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from llm.serve.app import APP_NAME, build_application, http_options, model_dirs
-
     resources = ray.cluster_resources()
     app = build_application(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
     serve.start(http_options=http_options(cfg.serve))
@@ -62,10 +63,6 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
     Always deploys: serving is a state of the cluster, not a file, so a matching manifest cannot prove
     the endpoint is up. `force` is accepted for the stage contract. The manifest records the endpoint.
     """
-    from llm.raycluster import connect
-    from llm.serve.app import model_dirs
-    from llm.serve.vllm import check_vllm_config, require_vllm
-
     del force
     models = model_dirs(cfg)  # a missing model is a config error before Ray starts
     if cfg.serve.engine == "vllm":  # what vLLM cannot serve is refused before Ray starts, too
@@ -75,9 +72,9 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
     connect(cfg, log_to_driver=False)  # per-request logs stay in Serve's replica logs
     started_here = _started_ray_here()
 
-    def body(folder: Path) -> dict[str, Any]:
+    def body(folder: storage.Folder) -> dict[str, Any]:
         info = deploy(cfg)
-        (folder / ENDPOINT).write_text(json.dumps(info, indent=2))
+        folder.write_text(ENDPOINT, json.dumps(info, indent=2))
         return info
 
     # With `storage` in an object store, endpoint.json is staged here and uploaded; replicas copy the model.

@@ -8,13 +8,15 @@ imported: a cluster without GPUs, our CPU int8 variants, a missing vLLM install.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
-from typing import Any
-
-from ray.serve import Application
+from typing import TYPE_CHECKING, Any
 
 from llm.config import PipelineConfig
 from llm.errors import ConfigError
+from llm.models.load import is_int8_variant
+from llm.sizing import planned
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 
 def require_vllm() -> None:
@@ -22,23 +24,6 @@ def require_vllm() -> None:
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("metadata.llm.serve.engine: vllm is not installed here (it needs GPUs and "
                           "`pip install ray[llm]`); use engine: torch on this machine")
-
-
-def is_int8_variant(path: str | Path) -> bool:
-    """Whether `path` is an int8-dynamic variant (the loader's marker, `quantization.json`), on this machine
-    or committed in an object store."""
-    from llm import storage
-    from llm.compress.load import committed_model, model_format
-    from llm.compress.quantize import FORMAT, QUANT_FILE
-
-    if not storage.is_remote(path):
-        return model_format(Path(path)) == FORMAT
-    from llm.manifest import read_manifest
-
-    # A store is not copied here just to look: the committed manifest lists the marker file.
-    stage, rel = committed_model(str(path))
-    manifest = read_manifest(stage)
-    return manifest is not None and f"{rel}/{QUANT_FILE}" in manifest.files
 
 
 def check_vllm_config(cfg: PipelineConfig, models: dict[str, str]) -> None:
@@ -51,8 +36,6 @@ def check_vllm_config(cfg: PipelineConfig, models: dict[str, str]) -> None:
     Raises:
         ConfigError: the node types offer no GPUs, a model is an int8-dynamic variant, or an API key is set.
     """
-    from llm.sizing import planned
-
     # The node types, not the live cluster: GPU nodes may start on demand, after this check.
     gpus = planned(cfg).cluster_gpus
     if gpus <= 0:

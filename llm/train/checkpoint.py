@@ -27,6 +27,7 @@ from typing import Any
 
 from llm import storage
 from llm.manifest import file_sha256
+from llm.train.state import LoopState
 
 TAG = "ds"
 UNIVERSAL = "ds_universal"
@@ -34,20 +35,20 @@ COMMIT = "_COMMIT_rank{rank}.json"
 DAMAGED_SUFFIX = ".damaged"
 
 
-def save(engine: Any, folder: str | Path, state: dict[str, Any], rank: int) -> None:
+def save(engine: Any, folder: str | Path, state: LoopState, rank: int) -> None:
     """Write this rank's part of a checkpoint into `folder` (every rank calls this: ZeRO saves collectively)."""
     import torch
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(folder), tag=TAG, client_state={"loop_state": state})
+    engine.save_checkpoint(str(folder), tag=TAG, client_state={"loop_state": state.to_json()})
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, folder / f"rng_rank{rank}.pt")
     (folder / f"rng_rank{rank}.json").write_text(json.dumps(random.getstate()))
     if rank == 0:
-        (folder / "loop_state.json").write_text(json.dumps(state))
+        (folder / "loop_state.json").write_text(json.dumps(state.to_json()))
     commit_part(folder, rank)
 
 
@@ -108,17 +109,12 @@ class Choice:
     """(folder, problem) of each newer checkpoint that was not whole."""
 
 
-def candidates(root: str | Path) -> list[Any]:
-    """Checkpoint folders of every Ray Train attempt under `root`, newest step first (`Path`s; URIs in an
-    object store)."""
-    if storage.is_remote(root):
-        names = {rel.split("/")[0] + "/" + rel.split("/")[1] for rel in storage.list_files(root) if rel.count("/") >= 2}
-        remote = [storage.join(root, n) for n in names if n.split("/")[1].startswith("checkpoint_")
-                  and not n.endswith((DAMAGED_SUFFIX, ".tmp"))]
-        return sorted(remote, key=lambda p: (step_of(p), p), reverse=True)
-    root = Path(root)
-    found = [p for p in root.glob("*/checkpoint_*") if p.is_dir() and not p.name.endswith((DAMAGED_SUFFIX, ".tmp"))]
-    return sorted(found, key=lambda p: (step_of(p), p.stat().st_mtime), reverse=True)
+def candidates(root: str | Path) -> list[str]:
+    """Checkpoint folders (paths or store URIs) of every Ray Train attempt under `root`, newest step first."""
+    found = [storage.join(root, attempt, name) for attempt in storage.subfolders(root)
+             for name in storage.subfolders(storage.join(root, attempt))
+             if name.startswith("checkpoint_") and not name.endswith((DAMAGED_SUFFIX, ".tmp"))]
+    return sorted(found, key=lambda p: (step_of(p), p), reverse=True)
 
 
 def choose(root: str | Path, set_aside: bool = False, checksums: bool = True) -> Choice:
@@ -149,10 +145,9 @@ def prune(root: str | Path, keep: int) -> list[str]:
     return gone
 
 
-def read_state(folder: str | Path) -> dict[str, Any]:
+def read_state(folder: str | Path) -> LoopState:
     """The loop state a checkpoint folder was saved with (step, epoch, position, world size, ...)."""
-    state: dict[str, Any] = json.loads(storage.read_bytes(storage.join(folder, "loop_state.json")))
-    return state
+    return LoopState.from_json(json.loads(storage.read_bytes(storage.join(folder, "loop_state.json"))))
 
 
 def partitioned(folder: str | Path) -> bool:
@@ -222,7 +217,7 @@ def _convert(folder: Path, target: Path) -> None:
         tmp.rename(target)
 
 
-def load(engine: Any, folder: str | Path, rank: int, source: tuple[str, str] | None = None) -> dict[str, Any]:
+def load(engine: Any, folder: str | Path, rank: int, source: tuple[str, str] | None = None) -> LoopState:
     """Restore model, optimizer, loop position and this rank's RNG from `folder`; `source` is where
     DeepSpeed reads the model and optimizer (`universal(...)` for another world size; default: `folder`'s
     own `ds`). Returns the loop state."""
@@ -234,7 +229,7 @@ def load(engine: Any, folder: str | Path, rank: int, source: tuple[str, str] | N
                                           load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"{folder}: DeepSpeed found no checkpoint to load")
-    state: dict[str, Any] = json.loads((folder / "loop_state.json").read_text())
+    state = LoopState.from_json(json.loads((folder / "loop_state.json").read_text()))
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.exists():  # a different world size restores the model but not per-rank RNG streams
         rng = torch.load(rng_file, weights_only=True)

@@ -35,6 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from llm import storage
+from llm.train.state import Layout, LoopState
+
 COLUMN = "input_ids"
 Collate = Callable[[dict[str, list[Any]]], Any]
 
@@ -42,6 +45,12 @@ Collate = Callable[[dict[str, list[Any]]], Any]
 def shard_files(data_dir: str | Path, split: str, kind: str = "packed") -> list[str]:
     """Sorted parquet shards of `data/<kind>/<split>/`."""
     return sorted(str(p) for p in (Path(data_dir) / kind / split).glob("*.parquet"))
+
+
+def data_shards(data: storage.Folder, split: str, kind: str = "packed") -> list[str]:
+    """The parquet shards of `<data>/<kind>/<split>/`, as paths or store URIs (pyarrow reads either)."""
+    return sorted(data.path(kind, split, rel) for rel in data.list(kind, split)
+                  if rel.endswith(".parquet") and "/" not in rel)
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,7 @@ class RankSlice:
     rank: int
     world: int
     micro: int
-    layout: dict[str, Any] | None = field(default=None, compare=False)
+    layout: Layout | None = field(default=None, compare=False)
     """A `rest_layout` for the current epoch only; None: contiguous slices."""
 
     @property
@@ -117,13 +126,13 @@ class RankSlice:
         return {"shard": name, "row": row}
 
 
-def batch_starts(rows: int, layout: dict[str, Any] | None, world: int, rank: int, micro: int) -> Any:
+def batch_starts(rows: int, layout: Layout | None, world: int, rank: int, micro: int) -> Any:
     """First rows of the micro-batches `rank` of `world` reads in an epoch of `rows` rows laid out by `layout`."""
     if layout is None:
         per = rows // world
         return rank * per + np.arange(per // micro, dtype=np.int64) * micro
-    old_world, accum, position = int(layout["world"]), int(layout["accum"]), int(layout["position"])
-    rest = np.stack([batch_starts(rows, layout["parent"], old_world, r, micro)[position:] for r in range(old_world)])
+    old_world, accum, position = layout.world, layout.accum, layout.position
+    rest = np.stack([batch_starts(rows, layout.parent, old_world, r, micro)[position:] for r in range(old_world)])
     n = rest.shape[1]
     # The old run's order from the resume point: its step, then its rank, then the accumulation index.
     i = np.arange(n)
@@ -134,16 +143,15 @@ def batch_starts(rows: int, layout: dict[str, Any] | None, world: int, rank: int
     return order[:usable][rank::world]
 
 
-def rest_layout(rows: int, state: dict[str, Any], world: int, micro: int) -> tuple[int, int, dict[str, Any] | None]:
-    """(epoch, position, layout) for `world` ranks continuing a run saved with `state` by another world size.
+def rest_layout(rows: int, saved: LoopState, world: int, micro: int) -> tuple[int, int, Layout | None]:
+    """(epoch, position, layout) for `world` ranks continuing a run saved with `saved` by another world size.
 
-    `state` holds the saved `epoch`, `position` (micro-batches each old rank read this epoch), `world_size`,
+    `saved` holds the `epoch`, `position` (micro-batches each old rank read this epoch), `world_size`,
     `accum` and `layout` (the epoch's own layout, if a world change began it too). The rest of that epoch
     is read as described in the module docstring; an epoch with nothing left goes on to the next one.
     """
-    epoch = int(state["epoch"])
-    layout = {"world": int(state["world_size"]), "accum": int(state["accum"]),
-              "position": int(state["position"]), "parent": state.get("layout")}
+    epoch = saved.epoch
+    layout = Layout(int(saved.world_size or 1), int(saved.accum or 1), saved.position, saved.layout)
     if len(batch_starts(rows, layout, world, 0, micro)) == 0:
         return epoch + 1, 0, None
     return epoch, 0, layout
@@ -247,7 +255,7 @@ def _scattered(part: RankSlice, position: int, columns: list[str], stop: threadi
     bounds = np.cumsum([0] + [n for groups in part.index.groups for n in groups])
     where = [(f, g) for f, groups in enumerate(part.index.groups) for g in range(len(groups))]
     cache: OrderedDict[int, dict[str, list[Any]]] = OrderedDict()
-    limit = cache_groups or 2 + int((part.layout or {}).get("world", 1))
+    limit = cache_groups or 2 + (part.layout.world if part.layout is not None else 1)
     files: dict[int, Any] = {}
 
     def group(i: int) -> dict[str, list[Any]]:

@@ -26,7 +26,7 @@ def full_state_dict(engine: Any) -> dict[str, Any] | None:
             continue
         master = safe_get_full_fp32_param(param) if param.requires_grad else None
         if master is None:  # no optimizer copy (fp32 training, frozen weights): the parameter is the master
-            master = _gathered(param)
+            master = gathered(param)
         by_param[id(param)] = master.detach().to("cpu", dtype=_dtype(param)).clone() if rank == 0 else None
     if rank != 0:
         return None
@@ -44,7 +44,7 @@ def _dtype(param: Any) -> Any:
     return torch.float32 if param.is_floating_point() else param.dtype
 
 
-def _gathered(param: Any) -> Any:
+def gathered(param: Any) -> Any:
     """The full value of a parameter that has no fp32 master (ZeRO-3 partitions gathered first)."""
     if hasattr(param, "ds_id"):
         import deepspeed

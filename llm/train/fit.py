@@ -4,38 +4,49 @@
 from __future__ import annotations
 
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llm import console, storage
-from llm.config import PipelineConfig
+from llm.config import PipelineConfig, TrainConfig
+from llm.console import LiveLine
 from llm.errors import ConfigError, LLMRayError, TrainingError
+from llm.raycluster import connect, reserve
+from llm.sizing import TrainSizing
 from llm.train import checkpoint as ckpt
-from llm.train.loop import LoopSpec
-from llm.train.metrics import read_records
+from llm.train.loop import Start, deepspeed_config
+from llm.train.metrics import progress_line
+from llm.train.spec import LoopSpec
+from llm.train.worker import train_loop_per_worker
 
-__all__ = ["build_trainer", "fit_with_ray", "read_records", "resolve_init", "worker_error"]
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What a stage trains with, beside its `LoopSpec`: its name, its training section and its planned workers."""
+
+    name: str
+    """The stage (`pretrain`, `finetune`, `compress`): console lines, the log file, `<name>.sizing.workers`."""
+    section: str
+    """The config section of the training fields, for errors (`pretrain`, `compress.distill`)."""
+    train: TrainConfig
+    """The stage's section (`keep_checkpoints`, `max_failures`, `deepspeed` are read from it)."""
+    sizing: TrainSizing
+    """The stage's planned sizing (`llm.sizing.planned`): workers and their resources."""
 
 
-def build_trainer(spec: LoopSpec, scaling: dict[str, Any], root: Path | str, keep_checkpoints: int,
+def build_trainer(spec: LoopSpec, scaling: dict[str, Any], root: str, keep_checkpoints: int,
                   max_failures: int, name: str | None = None) -> Any:
     """The `TorchTrainer` that runs the one loop, its run folder `<root>/<name>` (a new attempt each call
-    by default: resume is chosen by the stage from verified checkpoints, not by Ray Train's restore)."""
+    by default: resume is chosen by the stage from verified checkpoints, not by Ray Train's restore).
+    Checkpoints go to `root` (a path or a store URI) from every worker, through Ray Train."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from llm.train.loop import train_loop_per_worker
-    from llm.train.runtime import store_loop_per_worker
-
-    if storage.is_remote(root):  # checkpoints go to the store from every worker, through Ray Train
-        attempts = {rel.split("/")[0] for rel in storage.list_files(root) if rel.startswith("attempt-")}
-        name = name or f"attempt-{1 + len(attempts)}"
-    else:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        name = name or f"attempt-{1 + sum(1 for p in Path(root).glob('attempt-*') if p.is_dir())}"
+    name = name or f"attempt-{1 + sum(1 for a in storage.subfolders(root) if a.startswith('attempt-'))}"
     storage_path, filesystem = storage.ray_storage(root)
     return TorchTrainer(
-        store_loop_per_worker if spec.extra.get("store") else train_loop_per_worker,
+        train_loop_per_worker,
         train_loop_config=spec.to_dict(),
         scaling_config=ray.train.ScalingConfig(**scaling),
         run_config=ray.train.RunConfig(
@@ -48,26 +59,21 @@ def build_trainer(spec: LoopSpec, scaling: dict[str, Any], root: Path | str, kee
     )
 
 
-def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, root: Path | str, keep: int,
-                 max_failures: int) -> dict[str, Any]:
-    """Reserve the planned workers (the autoscaler starts nodes), fit, prune old checkpoints."""
-    from llm.raycluster import connect, reserve
-
-    _check_resume(spec, sizing.workers, stage)
+def fit_with_ray(cfg: PipelineConfig, job: TrainJob, spec: LoopSpec, root: str) -> dict[str, Any]:
+    """Reserve the planned workers (the autoscaler starts nodes), fit, prune old checkpoints under `root`."""
+    _check_resume(spec, job.sizing.workers, job.name)
     connect(cfg)
-    reserve(sizing, cfg.ray.resource_timeout_s, stage)
-    from llm.console import LiveLine
-    from llm.train.metrics import progress_line
-
-    trainer = build_trainer(spec, sizing.scaling_config_kwargs(), root, keep, max_failures)
+    reserve(job.sizing, cfg.ray.resource_timeout_s, job.name)
+    keep = job.train.keep_checkpoints
+    trainer = build_trainer(spec, job.sizing.scaling_config_kwargs(), root, keep, job.train.max_failures)
     metrics = Path(spec.out_dir or root) / "metrics.jsonl"
-    if spec.extra.get("store"):  # rank 0's own folder; seen live when rank 0 runs on the driver's node
+    if spec.upload_to:  # rank 0's own folder; seen live when rank 0 runs on the driver's node
         metrics = Path(str(spec.out_dir)) / "rank0" / "metrics.jsonl"
     try:
-        with LiveLine(lambda: progress_line(metrics, int(spec.train['max_steps']), spec.stage)):
+        with LiveLine(lambda: progress_line(metrics, spec.train.max_steps, spec.stage)):
             result = trainer.fit()
     except Exception as e:  # Ray Train wraps worker errors; the user gets one line and a log file
-        raise worker_error(e, console.log_path(cfg, stage), stage) from None
+        raise worker_error(e, console.log_path(cfg, job.name), job.name) from None
     ckpt.prune(root, keep)
     return dict(result.metrics or {})
 
@@ -75,15 +81,12 @@ def fit_with_ray(cfg: PipelineConfig, stage: str, spec: LoopSpec, sizing: Any, r
 def _check_resume(spec: LoopSpec, workers: int, stage: str) -> None:
     """A resume on another worker count whose micro batch x workers does not divide the checkpoint's
     global batch fails here, in one line naming the keys, before any worker starts."""
-    from llm.config import TrainConfig
-    from llm.train.loop import Start, deepspeed_config
-
     if spec.resume_from:
         start = Start(spec.resume_from, ckpt.read_state(spec.resume_from))
-        deepspeed_config(TrainConfig.model_validate(spec.train), max(1, workers), stage, start)
+        deepspeed_config(spec.train, max(1, workers), stage, start)
 
 
-def resume_point(root: Path | str, keep: int, stage: str) -> str | None:
+def resume_point(root: str, keep: int, stage: str) -> str | None:
     """The newest whole checkpoint under `root` to resume from; damaged ones are named, set aside, passed
     over; with none left the run starts over and says so."""
     choice = ckpt.choose(root, set_aside=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from llm.errors import TrainingError
+from llm.train.export import gathered
+from llm.train.spec import LoopSpec
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -40,7 +42,7 @@ def lora_config(model: Any, settings: dict[str, Any]) -> Any:
                       lora_dropout=float(settings["dropout"]), target_modules=targets, fan_in_fan_out=fan_in_fan_out)
 
 
-def apply(model: Any, spec: Any) -> Any:
+def apply(model: Any, spec: LoopSpec) -> Any:
     """`LoopSpec.model_hook`: the base frozen, LoRA adapters added (settings in `spec.extra["lora"]`)."""
     from peft import get_peft_model
 
@@ -48,7 +50,7 @@ def apply(model: Any, spec: Any) -> Any:
         peft_model = get_peft_model(model, lora_config(model, spec.extra["lora"]))
     except ValueError as e:  # e.g. a target module name the model does not have
         raise TrainingError(f"metadata.llm.finetune.lora.target_modules: {e}") from None
-    if spec.train.get("gradient_checkpointing"):
+    if spec.train.gradient_checkpointing:
         peft_model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
     return peft_model
 
@@ -70,19 +72,16 @@ def gather_adapter(module: Any) -> dict[str, Any] | None:
     Every rank must call it: under ZeRO the gathers are collective.
     """
     import torch.distributed as dist
-
-    from llm.train.export import _gathered
+    from deepspeed.utils import safe_get_full_fp32_param
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = {}
     for name, param in module.named_parameters():  # the same order on every rank: the gathers line up
         if not param.requires_grad:
             continue
-        from deepspeed.utils import safe_get_full_fp32_param
-
         full = safe_get_full_fp32_param(param)
         if full is None:
-            full = _gathered(param)
+            full = gathered(param)
         if rank == 0:
             out[saved_key(name)] = full.detach().to("cpu").float().clone()
     return out if rank == 0 else None
@@ -114,7 +113,7 @@ def verify_adapter(folder: str | Path, expected: dict[str, tuple[int, ...]]) -> 
             raise TrainingError(f"{path}: {key} holds non-finite values")
 
 
-def export_adapter(engine: Any, spec: Any, tokenizer: Any) -> Path | None:
+def export_adapter(engine: Any, spec: LoopSpec, tokenizer: Any) -> Path | None:
     """`LoopSpec.export_hook` for LoRA: gather, save `<out_dir>/adapter/` on rank 0, verify it there."""
     from safetensors.torch import save_file
 
@@ -123,12 +122,12 @@ def export_adapter(engine: Any, spec: Any, tokenizer: Any) -> Path | None:
     full = gather_adapter(module)
     if full is None:
         return None
-    out = Path(spec.out_dir) / "adapter"
+    out = Path(str(spec.out_dir)) / "adapter"
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in full.items()}
     save_file(state, str(out / ADAPTER_FILE), metadata={"format": "pt"})
     config = module.peft_config["default"]
-    config.base_model_name_or_path = spec.model.get("path")
+    config.base_model_name_or_path = spec.model.path
     config.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

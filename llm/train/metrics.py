@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llm import storage
 from llm.errors import ConfigError
 
 
@@ -26,10 +27,8 @@ def fmt_seconds(s: float) -> str:
 def read_records(path: Path | str) -> list[dict[str, Any]]:
     """The JSON lines of `metrics.jsonl` (a local path or an object-store URI); a last line cut by a kill
     is dropped, not fatal."""
-    from llm import storage
-
     try:
-        lines = (storage.read_text(path) if storage.is_remote(path) else Path(path).read_text()).splitlines()
+        lines = storage.read_text(path).splitlines()
     except FileNotFoundError:
         return []
     out = []
@@ -45,11 +44,9 @@ def read_records(path: Path | str) -> list[dict[str, Any]]:
     return out
 
 
-
-def training_summary(folder: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    """A training stage's manifest metrics from its `metrics.jsonl`: steps, tokens, first and final loss,
-    last validation loss and perplexity, mean MFU."""
-    records = read_records(folder / "metrics.jsonl")
+def training_summary(records: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
+    """A training stage's manifest metrics from its `metrics.jsonl` records and the fit's last metrics: steps,
+    tokens, first and final loss, last validation loss and perplexity, mean MFU."""
     vals = [r for r in records if "val_loss" in r]
     return {"steps": records[-1]["step"] if records else 0, "tokens": records[-1]["tokens"] if records else 0,
             "first_loss": records[0]["loss"] if records else None,
@@ -58,9 +55,9 @@ def training_summary(folder: Path, metrics: dict[str, Any]) -> dict[str, Any]:
             "mean_mfu": sum(r["mfu"] for r in records) / len(records) if records else None}
 
 
-def progress_line(path: Path, max_steps: int, name: str) -> str | None:
+def progress_line(path: Path | str, max_steps: int, name: str) -> str | None:
     """The live line of a training run from its `metrics.jsonl` (the driver's view of rank 0's records)."""
-    records = read_records(path) if path.exists() else []
+    records = read_records(path)
     if not records:
         return f"[{name}] starting workers (model, DeepSpeed, first batches)..."
     last = records[-1]
@@ -79,6 +76,8 @@ class MetricsLog:
     """Rank 0's sinks: a JSON line per step, the live line every `log_every` steps, TensorBoard, MLflow.
 
     On resume, records after the restored step are dropped first, so the file reads as one clean run.
+    Seven arguments: the file's place and the live line's cadence, then one per optional sink, each off by
+    default (tests and benchmarks open a log without a config section).
     """
 
     def __init__(self, out_dir: str | Path | None, max_steps: int, log_every: int, resumed_step: int = 0,

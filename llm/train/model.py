@@ -11,6 +11,7 @@ from typing import Any
 
 from llm.config import ModelConfig
 from llm.errors import ConfigError
+from llm.flops import training_flops_per_token
 
 
 def hf_config(model: ModelConfig, vocab_size: int, bos_id: int | None = None, eos_id: int | None = None,
@@ -71,11 +72,10 @@ def build_model(model: ModelConfig, vocab_size: int, seed: int, tokenizer: Any =
 
 
 def flops_per_token(hf_model: Any, seq_len: int) -> float:
-    """Training FLOPs per token of a loaded model: 6N over matmul weights plus 12 * layers * width * seq.
+    """Training FLOPs per token of a loaded model (`llm.flops.training_flops_per_token` from its shapes).
 
-    N counts every matmul weight, the output projection included even when tied, and no embedding
-    lookups (Kaplan et al. 2020); the attention term is PaLM's (appendix B). For models built from a
-    `ModelConfig`, `llm.plan.flops_per_token` gives the same figure from the shapes alone.
+    N counts every matmul weight, the output projection included even when tied, and no embedding or
+    position lookups: for models built from a `ModelConfig` the same figure as `llm.plan.flops_per_token`.
     """
     embed = hf_model.get_input_embeddings().weight
     out = hf_model.get_output_embeddings()
@@ -87,4 +87,4 @@ def flops_per_token(hf_model: Any, seq_len: int) -> float:
     cfg = hf_model.config
     layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     width = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    return 6.0 * n + 12.0 * layers * width * seq_len
+    return training_flops_per_token(n, layers, width, seq_len)

@@ -10,12 +10,31 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
+import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from llm import storage
 from llm.train import checkpoint as ckpt
+
+
+class Runtime(Protocol):
+    """What the loop asks of the process it runs in."""
+
+    rank: int
+    world_size: int
+    device: Any
+    """A `torch.device`."""
+    node: str
+
+    def reported_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        """The newest checkpoint reported in this fit (after a worker-group restart), if any."""
+        ...
+
+    def report(self, metrics: dict[str, Any], folder: str | None) -> None:
+        """Hand the step's metrics (and with `folder`, this rank's part of a checkpoint) to the driver."""
+        ...
 
 
 class RayRuntime:
@@ -28,16 +47,15 @@ class RayRuntime:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.node = ray.get_runtime_context().get_node_id()
+        self.node: str = ray.get_runtime_context().get_node_id()
         self.publish: tuple[str, str] | None = None
         """(local out_dir, store URI): with an object store, rank 0's metrics.jsonl is uploaded at each
         checkpoint so the driver's view (and a restart) sees the records up to it."""
         self.publish_each = False
-        """Upload metrics.jsonl before every report, not only at checkpoints (a sweep trial: `extra.publish`)."""
+        """Upload metrics.jsonl before every report, not only at checkpoints (`LoopSpec.publish_each`)."""
 
     @contextlib.contextmanager
     def reported_checkpoint(self) -> Iterator[str | None]:
-        """The newest checkpoint reported in this fit (after a worker-group restart), if any."""
         import ray.train
 
         found = ray.train.get_checkpoint()
@@ -59,8 +77,6 @@ class RayRuntime:
 
     def _publish(self) -> None:
         if self.publish and self.rank == 0:
-            from llm import storage
-
             local, store = self.publish
             if (Path(local) / "metrics.jsonl").exists():
                 storage.write_bytes(storage.join(store, "metrics.jsonl"), (Path(local) / "metrics.jsonl").read_bytes())
@@ -76,7 +92,7 @@ class LocalRuntime:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint_root, self.keep = checkpoint_root, keep
         self.reports: list[dict[str, Any]] = []
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                            ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)
 
@@ -100,46 +116,8 @@ class LocalRuntime:
         ckpt.prune(self.checkpoint_root, self.keep)
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port free on this machine now (for torch.distributed's rendezvous in one process)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def store_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point when the stage folder is in an object store (`config["extra"]["store"]`).
-
-    Inputs a library needs on disk (the tokenizer, a base model) are copied from the store into this node's
-    cache; the loop writes its outputs (metrics.jsonl, ranks/, model/) to a node-local folder, and this
-    rank uploads what it wrote there into the store, so nothing depends on which node rank 0 ran on.
-    Checkpoints go to the store through Ray Train's `storage_path`.
-    """
-    from llm import storage
-    from llm.train.loop import LoopSpec, run_loop
-
-    spec = LoopSpec(**config)
-    store = spec.extra["store"]
-    if spec.tokenizer_dir and storage.is_remote(spec.tokenizer_dir):
-        spec.tokenizer_dir = str(storage.cached_copy(spec.tokenizer_dir))
-    if spec.model.get("path") and storage.is_remote(spec.model["path"]):
-        spec.model = {**spec.model, "path": str(storage.cached_copy(spec.model["path"]))}
-    rt = RayRuntime()
-    if spec.out_dir:  # one folder per rank: ranks sharing a node never upload each other's half-written files
-        spec.out_dir = str(Path(spec.out_dir) / f"rank{rt.rank}")
-        shutil.rmtree(spec.out_dir, ignore_errors=True)  # a node reused by a restarted group: no stale files
-        Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
-        records = storage.join(store, "metrics.jsonl")
-        if rt.rank == 0 and storage.size(records) is not None:  # a resumed run appends to the stored records
-            (Path(spec.out_dir) / "metrics.jsonl").write_bytes(storage.read_bytes(records))
-        rt.publish = (spec.out_dir, store)
-        rt.publish_each = spec.extra.get("publish") == "report"
-    with tempfile.TemporaryDirectory(prefix="llmray-resume-") as tmp:
-        for name in ("resume_from", "init_checkpoint"):  # every rank copies the checkpoint to its own node
-            uri = getattr(spec, name)
-            if uri and storage.is_remote(uri):
-                setattr(spec, name, str(storage.download(uri, Path(tmp) / name)))
-        run_loop(spec, rt)
-    if spec.out_dir:
-        storage.upload(spec.out_dir, store)

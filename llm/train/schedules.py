@@ -7,7 +7,6 @@ step: there is no scheduler state to save or to get out of sync with the checkpo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 from llm.config import ScheduleConfig
 
@@ -48,7 +47,3 @@ def lr_at(step: int, total_steps: int, sched: ScheduleConfig) -> float:
         return peak - (peak - floor) * min(1.0, (step - max(warmup, decay_start)) / span)
     raise ValueError(f"unknown schedule kind {sched.kind!r}")
 
-
-def schedule_fn(total_steps: int, sched: ScheduleConfig) -> Callable[[int], float]:
-    """`lr_at` bound to one run: `fn(step) -> lr`."""
-    return lambda step: lr_at(step, total_steps, sched)

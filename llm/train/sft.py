@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from llm.data.read import Unreadable
+from llm.data.sft import records, sft_files
 from llm.errors import ConfigError, DataError
-from llm.models.chat import IGNORE, render, to_messages
+from llm.eval.data import has_answer
+from llm.eval.split import is_held_out
+from llm.models.chat import CHAT_TEMPLATE, IGNORE, render, to_messages
 
 NAMED_DROPS = 100
 """Dropped records named in `stats.json` (all are counted)."""
@@ -32,8 +34,6 @@ def prepare_tokenizer(base: str | Path, out_dir: str | Path, key: str = "metadat
     """The base's tokenizer completed for chat SFT and saved into `out_dir`: a pad token (eos: padding is
     masked) and, when the base has none, the project's default chat template (saved with every output)."""
     from transformers import AutoTokenizer
-
-    from llm.models.chat import CHAT_TEMPLATE
 
     try:
         tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
@@ -52,24 +52,11 @@ def prepare_tokenizer(base: str | Path, out_dir: str | Path, key: str = "metadat
 
 
 def source_records(sources: list[str], key: str) -> Iterator[tuple[str, Any]]:
-    """(key, record, or the reason it cannot be one) of every record the sources name, in order."""
-    from llm.data import sources as data_sources
-    from llm.data.read import Unreadable
-    from llm.data.sft import records
-
-    for source in sources:
-        for f in data_sources.resolve([source]):
-            if f.kind not in ("jsonl", "builtin-sft", "hf-arrow"):
-                raise ConfigError(f"{key}: {f.path}: SFT sources are JSONL, builtin:python-sft or a datasets folder")
-            for rec_key, rec in records(f.path, f.kind, f.gz):
-                yield rec_key, ("read_error" if isinstance(rec, Unreadable) else rec)
-
-
-def split_of(messages: list[dict[str, str]], val_fraction: float) -> bool:
-    """Whether an example is held out: the data stage's rule (hash of the messages against the fraction)."""
-    from llm.eval.split import is_val, stable_id
-
-    return bool(is_val(np.array([stable_id(json.dumps(messages, sort_keys=True))]), val_fraction)[0])
+    """(key, record, or the reason it cannot be one) of every record the sources name, in order (a file of
+    another kind is a `ConfigError` naming `key`)."""
+    for f in sft_files(sources, key):
+        for rec_key, rec in records(f.path, f.kind, f.gz):
+            yield rec_key, ("read_error" if isinstance(rec, Unreadable) else rec)
 
 
 @dataclass
@@ -88,21 +75,10 @@ class Rendered:
             self.dropped.append({"record": key, "reason": reason})
 
 
-def held_out(sources: list[str], val_fraction: float, key: str) -> list[list[dict[str, str]]]:
-    """Held-out conversations of the sources (no tokenizing): prompts when the data stage's shards are used."""
-    out = []
-    for _k, rec in source_records(sources, key):
-        msgs = rec if isinstance(rec, str) else to_messages(rec)
-        if not isinstance(msgs, str) and split_of(msgs, val_fraction):
-            out.append(msgs)
-    return out
-
-
 def render_sources(tok: Any, sources: list[str], out_dir: str | Path, max_len: int, val_fraction: float,
                    key: str) -> Rendered:
-    """Render every record with `tok` into `<out_dir>/{train,val}/part-*.parquet` (`input_ids`, `labels`)."""
-    from llm.eval.data import has_answer
-
+    """Render every record with `tok` into `<out_dir>/{train,val}/part-*.parquet` (`input_ids`, `labels`); the
+    split is the data stage's (`llm.eval.split.is_held_out`)."""
     result = Rendered(counts={"examples": 0, "truncated": 0})
     rows: dict[str, list[tuple[list[int], list[int]]]] = {"train": [], "val": []}
     for rec_key, rec in source_records(sources, key):
@@ -117,7 +93,7 @@ def render_sources(tok: Any, sources: list[str], out_dir: str | Path, max_len: i
         if not has_answer(labels):  # truncation cut every answer token: nothing to learn
             result.drop(rec_key, "no_answer_tokens")
             continue
-        held = split_of(msgs, val_fraction)
+        held = is_held_out(msgs, val_fraction)
         rows["val" if held else "train"].append((ids, labels))
         if held:
             result.val_records.append(msgs)
@@ -167,5 +143,4 @@ def check_vocab(files: list[str], vocab_rows: int, base: str) -> None:
                         "examples were tokenized with another tokenizer")
 
 
-__all__ = ["IGNORE", "Rendered", "check_vocab", "held_out", "prepare_tokenizer",
-           "render_sources", "source_records", "split_of"]
+__all__ = ["IGNORE", "Rendered", "check_vocab", "prepare_tokenizer", "render_sources", "source_records"]

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from llm.config import ScheduleConfig, SweepConfig
+from llm.tune.asha import resumable_asha
 
 METRIC, MODE, TIME_ATTR = "val_loss", "min", "step"
 
@@ -78,11 +79,9 @@ def scheduler(sweep: SweepConfig, trials_dir: str) -> Any:
     keeping its rungs across an interruption (see `llm.tune.asha`)."""
     from ray.tune.schedulers import FIFOScheduler
 
-    from llm.tune.asha import ResumableASHA
-
     if sweep.scheduler == "none":
         return FIFOScheduler()
-    return ResumableASHA(trials_dir, time_attr=TIME_ATTR, max_t=sweep.max_steps,
+    return resumable_asha(trials_dir, time_attr=TIME_ATTR, max_t=sweep.max_steps,
                          grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
 
 

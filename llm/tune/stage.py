@@ -13,20 +13,24 @@ stage's staging folder and uploaded by the stage contract before the manifest.
 
 from __future__ import annotations
 
-import os
-import signal
+import json
 import time
-from pathlib import Path
 from typing import Any
-
-from ray.tune import Callback
 
 from llm import storage
 from llm.config import LLM_PREFIX, PipelineConfig, ScheduleConfig, SweepConfig
+from llm.console import LiveLine, log_path
 from llm.errors import ConfigError, TrainingError
-from llm.stage import Stage, StageResult, execute, input_dir, input_uri, target
+from llm.raycluster import connect
+from llm.sizing import planned
+from llm.stage import Stage, StageResult, execute, stage_input
+from llm.train import ds_config, finetune, pretrain
+from llm.train.best_lr import BEST
+from llm.train.fit import worker_error
+from llm.train.spec import LoopSpec
 from llm.tune import space
-from llm.tune.best import BEST, best_record
+from llm.tune.best import best_record
+from llm.tune.progress import CURRENT, Progress, progress_callback
 from llm.tune.results import TrialRow, choose_best, plot_curves, summary_table, trial_rows, write_csv
 from llm.tune.trial import TRIALS_DIR, run_trial
 
@@ -45,95 +49,22 @@ def trial_config(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={sweep.target: section.model_copy(update=update)})
 
 
-def base_spec(cfg: PipelineConfig, folder: Path) -> dict[str, Any]:
-    """The target stage's `LoopSpec` (as a dict) that every trial starts from."""
+def base_spec(cfg: PipelineConfig, folder: storage.Folder) -> LoopSpec:
+    """The target stage's `LoopSpec` that every trial starts from."""
     if cfg.sweep.target == "pretrain":
-        from llm.train.stage import loop_spec
-
-        remote = storage.is_remote(cfg.stage_dir("data"))  # parquet read from the store, the tokenizer cached
-        return loop_spec(cfg, folder, input_uri(cfg, "data") if remote else input_dir(cfg, "data")).to_dict()
-    from llm.train.finetune import sweep_spec
-
-    spec: dict[str, Any] = sweep_spec(cfg, folder).to_dict()
-    return spec
+        return pretrain.loop_spec(cfg, folder, stage_input(cfg, "data"))
+    return finetune.sweep_spec(cfg, folder)
 
 
-class _Progress:
-    """What the live line shows (and the tests' interruption hook), fed by `_ProgressCallback`."""
-
-    def __init__(self, planned: int, max_steps: int, interrupt_after: int | None) -> None:
-        self.planned, self.max_steps, self.interrupt_after = planned, max_steps, interrupt_after
-        self.done = self.stopped = self.errors = self.done_before = 0
-        self.best: float | None = None
-        self.running: dict[str, int] = {}
-        self.t0 = time.perf_counter()
-
-    def result(self, trial_id: str, result: dict[str, Any]) -> None:
-        step = int(result.get("step", 0))
-        self.running[trial_id] = step
-        val = result.get("val_loss")
-        if val is not None and step >= self.max_steps:
-            self.best = val if self.best is None else min(self.best, val)
-
-    def finish(self, trial_id: str, error: bool = False) -> None:
-        step = self.running.pop(trial_id, 0)
-        self.done += 1
-        self.errors += int(error)
-        self.stopped += int(not error and 0 < step < self.max_steps)
-        if self.interrupt_after is not None and self.done == self.interrupt_after:
-            # The same path as Ctrl-C: Tune saves its experiment state and returns early.
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    def line(self) -> str:
-        best = f", best val loss {self.best:.4f}" if self.best is not None else ""
-        running = ", ".join(f"{t[-5:]}@{s}" for t, s in sorted(self.running.items()))
-        return (f"[sweep] {self.done_before + self.done}/{self.planned} trials done ({self.stopped} stopped "
-                f"early, {self.errors} failed){best}; running: {running or '-'}; "
-                f"{time.perf_counter() - self.t0:.0f}s")
+def trials_dir(folder: storage.Folder) -> str:
+    """Where the trials' folders are: `<sweep>/trials` (in the store when the stage's folder is there)."""
+    return folder.path(TRIALS_DIR)
 
 
-_CURRENT: list[_Progress] = []
-"""The running sweep's progress. Tune pickles its callbacks with the experiment and a restored Tuner
-brings back those copies, so the callback looks the live object up here instead of holding it."""
-
-
-class _ProgressCallback(Callback):
-    """Feeds the live line; frees an ended trial's worker placement group (see `trial.release_trial`)."""
-
-    def __init__(self, trials_dir: str) -> None:
-        self.trials_dir = trials_dir
-
-    def _ended(self, trial: Any, error: bool) -> None:
-        from llm.tune.trial import release_trial
-
-        release_trial(storage.join(self.trials_dir, trial.trial_id))
-        if _CURRENT:
-            _CURRENT[-1].finish(trial.trial_id, error=error)
-
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
-                        **info: Any) -> None:
-        if _CURRENT:
-            _CURRENT[-1].result(trial.trial_id, result)
-
-    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._ended(trial, error=False)
-
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._ended(trial, error=True)
-
-
-def trials_dir(folder: Path) -> str:
-    """Where the trials' folders are: `<sweep>/trials`, in the store when the stage's folder is there."""
-    store = target(folder)
-    return storage.join(store, TRIALS_DIR) if storage.is_remote(store) else str(folder / TRIALS_DIR)
-
-
-def _tuner(cfg: PipelineConfig, folder: Path, base: dict[str, Any]) -> tuple[Any, bool]:
-    """A new Tuner, or the interrupted one restored from `<folder>/tune` (finished trials kept); with the
-    stage in an object store, Tune's experiment is stored (and restored) there."""
+def _tuner(cfg: PipelineConfig, folder: storage.Folder, base: LoopSpec) -> tuple[Any, bool]:
+    """A new Tuner, or the interrupted one restored from `<folder>/tune` (finished trials kept); Tune's
+    experiment is stored (and restored) where the stage's folder is, a bucket included."""
     from ray import tune
-
-    from llm.sizing import planned
 
     sweep = cfg.sweep
     sizing = planned(cfg)
@@ -145,10 +76,8 @@ def _tuner(cfg: PipelineConfig, folder: Path, base: dict[str, Any]) -> tuple[Any
     # CPU share (Tune refuses an empty request): the CPUs go to trial workers, and concurrency is capped
     # by `max_concurrent_trials` (derived from the sizing) rather than by the drivers' reservations.
     trainable = tune.with_resources(trainable, {"CPU": DRIVER_CPU})
-    store = target(folder)
-    storage_path, filesystem = storage.ray_storage(store) if storage.is_remote(store) else (str(folder), None)
+    storage_path, filesystem = folder.ray_storage()
     experiment = storage.join(storage_path, TUNE_DIR)
-    callbacks: list[Callback] = [_ProgressCallback(trials_dir(folder))]
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False, param_space=space.param_space(sweep),
@@ -163,83 +92,82 @@ def _tuner(cfg: PipelineConfig, folder: Path, base: dict[str, Any]) -> tuple[Any
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage_path, storage_filesystem=filesystem,
-                                  verbose=0, callbacks=callbacks),
+                                  verbose=0, callbacks=[progress_callback(trials_dir(folder))]),
     ), False
 
 
-def sweep(cfg: PipelineConfig, folder: Path, interrupt_after: int | None = None) -> dict[str, Any]:
+def _fit(tuner: Any, progress: Progress) -> tuple[Any, float]:
+    """Tune's fit under the live line; the grid and its wall time."""
+    t0 = time.perf_counter()
+    CURRENT.append(progress)
+    try:
+        with LiveLine(progress.line):
+            grid = tuner.fit()
+    finally:
+        CURRENT.remove(progress)
+    return grid, time.perf_counter() - t0
+
+
+def sweep(cfg: PipelineConfig, folder: storage.Folder, interrupt_after: int | None = None) -> dict[str, Any]:
     """Run (or continue) the sweep into `folder`; write trials.csv, best.json, curves.png; return metrics."""
-
-    from llm.console import LiveLine, log_path
-    from llm.raycluster import connect
-    from llm.train import ds_config
-    from llm.train.fit import worker_error
-
     sweep_cfg = cfg.sweep
     ds_config.build(getattr(cfg, sweep_cfg.target), 1)  # a bad `<target>.deepspeed` fails here, before any trial
     base = base_spec(cfg, folder)
     connect(cfg)
     planned_n = space.planned_trials(sweep_cfg)
-    progress = _Progress(planned_n, sweep_cfg.max_steps, interrupt_after)
+    progress = Progress(planned_n, sweep_cfg.max_steps, interrupt_after)
     tuner, restored = _tuner(cfg, folder, base)
     # Trials an earlier, interrupted run finished (the restored state), then this run's: Tune marks the
     # trials it cut off at an interruption as terminated too, so only the callbacks tell them apart.
     before = tuner.get_results() if restored else None
     progress.done_before = (before.num_terminated + before.num_errors) if before is not None else 0
     if restored:
-        print(f"sweep: continuing the interrupted sweep in {storage.join(target(folder), TUNE_DIR)} "
-              f"({progress.done_before} finished trials are kept)",
-              flush=True)
-    t0 = time.perf_counter()
-    _CURRENT.append(progress)
-    try:
-        with LiveLine(progress.line):
-            grid = tuner.fit()
-    finally:
-        _CURRENT.remove(progress)
-    wall = time.perf_counter() - t0
+        print(f"sweep: continuing the interrupted sweep in {folder.path(TUNE_DIR)} "
+              f"({progress.done_before} finished trials are kept)", flush=True)
+    grid, wall = _fit(tuner, progress)
     done = progress.done_before + progress.done
     if done < planned_n:
         raise TrainingError(f"sweep: interrupted with {done} of {planned_n} trials done; rerun `llmray sweep` "
                             "to continue (finished trials are not run again)")
     rows = trial_rows(grid, trials_dir(folder), sweep_cfg.max_steps)
-    log = log_path(cfg, "sweep")
-    for result in grid:
-        if result.error is not None:
-            worker_error(result.error, log, "sweep")  # each failed trial's trace goes to the log
-    best = choose_best(rows)
-    if best is None:
-        raise worker_error(grid.errors[0], log, "sweep") if grid.errors else \
-            TrainingError("sweep: no trial reported a validation loss (is data.val_fraction 0?)")
+    best = _best(cfg, grid, rows)
     write_record(folder, rows, best, sweep_cfg)
-    stopped = sum(r.stopped_early for r in rows)
-    failed = sum(r.status == "error" for r in rows)
-    out = target(folder)  # the staging folder's files are uploaded there by the stage contract
+    stopped, failed = sum(r.stopped_early for r in rows), sum(r.status == "error" for r in rows)
+    log = log_path(cfg, "sweep")
     print(f"sweep: {len(rows)} trials ({stopped} stopped early by {sweep_cfg.scheduler}, {failed} failed) in "
           f"{wall:.0f}s; best {best.kind} peak {best.peak:.2e}: val loss {best.final_val_loss:.4f}"
           f"{f' (failed trials: {log})' if failed else ''}\n{summary_table(rows, best)}\n"
-          f"  trials: {storage.join(out, 'trials.csv')}\n  best: {storage.join(out, BEST)}\n"
-          f"  curves: {storage.join(out, 'curves.png')}", flush=True)
+          f"  trials: {folder.path('trials.csv')}\n  best: {folder.path(BEST)}\n"
+          f"  curves: {folder.path('curves.png')}", flush=True)
     return {"trials": len(rows), "stopped_early": stopped, "failed": failed,
             "steps_spent": sum(r.steps for r in rows), "trial_seconds": round(sum(r.wall_s for r in rows), 3),
             "sweep_seconds": round(wall, 3), "concurrent_trials": tuner_concurrency(cfg),
             "best_trial": best.trial_id, "best_val_loss": best.final_val_loss, "resumed": restored}
 
 
-def write_record(folder: Path, rows: list[TrialRow], best: TrialRow, sweep_cfg: SweepConfig) -> None:
-    """`trials.csv`, `best.json` and `curves.png` into the stage's folder (with `storage` in an object store,
-    the staging folder the stage contract uploads before the manifest)."""
-    import json
+def _best(cfg: PipelineConfig, grid: Any, rows: list[TrialRow]) -> TrialRow:
+    """The winning trial; each failed trial's trace goes to the log, and no winner is one line naming it."""
+    log = log_path(cfg, "sweep")
+    for result in grid:
+        if result.error is not None:
+            worker_error(result.error, log, "sweep")
+    best = choose_best(rows)
+    if best is None:
+        raise worker_error(grid.errors[0], log, "sweep") if grid.errors else \
+            TrainingError("sweep: no trial reported a validation loss (is data.val_fraction 0?)")
+    return best
 
-    write_csv(rows, folder / "trials.csv")
-    (folder / BEST).write_text(json.dumps(best_record(best, sweep_cfg.target, sweep_cfg.max_steps, len(rows)),
-                                          indent=2) + "\n")
-    plot_curves(rows, best, folder / "curves.png")
+
+def write_record(folder: storage.Folder, rows: list[TrialRow], best: TrialRow, sweep_cfg: SweepConfig) -> None:
+    """`trials.csv`, `best.json` and `curves.png` into the stage's folder (with `storage` in an object store,
+    the staging side the stage contract uploads before the manifest)."""
+    write_csv(rows, folder.local / "trials.csv")
+    folder.write_text(BEST, json.dumps(best_record(best, sweep_cfg.target, sweep_cfg.max_steps, len(rows)),
+                                       indent=2) + "\n")
+    plot_curves(rows, best, folder.local / "curves.png")
 
 
 def tuner_concurrency(cfg: PipelineConfig) -> int:
-    from llm.sizing import planned
-
     return planned(cfg).sweep_concurrent_trials
 
 
@@ -252,12 +180,7 @@ def run(cfg: PipelineConfig, force: bool = False, interrupt_after: int | None = 
         interrupt_after: testing hook: interrupt the sweep (as Ctrl-C does) once this many trials ended.
     """
     tcfg = trial_config(cfg)
-    if cfg.sweep.target == "finetune":
-        from llm.train.finetune import inputs_of
-
-        inputs = inputs_of(cfg)
-    else:
-        inputs = ("data",)
+    inputs = finetune.inputs_of(cfg) if cfg.sweep.target == "finetune" else ("data",)
     return execute(tcfg, STAGE, lambda folder: sweep(tcfg, folder, interrupt_after), inputs=inputs, force=force)
 
 

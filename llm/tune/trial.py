@@ -7,20 +7,22 @@ run `train/` with its checkpoint, and `trial.json` (the values it ran).
 
 With the sweep in an object store, `<sweep>/trials` is a store URI: the trial's driver writes `trial.json`
 there, Ray Train's storage is `<trial>/train` in the store, and the workers write on their own nodes and
-upload (`store_loop_per_worker`): rank 0 uploads `metrics.jsonl` before every report (ASHA may stop the
+upload (`llm.train.worker`): rank 0 uploads `metrics.jsonl` before every report (ASHA may stop the
 trial on hearing it, and a restored sweep replays ended trials' records from the store) and its placement
 group file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 from llm import storage
+from llm.config import TrainConfig
+from llm.train.recipe import to_store
+from llm.train.spec import LoopSpec
+from llm.train.worker import train_loop_per_worker
 from llm.tune.space import train_overrides
 
 TRIALS_DIR = "trials"
@@ -37,21 +39,14 @@ def trial_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.util import get_current_placement_group
 
-    from llm.train.loop import train_loop_per_worker
-
-    store = (config.get("extra") or {}).get("store")
+    folder = config.get("upload_to") or config.get("out_dir")
     pg = get_current_placement_group()
-    if pg is not None and ray.train.get_context().get_world_rank() == 0 and (store or config.get("out_dir")):
-        storage.write_text(storage.join(store or config["out_dir"], PG_FILE), json.dumps({"id": pg.id.hex()}))
-    if store:
-        from llm.train.runtime import store_loop_per_worker
-
-        store_loop_per_worker(config)
-    else:
-        train_loop_per_worker(config)
+    if pg is not None and ray.train.get_context().get_world_rank() == 0 and folder:
+        storage.write_text(storage.join(folder, PG_FILE), json.dumps({"id": pg.id.hex()}))
+    train_loop_per_worker(config)
 
 
-def release_trial(folder: Path | str) -> bool:
+def release_trial(folder: str) -> bool:
     """Remove the trial's worker placement group if it is still there; True when one was removed."""
     import ray
     from ray._raylet import PlacementGroupID
@@ -68,43 +63,34 @@ def release_trial(folder: Path | str) -> bool:
     return True
 
 
-def trial_spec(base: dict[str, Any], values: dict[str, Any], folder: Path | str) -> dict[str, Any]:
-    """The loop's plain-dict spec for one trial: the target stage's, with the trial's schedule. For a trial
-    folder in an object store, the workers write in a node-local folder and upload to `folder`."""
-    train = {**base["train"], **train_overrides(values, int(base["train"]["max_steps"]))}
-    spec = {**base, "train": train, "out_dir": str(folder), "export": False}
-    if storage.is_remote(folder):
-        local = storage.cache_dir() / "out" / hashlib.sha256(str(folder).encode()).hexdigest()[:16]
-        spec.update(out_dir=str(local), extra={**(base.get("extra") or {}), "store": str(folder), "publish": "report"})
-    return spec
+def trial_spec(base: LoopSpec, values: dict[str, Any], folder: str) -> LoopSpec:
+    """The loop's spec for one trial: the target stage's, with the trial's schedule, writing into `folder`
+    (in an object store: in a node-local folder uploaded there, `metrics.jsonl` before every report)."""
+    train = TrainConfig.model_validate({**base.train.model_dump(), **train_overrides(values, base.train.max_steps)})
+    spec = replace(base, train=train, out_dir=storage.Folder(folder).uri, upload_to=None, export=False,
+                   publish_each=True)
+    return to_store(spec, storage.Folder(folder))
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any], scaling: dict[str, Any], root: str) -> None:
-    """Tune's function trainable. `base` is the target stage's `LoopSpec` dict for a sweep trial."""
+def run_trial(config: dict[str, Any], base: LoopSpec, scaling: dict[str, Any], root: str) -> None:
+    """Tune's function trainable. `base` is the target stage's `LoopSpec` for a sweep trial."""
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
-    folder: Path | str
+    folder = storage.join(root, trial_id)
     # No Tune checkpoint: a trial cut off by an interruption starts over, and its half-written files
     # would mix two runs in one metrics.jsonl.
-    if storage.is_remote(root):
-        folder = storage.join(root, trial_id)
-        storage.remove_tree(folder)
-    else:
-        local = Path(root) / trial_id
-        shutil.rmtree(local, ignore_errors=True)
-        local.mkdir(parents=True)
-        folder = local
+    storage.remove_tree(folder)
     spec = trial_spec(base, config, folder)
     storage.write_text(storage.join(folder, "trial.json"), json.dumps(
-        {"trial_id": trial_id, "values": config, "train": spec["train"]}, indent=2, default=str))
+        {"trial_id": trial_id, "values": config, "train": spec.train.model_dump(mode="json")}, indent=2, default=str))
     storage_path, filesystem = storage.ray_storage(folder)
     trainer = TorchTrainer(
         trial_worker,
-        train_loop_config=spec,
+        train_loop_config=spec.to_dict(),
         scaling_config=ray.train.ScalingConfig(**scaling),
         run_config=ray.train.RunConfig(
             name="train",

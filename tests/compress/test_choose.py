@@ -70,8 +70,8 @@ def test_no_original_row_is_an_error() -> None:
 
 def test_chosen_json_is_read_by_serve(tmp_path: Path) -> None:
     """serve's `chosen_model_dir` opens the folder named in chosen.json (variant, or the original's path)."""
-    from llm.compress.load import chosen_model_dir
     from llm.manifest import write_manifest
+    from llm.models.load import chosen_model_dir
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tmp_path).llm
@@ -80,8 +80,8 @@ def test_chosen_json_is_read_by_serve(tmp_path: Path) -> None:
     original = tmp_path / "orig"
     write_chosen(folder, {"variant": "int8", "reason": "r"}, original)
     write_manifest(folder, "compress", "h", {}, {})
-    assert chosen_model_dir(cfg) == folder / "int8"
+    assert Path(chosen_model_dir(cfg)) == folder / "int8"
     write_chosen(folder, {"variant": "original", "reason": "r"}, original)
     write_manifest(folder, "compress", "h", {}, {})  # the manifest checks the files it lists
     assert json.loads((folder / "chosen.json").read_text())["path"] == str(original.resolve())
-    assert chosen_model_dir(cfg) == original.resolve()
+    assert Path(chosen_model_dir(cfg)) == original.resolve()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.compress.distill import DISTILL_ONLY, distill_loss
+from llm.compress.distill import distill_loss
 
 # batch 1, 4 positions, vocabulary 3. Position t predicts label t+1; label 2 is -100, so the pairs scored are
 # (student/teacher at 0, label 2->?) ... spelled out below.
@@ -58,7 +58,7 @@ def test_student_equal_to_teacher_has_zero_kl_and_gradient_flows() -> None:
     loss.backward()
 
 
-def test_plain_part_is_the_models_own_loss(tok) -> None:  # noqa: ANN001 - the session tokenizer fixture
+def test_plain_part_is_the_models_own_loss(tok) -> None:  # tok: the session tokenizer fixture
     from tests.compress.conftest import gqa_llama
 
     model = gqa_llama(tok)
@@ -69,21 +69,27 @@ def test_plain_part_is_the_models_own_loss(tok) -> None:  # noqa: ANN001 - the s
     assert float(distill_loss(out.logits, out.logits, labels, 2.0, 0.0)) == pytest.approx(float(out.loss), rel=1e-5)
 
 
-def test_distill_only_fields_are_exactly_the_non_train_fields() -> None:
+def test_the_loop_gets_the_train_fields_of_the_distill_section_only() -> None:
     from llm.config import TrainConfig
     from llm.config.compress import DistillConfig
+    from llm.train.spec import train_fields
 
-    assert set(DistillConfig.model_fields) - set(TrainConfig.model_fields) == DISTILL_ONLY
+    assert set(DistillConfig.model_fields) - set(TrainConfig.model_fields) == {"temperature", "alpha", "data",
+                                                                                "student"}
+    dist = DistillConfig(max_steps=7, temperature=3.0)
+    assert type(train_fields(dist)) is TrainConfig and train_fields(dist).max_steps == 7
 
 
 @pytest.mark.parametrize("sft", [False, True])
-def test_spec_reads_train_and_val_of_the_same_kind(sft: bool, model_dir, tmp_path) -> None:  # noqa: ANN001
+def test_spec_reads_train_and_val_of_the_same_kind(sft: bool, model_dir, tmp_path) -> None:
     """Distilling a fine-tuned model trains on SFT rows: its val rows must carry labels too (the loop's
     padded evaluation reads them), not the packed val split."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from llm.compress.distill import distill_spec
+    from llm import storage
+    from llm.compress.distill import DistillJob, distill_spec
+    from llm.config import ModelConfig
     from tests.conftest import tiny_config
 
     data = tmp_path / "data"
@@ -95,7 +101,9 @@ def test_spec_reads_train_and_val_of_the_same_kind(sft: bool, model_dir, tmp_pat
                 cols["labels"] = pa.array([[-100, 2, 3, 4]] * 4, type=pa.list_(pa.int32()))
             pq.write_table(pa.table(cols), data / kind / split / "part-00000.parquet")
     cfg = tiny_config(tmp_path).llm
-    spec = distill_spec(cfg, tmp_path / "work", data, model_dir, {"path": str(model_dir)}, sft)
+    job = DistillJob(work=storage.Folder(tmp_path / "work"), data=storage.Folder(data), teacher=model_dir,
+                     teacher_uri=str(model_dir), student=ModelConfig(path=str(model_dir)), sft=sft)
+    spec = distill_spec(cfg, job)
     kind = "sft" if sft else "packed"
     assert [Path(f).parent.parent.name for f in spec.train_files + spec.val_files] == [kind, kind]
     assert spec.columns == (["input_ids", "labels"] if sft else ["input_ids"])

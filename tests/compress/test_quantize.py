@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from llm.compress.load import load_model, model_format
-from llm.compress.quantize import QUANT_FILE, WEIGHTS_FILE
 from llm.compress.variants import build_int8
 from llm.errors import ConfigError
 from llm.eval import dir_bytes
+from llm.models.int8 import QUANT_FILE, WEIGHTS_FILE
+from llm.models.load import load_model, model_format
 from tests.compress.conftest import gqa_llama, save, tiny_gpt2
 
 

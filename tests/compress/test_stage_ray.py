@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from llm.compress.load import chosen_model_dir, load_model
 from llm.eval import ROW_KEYS
 from llm.manifest import write_manifest
-from llm.stage import config_hash, local_dir
+from llm.models.load import chosen_model_dir, load_model
+from llm.stage import config_hash
 from tests.train.conftest import build_data_stage, train_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.multiprocess, pytest.mark.slow]
@@ -32,7 +32,7 @@ def _pretrained(cfg: Any, data: Path) -> Path:
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    folder = local_dir(cfg.stage_dir("pretrain"))
+    folder = Path(cfg.stage_dir("pretrain"))
     model.save_pretrained(folder / "model")
     tok.save_pretrained(folder / "model")
     write_manifest(folder, "pretrain", config_hash(cfg, "pretrain"), {}, {})
@@ -70,7 +70,7 @@ def test_compress_stage_builds_evaluates_chooses_and_skips(tmp_path: Path, ray_s
     assert by["pruned-distilled"]["val_ppl"] != by["pruned"]["val_ppl"]
     chosen = json.loads((folder / "chosen.json").read_text())
     assert chosen["variant"] == "int8" and "disk" in chosen["reason"]  # loose limits: smallest file wins
-    assert chosen_model_dir(cfg) == folder / "int8"
+    assert Path(chosen_model_dir(cfg)) == folder / "int8"
     for name in ("int8", "pruned", "pruned-distilled"):
         loaded_model = load_model(folder / name)
         ids = torch.tensor([[loaded_model.tokenizer.eos_token_id, 5, 6, 7]])

@@ -9,6 +9,8 @@ import pytest
 
 from llm.data import sft
 from llm.data.tokenizer import load_tokenizer, train_tokenizer
+from llm.errors import ConfigError
+from llm.eval.split import is_held_out
 
 TEXT = ["The user asks a question and the assistant answers it politely. " * 20,
         "What does the function return? It returns the sum of its arguments. " * 20]
@@ -71,3 +73,28 @@ def test_unit_names_unreadable_files_keeps_lines_before(tok_dir, tmp_path):
          "error": "truncated gzip stream (Compressed file ended before the end-of-stream marker was reached)"}]
     counts = json.loads(out["counts"][0])
     assert counts["dropped_read_error"] == 1 and counts["train"] > 3  # lines before the cut are examples
+
+
+def test_held_out_is_the_val_side_of_the_units_split(tok_dir, tmp_path):
+    """`held_out` finds exactly the conversations `sft_unit` renders into val, skipping bad records."""
+    lines = [json.dumps({"prompt": f"Question {i}?", "response": f"Answer number {i}."}) for i in range(40)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines + ["not json", json.dumps({"question": "q"})]) + "\n")
+    blob = gzip.compress(("\n".join(lines) + "\n").encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(blob[:12])
+    sources = [str(tmp_path / "*.jsonl"), str(tmp_path / "*.jsonl.gz")]
+    held = sft.held_out(sources, 0.3, "data.sft.sources")
+    expected = [m for i in range(40) if is_held_out(m := sft.to_messages(json.loads(lines[i])), 0.3)]
+    assert held == expected and 0 < len(held) < 40
+    assert sft.held_out(sources, 0.3, limit=2) == expected[:2]
+    assert sft.held_out(sources, 0.3, "k", limit=0) == [] and sft.held_out([], 0.3) == []
+    files = [{"path": str(tmp_path / "chat.jsonl"), "kind": "jsonl", "gz": False}]
+    out = sft.sft_unit({"unit": [0], "files": [json.dumps(files)]}, tokenizer_dir=str(tok_dir),
+                       out_dir=str(tmp_path / "out"), max_len=256, val_fraction=0.3)
+    assert json.loads(out["counts"][0])["val"] == len(expected)
+
+
+def test_held_out_names_the_key_of_a_source_that_is_not_sft(tmp_path):
+    (tmp_path / "notes.txt").write_text("plain text")
+    with pytest.raises(ConfigError, match=r"^data\.sft\.sources: .*notes\.txt: SFT sources are JSONL"):
+        sft.held_out([str(tmp_path / "notes.txt")], 0.5, "data.sft.sources", limit=0)
+    assert sft.held_out([str(tmp_path / "notes.txt")], 0.5) == []  # compress: read as the data stage reads it

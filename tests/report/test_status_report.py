@@ -130,7 +130,7 @@ def _sweep_body(cfg: PipelineConfig) -> Callable[[storage.Folder], dict]:
                                                ("ccc03", 1e-2, 20, 5.5))]
         best = choose_best(rows)
         assert best is not None
-        write_record(folder.local, rows, best, cfg.sweep)  # trials.csv, best.json, curves.png as the stage writes them
+        write_record(folder, rows, best, cfg.sweep)  # trials.csv, best.json, curves.png as the stage writes them
         return {"trials": 3, "best_trial": best.trial_id, "best_val_loss": best.final_val_loss}
     return body
 
@@ -160,7 +160,7 @@ def _compress_body(folder: storage.Folder) -> dict:
 def _whole_run(tmp_path: Path) -> LoadedConfig:
     """Committed data, sweep, pretrain (with the sweep's schedule), finetune and compress folders, each
     committed as its stage commits it: the sweep hashes its trials' config, pretrain the winner's schedule."""
-    from llm.tune.best import apply_best
+    from llm.train.best_lr import apply_best
     from llm.tune.stage import trial_config
 
     loaded = tiny_config(tmp_path, "sweep.enabled=true", "pretrain.lr=best")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llm.compress.load import load_model
 from llm.config import ServeConfig
+from llm.models.load import load_model
 from llm.serve.engine import Engine, GenerateRequest
 from llm.serve.sampling import Sampling
 from llm.serve.service import Service
@@ -19,7 +19,7 @@ PROMPTS = ["The for statement", "class", "Objects, values and types are describe
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir: Path):  # noqa: ANN201
+def loaded(tiny_model_dir: Path):
     return load_model(tiny_model_dir)
 
 
@@ -91,7 +91,7 @@ def test_health_check_fails_when_the_model_cannot_generate(loaded, monkeypatch: 
     service = Service({"tiny": Engine(loaded)}, ServeConfig())
     asyncio.run(service.check())
 
-    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def broken(*args, **kwargs):
         raise RuntimeError("weights gone")
 
     broken_service = Service({"tiny": Engine(loaded)}, ServeConfig())

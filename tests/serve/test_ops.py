@@ -116,7 +116,7 @@ def test_request_timeout_is_504_json_and_frees_the_replica(served, tiny_model_di
         serve.delete("deadline")
 
 
-def _replica_actor(app: str):  # noqa: ANN202
+def _replica_actor(app: str):
     import ray
 
     names = [a for a in ray.util.list_named_actors(all_namespaces=True)

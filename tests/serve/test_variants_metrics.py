@@ -14,11 +14,11 @@ import httpx
 import pytest
 import torch
 
-from llm.compress.load import LoadedModel, load_model
 from llm.compress.variants import build_int8, build_pruned
 from llm.config import ServeConfig
 from llm.errors import ConfigError
 from llm.loading import load_config
+from llm.models.load import LoadedModel, load_model
 from llm.serve.engine import Engine, GenerateRequest, RequestStats
 from llm.serve.sampling import Sampling
 from tests.conftest import ROOT

@@ -13,42 +13,31 @@ from pathlib import Path
 import pytest
 
 from llm import storage
+from llm.compress import stage as comp
 from llm.errors import ConfigError, StageInputError
+from llm.loading import load_config
 from llm.manifest import read_manifest, write_manifest
+from llm.models.load import chosen_model_dir, committed_model, load_model, local_model
+from llm.serve.app import model_dirs
+from tests.conftest import LOCAL_YAML
 
 
 def test_a_checked_variant_is_published_done_last_and_restored_by_a_rerun(s3_prefix: str, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from llm.compress import stage as comp
-    from llm.stage import _STAGING, _staging
-
     monkeypatch.setenv("LLMRAY_CACHE", str(tmp_path / "cache"))
     uri = f"{s3_prefix}/run/compress"
-    folder = _staging(uri)
-    try:
-        variant = folder / "int8"
-        assert not comp._done_before(folder, variant)
-        variant.mkdir()
-        (variant / "model.pt").write_bytes(b"w" * 100)
-        comp._publish(folder, variant)
-        assert storage.list_files(f"{uri}/int8") == {"model.pt": 100, ".done": 0}
-        assert (variant / ".done").exists()
-    finally:
-        _STAGING.pop(folder, None)
-    again = _staging(uri)  # a rerun's fresh staging folder: the variant comes back from the bucket
-    try:
-        assert not (again / "int8").exists()
-        assert comp._done_before(again, again / "int8")
-        assert (again / "int8" / "model.pt").read_bytes() == b"w" * 100
-        storage.remove_file(f"{uri}/int8/.done")  # uploaded but never marked: built again
-        assert not comp._done_before(again, again / "pruned") and not comp._done_before(_fresh(again), again / "int8")
-    finally:
-        _STAGING.pop(again, None)
-
-
-def _fresh(folder: Path) -> Path:
-    shutil.rmtree(folder / "int8", ignore_errors=True)
-    return folder
+    folder = storage.open_for_writing(uri)
+    assert not comp._done_before(folder, "int8")
+    (folder.local / "int8").mkdir()
+    (folder.local / "int8" / "model.pt").write_bytes(b"w" * 100)
+    comp._publish(folder, "int8")
+    assert storage.list_files(f"{uri}/int8") == {"model.pt": 100, ".done": 0}
+    again = storage.open_for_writing(uri)  # a rerun's fresh staging folder: the variant comes back from the bucket
+    assert not (again.local / "int8").exists()
+    assert comp._done_before(again, "int8")
+    assert (again.local / "int8" / "model.pt").read_bytes() == b"w" * 100
+    storage.remove_file(f"{uri}/int8/.done")  # uploaded but never marked: built again
+    assert not comp._done_before(again, "pruned") and not comp._done_before(storage.open_for_writing(uri), "int8")
 
 
 def _commit_model(tmp_path: Path, stage_uri: str, rel: str) -> None:
@@ -62,11 +51,6 @@ def _commit_model(tmp_path: Path, stage_uri: str, rel: str) -> None:
 
 def test_a_model_in_the_bucket_is_served_from_a_checked_cache_copy(s3_prefix: str, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from llm.compress.load import chosen_model_dir, committed_model, load_model, local_model
-    from llm.loading import load_config
-    from llm.serve.app import model_dirs
-    from tests.conftest import LOCAL_YAML
-
     monkeypatch.setenv("LLMRAY_CACHE", str(tmp_path / "cache"))
     cfg = load_config(LOCAL_YAML, [f"storage={s3_prefix}"]).llm
     with pytest.raises(StageInputError, match="no committed compress"):
@@ -128,13 +112,14 @@ def test_the_sweep_record_is_committed_in_the_bucket_and_lr_best_reads_it(s3_pre
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from ray.tune import Result
 
-    from llm.loading import load_config
+    from llm.config import ModelConfig, TrainConfig
     from llm.stage import execute
-    from llm.tune.best import apply_best
+    from llm.stages import by_name
+    from llm.train.best_lr import apply_best
+    from llm.train.spec import LoopSpec
     from llm.tune.results import choose_best, trial_rows
     from llm.tune.stage import trials_dir, write_record
     from llm.tune.trial import trial_spec
-    from tests.conftest import LOCAL_YAML
 
     monkeypatch.setenv("LLMRAY_CACHE", str(tmp_path / "cache"))
     cfg = load_config(LOCAL_YAML, [f"storage={s3_prefix}", "sweep.enabled=true", "sweep.max_steps=12",
@@ -142,11 +127,12 @@ def test_the_sweep_record_is_committed_in_the_bucket_and_lr_best_reads_it(s3_pre
     values = {"kind": "cosine", "warmup_fraction": 0.25, "floor": 0.1}
     seen: dict[str, object] = {}
 
-    def body(folder: Path) -> dict[str, object]:
+    def body(folder: storage.Folder) -> dict[str, object]:
         trials = trials_dir(folder)
         seen["trials"] = trials
-        seen["spec"] = trial_spec({"train": {"max_steps": 12}, "extra": {"store": "x"}}, {**values, "peak": 1e-3},
-                                  f"{trials}/a")
+        base = LoopSpec(train=TrainConfig(max_steps=12), model=ModelConfig(), vocab_size=64, seq_len=8,
+                        upload_to="x")
+        seen["spec"] = trial_spec(base, {**values, "peak": 1e-3}, f"{trials}/a")
         # Tune kept no dataframe for these trials: the curves come from each trial's metrics.jsonl in the bucket
         grid = []
         for trial_id, base, peak in (("a", 5.0, 1e-3), ("b", 4.0, 3e-3)):
@@ -160,12 +146,12 @@ def test_the_sweep_record_is_committed_in_the_bucket_and_lr_best_reads_it(s3_pre
         write_record(folder, rows, best, cfg.sweep)
         return {"trials": len(rows)}
 
-    result = execute(cfg, "sweep", body, sections=("sweep",), object_store=True)
+    result = execute(cfg, by_name("sweep"), body, inputs=())
     uri = cfg.stage_dir("sweep")
     assert result.path == uri and seen["trials"] == f"{uri}/trials"
     spec = seen["spec"]
-    assert isinstance(spec, dict) and spec["extra"] == {"store": f"{uri}/trials/a", "publish": "report"}
-    assert Path(spec["out_dir"]).is_relative_to(tmp_path / "cache")
+    assert isinstance(spec, LoopSpec) and spec.upload_to == f"{uri}/trials/a" and spec.publish_each
+    assert Path(str(spec.out_dir)).is_relative_to(tmp_path / "cache")
     assert seen["curves"] == [[(4, 4.96), (8, 4.92), (12, 4.88)], [(4, 3.96), (8, 3.92), (12, 3.88)]]
     manifest = read_manifest(uri, verify=True)
     assert manifest is not None and {"trials.csv", "best.json", "curves.png"} <= set(manifest.files)
@@ -180,16 +166,3 @@ def test_the_sweep_record_is_committed_in_the_bucket_and_lr_best_reads_it(s3_pre
     shutil.rmtree(tmp_path / "cache")
     with pytest.raises(StageInputError, match=r"^metadata\.llm\.pretrain\.lr: best: .*no complete sweep output"):
         apply_best(cfg, "pretrain")
-
-
-def test_a_stage_not_declared_for_object_stores_stops_in_one_line_before_writing(s3_prefix: str) -> None:
-    """Every shipped stage runs with `storage` in a bucket; the contract still refuses a stage body that did
-    not declare it writes through `target(folder)` (a new stage), before anything lands in the bucket."""
-    from llm.loading import load_config
-    from llm.stage import execute
-    from tests.conftest import LOCAL_YAML
-
-    cfg = load_config(LOCAL_YAML, [f"storage={s3_prefix}"]).llm
-    with pytest.raises(StageInputError, match=r"storage .*the extra stage does not run with `storage` in an object"):
-        execute(cfg, "extra", lambda folder: {}, sections=("data",))
-    assert not storage.exists(cfg.stage_dir("extra"))

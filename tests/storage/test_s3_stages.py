@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent("""
     from llm.loading import load_config
     from llm.data.stage import run as run_data
     from llm.errors import TrainingError
-    from llm.train.stage import run as run_pretrain
+    from llm.train.pretrain import run as run_pretrain
     from tests.conftest import LOCAL_YAML
 
     prefix = sys.argv[1]
@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent("""
 
     # What a Serve replica does (llm.serve.app.LLMServer): the chosen model from the bucket, via the cache.
     import torch
-    from llm.compress.load import load_model, local_model
+    from llm.models.load import load_model, local_model
     from llm.serve.app import model_dirs
     served = next(iter(model_dirs(cfg).values()))
     model = load_model(local_model(served))

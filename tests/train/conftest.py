@@ -2,7 +2,7 @@
 
 A tiny byte-level BPE trained with `tokenizers` on Python's own help topics, saved as a
 `PreTrainedTokenizerFast`, and packed `input_ids` parquet shards (train and val), committed with the
-data manifest so `llm.stage.input_dir` accepts it.
+data manifest so `llm.stage.stage_input` accepts it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from llm.config import LoadedConfig
 from llm.manifest import write_manifest
-from llm.stage import config_hash, local_dir
+from llm.stage import config_hash
 from tests.conftest import tiny_config
 
 SEQ_LEN = 32
@@ -40,7 +40,7 @@ def build_data_stage(loaded: LoadedConfig, train_rows: int = 256, val_rows: int 
     two builds can differ, and runs compared with each other must read the very same tokens.
     """
     cfg = loaded.llm
-    folder = local_dir(cfg.stage_dir("data"))
+    folder = Path(cfg.stage_dir("data"))
     key = (cfg.data.seq_len, train_rows, val_rows)
     if key in _BUILT:
         shutil.copytree(_BUILT[key], folder, dirs_exist_ok=True)
@@ -56,7 +56,7 @@ def _build(loaded: LoadedConfig, train_rows: int, val_rows: int) -> Path:
 
     cfg = loaded.llm
     seq_len = cfg.data.seq_len
-    folder = local_dir(cfg.stage_dir("data"))
+    folder = Path(cfg.stage_dir("data"))
     folder.mkdir(parents=True, exist_ok=True)
     texts = _corpus()
     tok = Tokenizer(models.BPE())

@@ -16,21 +16,22 @@ from tests.train.conftest import build_data_stage
 CLOUD = ROOT / "cluster" / "config.yaml"
 
 
-def cloud(tmp_path: Path, *overrides: str):  # noqa: ANN201
+def cloud(tmp_path: Path, *overrides: str):
     return load_config(CLOUD, [f"storage={tmp_path / 'runs'}", "data.seq_len=32", *overrides])
 
 
 def test_gpu_nodes_with_min_workers_0_give_one_gpu_worker_per_gpu(tmp_path: Path) -> None:
+    from llm.config import ModelConfig, TrainConfig
     from llm.sizing import planned
     from llm.train.fit import build_trainer
-    from llm.train.loop import LoopSpec
+    from llm.train.spec import LoopSpec
 
     loaded = cloud(tmp_path)
     gpu = loaded.cluster["available_node_types"]["gpu_worker"]
     assert gpu["min_workers"] == 0 and gpu["resources"]["GPU"] == 8 and gpu["max_workers"] == 2
     sizing = planned(loaded.llm).pretrain  # the config alone, no cluster connected
-    spec = LoopSpec(train={}, model={}, vocab_size=8, seq_len=32)
-    trainer = build_trainer(spec, sizing.scaling_config_kwargs(), tmp_path / "ray", 2, 0)
+    spec = LoopSpec(train=TrainConfig(), model=ModelConfig(), vocab_size=8, seq_len=32)
+    trainer = build_trainer(spec, sizing.scaling_config_kwargs(), str(tmp_path / "ray"), 2, 0)
     scaling = trainer.scaling_config
     assert scaling.num_workers == 16 and scaling.use_gpu
     assert scaling.resources_per_worker["GPU"] == 1
@@ -40,8 +41,9 @@ def test_gpu_nodes_with_min_workers_0_give_one_gpu_worker_per_gpu(tmp_path: Path
 
 
 @pytest.mark.ray
-def test_a_cluster_that_cannot_reach_the_plan_is_an_error_naming_the_shortfall(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
-    from llm.train.stage import fit
+def test_a_cluster_that_cannot_reach_the_plan_is_an_error_naming_the_shortfall(ray_session, tmp_path: Path) -> None:
+    from llm.storage import Folder
+    from llm.train.pretrain import fit
 
     loaded = cloud(tmp_path, "ray.resource_timeout_s=3")
     build_data_stage(loaded)
@@ -49,7 +51,7 @@ def test_a_cluster_that_cannot_reach_the_plan_is_an_error_naming_the_shortfall(r
     free_before = ray_session.available_resources().get("CPU", 0)
     t0 = time.monotonic()
     with pytest.raises(ClusterError) as err:
-        fit(loaded.llm, folder)  # the session's Ray has 4 CPUs and no GPU, and no autoscaler
+        fit(loaded.llm, Folder(folder))  # the session's Ray has 4 CPUs and no GPU, and no autoscaler
     assert time.monotonic() - t0 < 60
     message = str(err.value)
     assert "\n" not in message and "16 workers" in message and "'GPU': 1" in message

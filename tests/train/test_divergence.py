@@ -50,10 +50,10 @@ def test_non_finite_gradients_stop_bf16_training_before_the_checkpoint(tmp_path:
     assert ds_config.build(train, 1)["bf16"] == {"enabled": True, "check_grad_overflow": False}
     rows = np.random.default_rng(0).integers(0, 64, (64, 16)).astype(np.int32)
     model = ModelConfig(arch="llama", n_layers=1, d_model=32, n_heads=2, context=16)
-    spec = LoopSpec(train=train.model_dump(mode="json"), model=model.model_dump(mode="json"), vocab_size=64,
+    spec = LoopSpec(train=train, model=model, vocab_size=64,
                     seq_len=16, train_files=write_rows(rows, tmp_path / "shards", shards=1),
                     out_dir=str(tmp_path / "run"), export=False, peak_flops=1e12,
-                    loss_hook="tests.train.test_divergence:nan_grads_at_step_2")
+                    loss_hook=nan_grads_at_step_2)
     with pytest.raises(TrainingError, match=rf"^pretrain: step {BAD_STEP}: gradient norm is (nan|inf); lower "):
         run_loop(spec, LocalRuntime(checkpoint_root=str(tmp_path / "ckpt"), keep=2, device="cpu"))
     assert not list((tmp_path / "ckpt").rglob("checkpoint_*"))  # the diverged step was never saved

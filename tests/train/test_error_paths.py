@@ -37,7 +37,7 @@ def _as_ray_delivers(*errors: BaseException) -> Exception:
     for rank, error in enumerate(errors):
         try:
             _worker_raises(error)
-        except BaseException as e:  # noqa: BLE001 - what Ray Train's thread runner catches
+        except BaseException as e:  # what Ray Train's thread runner catches
             wrapped = construct_user_exception_with_traceback(e)
         statuses[rank] = WorkerStatus(running=False, error=pickle.loads(pickle.dumps(wrapped)))
     return WorkerGroupPollStatus(statuses).get_worker_group_error()
@@ -126,9 +126,9 @@ def _model_dir(folder: Path, config: bool = True, weights: bool = True) -> Path:
     (lambda p: _model_dir(p / "m", config=False), "has no config.json (not a Hugging Face model directory)"),
     (lambda p: _model_dir(p / "m", weights=False), "has no weights (*.safetensors or *.bin)"),
 ])
-def test_bad_model_path_fails_on_the_driver(tmp_path: Path, make, problem: str) -> None:  # noqa: ANN001
+def test_bad_model_path_fails_on_the_driver(tmp_path: Path, make, problem: str) -> None:
     """Before the sweep's winner is read, any folder moves, data is looked for or Ray is reached."""
-    from llm.train.stage import model_section, run
+    from llm.train.pretrain import model_section, run
 
     path = make(tmp_path)
     cfg = tiny_config(tmp_path, f"pretrain.model.path={path}").llm
@@ -144,9 +144,9 @@ def test_bad_model_path_fails_on_the_driver(tmp_path: Path, make, problem: str) 
 
 def test_model_path_reaches_the_workers_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The workers' cwd is not the driver's: a relative path is resolved where it was checked."""
-    from llm.train.stage import model_section
+    from llm.train.pretrain import model_section
 
     folder = _model_dir(tmp_path / "hf")
     monkeypatch.chdir(tmp_path)
-    assert model_section(tiny_config(tmp_path, "pretrain.model.path=hf").llm)["path"] == str(folder.resolve())
-    assert model_section(tiny_config(tmp_path).llm)["path"] is None
+    assert model_section(tiny_config(tmp_path, "pretrain.model.path=hf").llm).path == str(folder.resolve())
+    assert model_section(tiny_config(tmp_path).llm).path is None

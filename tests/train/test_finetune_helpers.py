@@ -9,7 +9,7 @@ from typing import Any
 
 from llm.config import LoadedConfig
 from llm.manifest import manifest_hash, write_manifest
-from llm.stage import config_hash, local_dir
+from llm.stage import config_hash
 from tests.conftest import tiny_config
 
 VOCAB = 384
@@ -105,26 +105,26 @@ def build_stages(loaded: LoadedConfig, tok_dir: Path) -> tuple[Path, Path]:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
+    from llm.eval.split import is_held_out
     from llm.models.chat import render, to_messages
-    from llm.train.sft import split_of
 
     cfg = loaded.llm
     write_jsonl(Path(cfg.data.sft.sources[0]), sft_records())
-    data = local_dir(cfg.stage_dir("data"))
+    data = Path(cfg.stage_dir("data"))
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     tok.save_pretrained(str(data / "tokenizer"))
     rows: dict[str, list[tuple[list[int], list[int]]]] = {"train": [], "val": []}
     for rec in sft_records():
         msgs = to_messages(rec)
         assert not isinstance(msgs, str)
-        rows["val" if split_of(msgs, cfg.data.sft.val_fraction) else "train"].append(render(tok, msgs))
+        rows["val" if is_held_out(msgs, cfg.data.sft.val_fraction) else "train"].append(render(tok, msgs))
     for split, ex in rows.items():
         (data / "sft" / split).mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"input_ids": pa.array([e[0] for e in ex], pa.list_(pa.int32())),
                                  "labels": pa.array([e[1] for e in ex], pa.list_(pa.int32()))}),
                        data / "sft" / split / "part-00000.parquet")
     write_manifest(data, "data", config_hash(cfg, "data"), {}, {"sft": {k: len(v) for k, v in rows.items()}})
-    pre = local_dir(cfg.stage_dir("pretrain"))
+    pre = Path(cfg.stage_dir("pretrain"))
     tiny_llama(pre / "model", tok)
     write_manifest(pre, "pretrain", config_hash(cfg, "pretrain"), {"data": manifest_hash(data) or ""}, {})
     return data, pre

@@ -124,8 +124,12 @@ def _adapter(base_dir: Path, out: Path, targets: list[str] | None = None):
     from llm.train.lora import apply, export_adapter
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    spec = SimpleNamespace(extra={"lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": targets}},
-                           train={}, out_dir=str(out), model={"path": str(base_dir)})
+    from llm.config import ModelConfig, TrainConfig
+    from llm.train.spec import LoopSpec
+
+    spec = LoopSpec(train=TrainConfig(), model=ModelConfig(path=str(base_dir)), vocab_size=0, seq_len=0,
+                    out_dir=str(out),
+                    extra={"lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": targets}})
     model = apply(base, spec)
     torch.manual_seed(0)
     with torch.no_grad():

@@ -11,9 +11,10 @@ import pytest
 from llm.config import ModelConfig, ScheduleConfig, TrainConfig
 from llm.train import checkpoint as ckpt
 from llm.train.data import write_rows
-from llm.train.loop import LoopSpec, run_loop
+from llm.train.loop import run_loop
 from llm.train.metrics import MetricsLog, read_records
 from llm.train.runtime import LocalRuntime
+from llm.train.spec import LoopSpec
 
 pytestmark = pytest.mark.multiprocess  # DeepSpeed's gloo group in this process
 
@@ -31,27 +32,27 @@ def progressions(rows: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory) -> tuple[Path, list[dict]]:  # noqa: ANN001
+def local_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     tmp = tmp_path_factory.mktemp("local")
     files = write_rows(progressions(256), tmp / "shards", shards=2)
     train = TrainConfig(max_steps=10, micro_batch_size=8, zero_stage=0, precision="fp32", checkpoint_every=4,
                         keep_checkpoints=2, eval_every=100, log_every=5, max_failures=0,
                         lr=ScheduleConfig(kind="cosine", peak=3e-3, warmup_steps=2))
     model = ModelConfig(arch="llama", n_layers=2, d_model=64, n_heads=4, context=SEQ)
-    spec = LoopSpec(train=train.model_dump(mode="json"), model=model.model_dump(mode="json"), vocab_size=VOCAB,
+    spec = LoopSpec(train=train, model=model, vocab_size=VOCAB,
                     seq_len=SEQ, train_files=files, out_dir=str(tmp / "run"), export=False, peak_flops=1e12)
     run_loop(spec, LocalRuntime(checkpoint_root=str(tmp / "run" / "ckpt"), keep=2, device="cpu"))
     return tmp / "run", read_records(tmp / "run" / "metrics.jsonl")
 
 
-def test_golden_losses(local_run) -> None:  # noqa: ANN001
+def test_golden_losses(local_run) -> None:
     _, records = local_run
     assert [r["step"] for r in records] == list(range(1, 11))
     got = {step: records[step - 1]["loss"] for step in GOLDEN}
     assert got == pytest.approx(GOLDEN, abs=2e-3)
 
 
-def test_local_checkpoints_are_whole_and_pruned(local_run) -> None:  # noqa: ANN001
+def test_local_checkpoints_are_whole_and_pruned(local_run) -> None:
     run, _ = local_run
     root = run / "ckpt"
     names = sorted(p.name for p in (root / "local").iterdir())
@@ -62,7 +63,7 @@ def test_local_checkpoints_are_whole_and_pruned(local_run) -> None:  # noqa: ANN
     assert state["step"] == 10 and state["world_size"] == 1 and state["rank0_next"]["shard"].endswith(".parquet")
 
 
-def test_damaged_checkpoint_is_named_and_set_aside(local_run, tmp_path: Path) -> None:  # noqa: ANN001
+def test_damaged_checkpoint_is_named_and_set_aside(local_run, tmp_path: Path) -> None:
     import shutil
 
     root = tmp_path / "ckpt"
@@ -85,7 +86,7 @@ def test_damaged_checkpoint_is_named_and_set_aside(local_run, tmp_path: Path) ->
     assert ckpt.choose(root).path is None  # nothing whole is left: the stage starts over and says so
 
 
-def test_missing_rank_part_is_damaged(local_run, tmp_path: Path) -> None:  # noqa: ANN001
+def test_missing_rank_part_is_damaged(local_run, tmp_path: Path) -> None:
     import shutil
 
     folder = tmp_path / "c"

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     from ray.cluster_utils import Cluster
 
-    from llm.train.stage import run
+    from llm.train.pretrain import run
     from tests.train.conftest import build_data_stage, train_config
 
     tmp = Path(sys.argv[1])

@@ -11,7 +11,7 @@ import pytest
 
 from llm.errors import ConfigError, TrainingError
 from llm.manifest import read_manifest
-from llm.train.stage import run
+from llm.train.pretrain import run
 from tests.train.conftest import build_data_stage, train_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.multiprocess, pytest.mark.slow]
@@ -169,7 +169,7 @@ def test_bad_deepspeed_override_fails_before_training(ray_session, tmp_path):
 
 
 def test_damaged_checkpoint_is_named_then_the_run_completes_and_continues_on_purpose(
-        ray_session, tmp_path, capsys):  # noqa: ANN001
+        ray_session, tmp_path, capsys):
     from llm.train import checkpoint as ckpt
 
     loaded = train_config(tmp_path, "pretrain.max_steps=8", "pretrain.checkpoint_every=2")
@@ -177,7 +177,7 @@ def test_damaged_checkpoint_is_named_then_the_run_completes_and_continues_on_pur
     with pytest.raises(TrainingError):
         run(loaded.llm, fail_at_step=5)  # checkpoints at 2 and 4, killed after step 5
     folder = Path(loaded.llm.stage_dir("pretrain"))
-    newest = ckpt.candidates(folder / "ray")[0]
+    newest = Path(ckpt.candidates(folder / "ray")[0])
     assert ckpt.step_of(newest) == 4
     victim = next((newest / ckpt.TAG).glob("*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[:-64])  # truncated

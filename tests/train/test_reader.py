@@ -28,7 +28,7 @@ def shards(tmp_path: Path) -> list[str]:
     return write_rows(rows, tmp_path / "train", shards=4)  # 25 rows per shard
 
 
-def row_ids(batch) -> list[int]:  # noqa: ANN001
+def row_ids(batch) -> list[int]:
     return batch["input_ids"][:, 0].tolist()
 
 
@@ -50,7 +50,7 @@ def test_ranks_read_disjoint_contiguous_slices(shards: list[str]) -> None:
     assert take(parts[1], 9)[-1] == (1, 1, [33, 34, 35, 36])
 
 
-def test_resume_starts_at_the_position_without_reading_earlier_shards(shards: list[str], monkeypatch) -> None:  # noqa: ANN001
+def test_resume_starts_at_the_position_without_reading_earlier_shards(shards: list[str], monkeypatch) -> None:
     index = ShardIndex.of(shards)
     part = RankSlice(index, 0, 1, 4)
     straight = take(part, 20)
@@ -60,7 +60,7 @@ def test_resume_starts_at_the_position_without_reading_earlier_shards(shards: li
     opened: list[str] = []
     original_init = pq.ParquetFile.__init__
 
-    def init_spy(self, source, *args, **kwargs):  # noqa: ANN001, ANN202
+    def init_spy(self, source, *args, **kwargs):
         opened.append(Path(str(source)).name)
         original_init(self, source, *args, **kwargs)
 

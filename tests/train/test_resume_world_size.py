@@ -22,6 +22,7 @@ from llm.train.data import (
     rest_layout,
     write_rows,
 )
+from llm.train.state import Layout, LoopState
 
 SEQ = 4
 MICRO = 4
@@ -38,7 +39,7 @@ class Run:
     """`world` ranks stepping together with `accum` micro-batches each per step, as the loop does."""
 
     def __init__(self, index: ShardIndex, world: int, accum: int, epoch: int = 0, position: int = 0,
-                 layout: dict | None = None) -> None:
+                 layout: Layout | None = None) -> None:
         self.world, self.accum, self.layout, self.rest_epoch = world, accum, layout, epoch
         self.its = [micro_batches(RankSlice(index, r, world, MICRO, layout), epoch, position, collate_packed,
                                   [COLUMN]) for r in range(world)]
@@ -58,9 +59,9 @@ class Run:
             self.layout = None
         return out
 
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "world_size": self.world, "accum": self.accum,
-                "layout": self.layout}
+    def state(self) -> LoopState:
+        return LoopState(epoch=self.epoch, position=self.position, world_size=self.world, accum=self.accum,
+                         layout=self.layout)
 
     def close(self) -> None:
         for it in self.its:
@@ -122,14 +123,14 @@ def test_changes_twice_in_one_epoch_still_match_the_uninterrupted_run(shards: li
     b = resumed(index, a, 1)  # accumulation 4
     got += b.steps(2)
     c = resumed(index, b, 4)  # accumulation 1; the layout nests the first change
-    assert c.layout is not None and c.layout["parent"] is not None
+    assert c.layout is not None and c.layout.parent is not None
     got += c.steps(3)
     c.close()
     assert got == expected
 
 
 def test_a_change_at_the_end_of_an_epoch_starts_the_next_one() -> None:
-    state = {"epoch": 2, "position": 12, "world_size": 2, "accum": 1, "layout": None}
+    state = LoopState(epoch=2, position=12, world_size=2, accum=1)
     assert rest_layout(100, state, 1, MICRO) == (3, 0, None)
 
 
@@ -140,7 +141,7 @@ def test_position_mapping_is_a_partition_for_many_shapes() -> None:
             for accum in (1, 3):
                 per = rows // old // MICRO
                 for position in (0, 1, per // 2, per - 1):
-                    state = {"epoch": 0, "position": position, "world_size": old, "accum": accum, "layout": None}
+                    state = LoopState(epoch=0, position=position, world_size=old, accum=accum)
                     left = np.concatenate([batch_starts(rows, None, old, r, MICRO)[position:] for r in range(old)])
                     _, pos, layout = rest_layout(rows, state, new, MICRO)
                     if layout is None:  # fewer than one micro-batch per new rank left: the next epoch
@@ -154,17 +155,17 @@ def test_position_mapping_is_a_partition_for_many_shapes() -> None:
                     assert len(counts) == 1 and pos == 0  # the ranks step together
 
 
-def test_scattered_reads_decode_each_row_group_once(shards: list[str], monkeypatch) -> None:  # noqa: ANN001
+def test_scattered_reads_decode_each_row_group_once(shards: list[str], monkeypatch) -> None:
     index = ShardIndex.of(shards)
     decoded: list[str] = []
     original = pq.ParquetFile.read_row_group
 
-    def spy(self, i, *args, **kwargs):  # noqa: ANN001, ANN202
+    def spy(self, i, *args, **kwargs):
         decoded.append(f"{id(self)}:{i}")  # one ParquetFile per shard
         return original(self, i, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
-    _, _, layout = rest_layout(index.rows, {"epoch": 0, "position": 2, "world_size": 2, "accum": 1}, 1, MICRO)
+    _, _, layout = rest_layout(index.rows, LoopState(epoch=0, position=2, world_size=2, accum=1), 1, MICRO)
     part = RankSlice(index, 0, 1, MICRO, layout)
     it = micro_batches(part, 0, 0, collate_packed, [COLUMN])
     rows = [next(it)[2]["input_ids"][:, 0].tolist() for _ in range(part.batches_per_epoch)]
@@ -177,7 +178,7 @@ def test_scattered_reads_decode_each_row_group_once(shards: list[str], monkeypat
     assert part.where(1) == {"shard": "part-00002.parquet", "row": 8}
 
 
-def test_keep_global_batch_adjusts_accumulation_or_names_the_keys(local_cfg) -> None:  # noqa: ANN001
+def test_keep_global_batch_adjusts_accumulation_or_names_the_keys(local_cfg) -> None:
     train = local_cfg.llm.pretrain.model_copy(update={"micro_batch_size": 4, "grad_accum": 1})
     cfg = ds_config.build(train, 2)
     one = ds_config.keep_global_batch(cfg, 8, 1, "pretrain", "ckpt")
@@ -191,7 +192,7 @@ def test_keep_global_batch_adjusts_accumulation_or_names_the_keys(local_cfg) -> 
 # --- 2 -> 1 and 1 -> 2 Ray Train workers -------------------------------------------------------------
 
 
-def record_rows(spec):  # noqa: ANN001, ANN201
+def record_rows(spec):
     """Loss hook: each rank appends the rows of every micro-batch it trains on, with the optimizer step."""
     import os
 
@@ -201,14 +202,14 @@ def record_rows(spec):  # noqa: ANN001, ANN201
     seen.mkdir(parents=True, exist_ok=True)
     path = seen / f"rank{dist.get_rank()}-{os.getpid()}.jsonl"
 
-    def loss_fn(engine, outputs, batch):  # noqa: ANN001, ANN202
+    def loss_fn(engine, outputs, batch):
         with path.open("a") as f:
             f.write(json.dumps({"step": int(engine.global_steps), "rows": batch["input_ids"].tolist()}) + "\n")
         return outputs.loss
     return loss_fn
 
 
-HOOK = "tests.train.test_resume_world_size:record_rows"
+HOOK = record_rows
 
 
 def _records(folder: Path) -> list[dict]:
@@ -231,17 +232,17 @@ def _resume_elsewhere(tmp_path: Path, first: Path, workers: int, *overrides: str
     `workers` Ray Train workers through the pretrain stage's `fit` (resume point, checks, conversion)."""
     import shutil
 
-    from llm.stage import local_dir
+    from llm.storage import Folder
     from llm.train import checkpoint as ckpt
-    from llm.train.stage import fit
+    from llm.train.pretrain import fit
     from tests.train.conftest import build_data_stage, train_config
 
-    source = next(p for p in ckpt.candidates(first / "ray") if ckpt.step_of(p) == 3)
+    source = Path(next(p for p in ckpt.candidates(first / "ray") if ckpt.step_of(p) == 3))
     loaded = train_config(tmp_path / "m", f"pretrain.sizing.workers={workers}", *overrides)
     build_data_stage(loaded)
-    folder = local_dir(loaded.llm.stage_dir("pretrain"))
+    folder = Path(loaded.llm.stage_dir("pretrain"))
     shutil.copytree(source, folder / "ray" / "attempt-1" / source.name)
-    fit(loaded.llm, folder, loss_hook=HOOK)
+    fit(loaded.llm, Folder(folder), loss_hook=HOOK)
     return folder
 
 
@@ -269,14 +270,14 @@ def _check_continuation(first: Path, second: Path, old_world: int, new_world: in
     assert ckpt.verify(copy, checksums=True) is None
     last = max(ckpt.candidates(second / "ray"), key=ckpt.step_of)
     state = ckpt.read_state(last)
-    assert (state["world_size"], state["accum"], state["micro"]) == (new_world, accum, 4)
+    assert (state.world_size, state.accum, state.micro) == (new_world, accum, 4)
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.multiprocess
-def test_2_workers_resume_on_1(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
-    from llm.train.stage import run
+def test_2_workers_resume_on_1(ray_session, tmp_path: Path) -> None:
+    from llm.train.pretrain import run
     from tests.train.conftest import build_data_stage, train_config
 
     loaded = train_config(tmp_path / "n")  # 2 workers x micro 4, checkpoints at 3 and 6
@@ -289,8 +290,8 @@ def test_2_workers_resume_on_1(ray_session, tmp_path: Path) -> None:  # noqa: AN
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.multiprocess
-def test_1_worker_resumes_on_2(ray_session, tmp_path: Path) -> None:  # noqa: ANN001
-    from llm.train.stage import run
+def test_1_worker_resumes_on_2(ray_session, tmp_path: Path) -> None:
+    from llm.train.pretrain import run
     from tests.train.conftest import build_data_stage, train_config
 
     loaded = train_config(tmp_path / "n", "pretrain.sizing.workers=1", "pretrain.grad_accum=2")
@@ -300,17 +301,18 @@ def test_1_worker_resumes_on_2(ray_session, tmp_path: Path) -> None:  # noqa: AN
     _check_continuation(first, second, 1, 2, accum=1)
 
 
-def test_resume_on_3_workers_is_refused_before_workers_start(local_cfg, tmp_path: Path) -> None:  # noqa: ANN001
+def test_resume_on_3_workers_is_refused_before_workers_start(local_cfg, tmp_path: Path) -> None:
     """A global batch of 8 cannot be split over 3 workers x micro 4: one line naming the keys, in the driver."""
+    from llm.config import ModelConfig
     from llm.train.fit import _check_resume
-    from llm.train.loop import LoopSpec
+    from llm.train.spec import LoopSpec, train_fields
 
     folder = tmp_path / "checkpoint_000003"
     folder.mkdir()
     (folder / "loop_state.json").write_text(json.dumps({"step": 3, "epoch": 0, "position": 3, "tokens": 768,
                                                         "world_size": 2, "micro": 4, "accum": 1}))
     train = local_cfg.llm.pretrain.model_copy(update={"micro_batch_size": 4, "grad_accum": 1})
-    spec = LoopSpec(train=train.model_dump(mode="json", exclude={"model"}), model={}, vocab_size=8, seq_len=4,
+    spec = LoopSpec(train=train_fields(train), model=ModelConfig(), vocab_size=8, seq_len=4,
                     resume_from=str(folder))
     _check_resume(spec, 1, "pretrain")  # 1 x 4 divides 8: accumulation 2
     _check_resume(spec, 2, "pretrain")

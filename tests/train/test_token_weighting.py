@@ -41,7 +41,7 @@ def _losses(tmp: Path, files: list[str], micro: int, accum: int) -> list[float]:
                         lr=ScheduleConfig(kind="constant", peak=1e-2, warmup_steps=0))
     model = ModelConfig(arch="llama", n_layers=1, d_model=32, n_heads=2, context=32)
     out = tmp / f"m{micro}a{accum}"
-    spec = LoopSpec(train=train.model_dump(mode="json"), model=model.model_dump(mode="json"), vocab_size=VOCAB,
+    spec = LoopSpec(train=train, model=model, vocab_size=VOCAB,
                     seq_len=32, train_files=files, columns=["input_ids", "labels"], pad_id=PAD, out_dir=str(out),
                     export=False, peak_flops=1e12)
     run_loop(spec, LocalRuntime(checkpoint_root=str(out / "ckpt"), keep=2, device="cpu"))

@@ -89,11 +89,13 @@ def test_build_model_and_flops_match_the_plan(arch):
 def test_no_val_shards_means_no_evaluation_not_a_crash() -> None:
     """A data stage with `val_fraction: 0` has no val shards: evaluation returns nothing instead of failing
     (the engine is never touched, so none is needed here)."""
-    from llm.train.loop import LoopSpec, evaluate
+    from llm.config import ModelConfig, TrainConfig
+    from llm.train.evaluate import evaluate
     from llm.train.runtime import LocalRuntime
+    from llm.train.spec import LoopSpec
 
-    spec = LoopSpec(train={}, model={}, vocab_size=8, seq_len=4, val_files=[])
-    assert evaluate(None, LocalRuntime(device="cpu"), spec, rows=4, micro=4, batches=2, cache=[]) is None
+    spec = LoopSpec(train=TrainConfig(eval_batches=2), model=ModelConfig(), vocab_size=8, seq_len=4, val_files=[])
+    assert evaluate(None, LocalRuntime(device="cpu"), spec, micro=4, cache=[]) is None
 
 
 def test_metrics_log_eta_ignores_startup_and_resume_trims(tmp_path, capsys) -> None:

@@ -73,7 +73,7 @@ def test_best_is_lowest_final_loss_among_finished_trials() -> None:
 
 
 def test_lr_best_without_a_sweep_names_the_key(tmp_path: Path) -> None:
-    from llm.tune.best import resolve_lr
+    from llm.train.best_lr import resolve_lr
 
     cfg = tiny_config(tmp_path, "pretrain.lr=best").llm
     assert cfg.pretrain.lr == "best"

@@ -141,7 +141,7 @@ def test_stopped_trials_release_their_resources(swept) -> None:
 
 
 def test_pretrain_lr_best_trains_with_the_winner(swept, capsys) -> None:
-    from llm.train.stage import run
+    from llm.train.pretrain import run
 
     loaded, _, folder, _, _ = swept
     best = json.loads((folder / "best.json").read_text())

@@ -1,12 +1,15 @@
 """The one model loader: any compress variant or local Hugging Face causal LM directory, model + tokenizer.
 
-Compress, eval and serve all open models here, so a new variant format is added once: write a loader
-for it and register it in `_LOADERS` under the name `model_format` detects (an int8 variant will be
-told apart by a marker file its writer saves next to the weights). Nothing is downloaded.
+Compress, eval, fine-tuning and serve all open models here, so a new variant format is added once: write a
+loader for it and register it in `_LOADERS` under the name `model_format` detects (an int8 variant is told
+apart by the marker file its writer saves next to the weights). Nothing is downloaded.
 
 Formats: `hf` (a `save_pretrained` directory: fp32 models, pruned and distilled variants, torchao GPU variants,
 which `from_pretrained` reads back through their `quantization_config`) and `int8-dynamic` (the CPU int8
-variant of `llm.compress.quantize`, told apart by its `quantization.json`).
+variant of `llm.compress.quantize`, told apart by its `quantization.json`, read by `llm.models.int8`).
+
+Where the model to serve or evaluate is (`chosen_model_dir`) and a checked local copy of a model committed
+in an object store (`local_model`) live here too: every stage that opens a model imports them downward.
 """
 
 from __future__ import annotations
@@ -21,9 +24,14 @@ from llm import storage
 from llm.config import PipelineConfig
 from llm.errors import ConfigError, StageInputError
 from llm.manifest import MANIFEST, read_manifest
-from llm.stage import local_dir
+from llm.models.int8 import FORMAT, QUANT_FILE, load_int8
+from llm.stage import committed_folder
 
 CHOSEN = "chosen.json"
+"""The compress stage's record of the variant to serve (written by `llm.compress.choose.write_chosen`)."""
+ORIGINAL = "original"
+"""The name `chosen.json` gives the model that was compressed; its `path` is then that model's folder."""
+_MODEL_CONFIG = "model/config.json"
 
 
 @dataclass
@@ -42,13 +50,13 @@ class LoadedModel:
         return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0) or 2048)
 
 
-def model_format(path: Path) -> str:
-    """The variant format stored in `path`: `int8-dynamic` (has `quantization.json`) or `hf`."""
-    from llm.compress.quantize import FORMAT, QUANT_FILE
-
-    if not (path / "config.json").exists():
+def model_format(path: str | Path) -> str:
+    """The variant format stored in `path` (a directory, or a folder in an object store): `int8-dynamic`
+    (has `quantization.json`) or `hf`."""
+    folder = storage.Folder(path)
+    if not folder.exists("config.json"):
         raise ConfigError(f"{path}: not a model directory (no config.json)")
-    return FORMAT if (path / QUANT_FILE).exists() else "hf"
+    return FORMAT if folder.exists(QUANT_FILE) else "hf"
 
 
 def _load_hf(path: Path, device: str) -> tuple[Any, Any]:
@@ -64,14 +72,12 @@ def _load_hf(path: Path, device: str) -> tuple[Any, Any]:
 def _load_int8(path: Path, device: str) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
-    from llm.compress.quantize import load_int8
-
     model = load_int8(path, device)
     return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-# Format name -> loader(path, device) returning (model, tokenizer). Compress registers its variants here.
-_LOADERS: dict[str, Callable[[Path, str], tuple[Any, Any]]] = {"hf": _load_hf, "int8-dynamic": _load_int8}
+# Format name -> loader(path, device) returning (model, tokenizer).
+_LOADERS: dict[str, Callable[[Path, str], tuple[Any, Any]]] = {"hf": _load_hf, FORMAT: _load_int8}
 
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
@@ -100,41 +106,25 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     return LoadedModel(model, tokenizer, folder, fmt)
 
 
-def chosen_model_dir(cfg: PipelineConfig) -> Path | str:
+def chosen_model_dir(cfg: PipelineConfig) -> str:
     """The model to serve or evaluate by default: the variant `compress/chosen.json` names; without a
-    committed compress stage, the fine-tuned model, else the pretrained one. With `storage` in an object
-    store, its URI there (open it with `local_model`).
+    committed compress stage, the fine-tuned model, else the pretrained one. A path, or with `storage` in
+    an object store a URI there (open it with `local_model`).
 
     Raises:
         StageInputError: no committed stage has a model yet.
     """
-    if storage.is_remote(cfg.stage_dir("compress")):
-        return _chosen_in_store(cfg)
-    compress = local_dir(cfg.stage_dir("compress"))
-    if read_manifest(compress) is not None and (compress / CHOSEN).exists():
-        chosen = json.loads((compress / CHOSEN).read_text())
-        # `path` when the writer gives one, else the variant's folder under compress/.
-        target = Path(chosen["path"]) if chosen.get("path") else compress / str(chosen["variant"])
-        return target if target.is_absolute() else compress / target
-    for stage in ("finetune", "pretrain"):
-        folder = local_dir(cfg.stage_dir(stage))
-        if read_manifest(folder) is not None and (folder / "model" / "config.json").exists():
-            return folder / "model"
-    raise StageInputError(f"{local_dir(cfg.stage_dir(''))}: no committed compress, finetune or pretrain model; "
-                          "run `llmray run` first or set serve.model=<directory>")
-
-
-def _chosen_in_store(cfg: PipelineConfig) -> str:
-    """`chosen_model_dir` with the stage folders in an object store: a URI of a committed model folder."""
     compress = cfg.stage_dir("compress")
     manifest = read_manifest(compress)
     if manifest is not None and CHOSEN in manifest.files:
         chosen = json.loads(storage.read_bytes(storage.join(compress, CHOSEN)))
-        where = str(chosen.get("path") or chosen["variant"])
-        return where if storage.is_remote(where) or Path(where).is_absolute() else storage.join(compress, where)
+        # The original lives in another stage's folder (`path` names it); a variant is a folder of compress/.
+        if chosen["variant"] == ORIGINAL:
+            return str(chosen["path"])
+        return storage.join(compress, str(chosen["variant"]))
     for stage in ("finetune", "pretrain"):
         manifest = read_manifest(cfg.stage_dir(stage))
-        if manifest is not None and "model/config.json" in manifest.files:
+        if manifest is not None and _MODEL_CONFIG in manifest.files:
             return storage.join(cfg.stage_dir(stage), "model")
     raise StageInputError(f"{cfg.stage_dir('')}: no committed compress, finetune or pretrain model; "
                           "run `llmray run` first or set serve.model=<directory>")
@@ -156,11 +146,37 @@ def committed_model(uri: str) -> tuple[str, str]:
 
 
 def local_model(path: str | Path) -> Path:
-    """A model folder on this machine: a local path as is; from an object store, a cache copy of the model's
-    committed files checked against the manifest (each Serve replica, on any node, makes its own)."""
-    if not storage.is_remote(path):
+    """A model folder on this machine: a path on a disk as is; from an object store, a cache copy of the
+    model's committed files checked against the manifest (each Serve replica, on any node, makes its own)."""
+    folder = storage.Folder(path)
+    if folder.on_disk:  # any local model directory; only a store needs a committed manifest to check against
         return Path(path).expanduser()
-    from llm.stage import committed_copy
+    stage, rel = committed_model(folder.uri)
+    return committed_folder(stage).fetch(*rel.split("/"))
 
-    stage, rel = committed_model(str(path))
-    return committed_copy(stage, lambda name, meta: name.startswith(f"{rel}/")) / rel
+
+def checked_model(path: str | Path, key: str) -> str:
+    """Where the model at `path` is, checked before anything deploys it: a local directory (resolved) whose
+    format is known, or a model folder committed in an object store (its URI).
+
+    Raises:
+        ConfigError: naming `key` when the directory is missing or no committed folder holds the model.
+    """
+    folder = storage.Folder(path)
+    if not folder.on_disk:  # a store is not copied here just to look: its manifest lists the model's files
+        try:
+            committed_model(folder.uri)
+        except StageInputError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        return folder.uri
+    local = Path(path).expanduser()
+    if not local.is_dir():
+        raise ConfigError(f"{key}: model directory {str(local)!r} not found")
+    model_format(local)
+    return str(local.resolve())
+
+
+def is_int8_variant(path: str | Path) -> bool:
+    """Whether the model at `path` is an int8-dynamic variant (its `quantization.json` marker), on this
+    machine or in an object store (nothing is copied just to look)."""
+    return model_format(path) == FORMAT
