@@ -25,6 +25,7 @@ from typing import Any
 
 from llm.errors import ConfigError
 from llm.models.int8 import FORMAT, QUANT_FILE, WEIGHTS_FILE, conv1d_to_linear, silence_deprecation
+from llm.models.stops import write_generation_config
 
 
 def _row_int8(weight: Any) -> tuple[Any, Any]:
@@ -66,7 +67,8 @@ def quantize_dynamic_int8(model: Any, embeddings: bool = True) -> dict[str, Any]
 
 
 def save_int8(model: Any, tokenizer: Any, folder: str | Path, layout: dict[str, Any]) -> Path:
-    """Write a model quantized by `quantize_dynamic_int8`: config, tokenizer, int8 safetensors, layout json."""
+    """Write a model quantized by `quantize_dynamic_int8`: config, generation config (with the template's
+    end-of-turn among the eos ids), tokenizer, int8 safetensors, layout json."""
     from safetensors.torch import save_file
 
     out = Path(folder)
@@ -92,10 +94,11 @@ def save_int8(model: Any, tokenizer: Any, folder: str | Path, layout: dict[str, 
         tensors[key] = value.detach().contiguous()
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "llmray": FORMAT})
     model.config.save_pretrained(str(out))
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+        write_generation_config(out, model, tokenizer)
+    elif getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(out))
     (out / QUANT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
     return out
 
@@ -119,5 +122,7 @@ def quantize_torchao_gpu(base: str | Path, folder: str | Path, config_name: str)
     # torchao tensor subclasses are saved with torch's pickle-free-of-code format (safetensors does not
     # carry their layouts for every config); `from_pretrained` reads the quantization_config back.
     model.save_pretrained(str(out), safe_serialization=False)
-    AutoTokenizer.from_pretrained(str(base), local_files_only=True).save_pretrained(str(out))
+    tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    tokenizer.save_pretrained(str(out))
+    write_generation_config(out, model, tokenizer)
     return out

@@ -15,6 +15,7 @@ from llm.compress.prune import prune_model
 from llm.compress.quantize import quantize_dynamic_int8, quantize_torchao_gpu, save_int8
 from llm.errors import ConfigError, StageInputError
 from llm.models.load import load_model
+from llm.models.stops import write_generation_config
 from llm.train.data import data_shards
 
 DONE = ".done"
@@ -73,12 +74,14 @@ def build_int8(source: Path, folder: Path, calib: Any, embeddings: bool, device:
 
 
 def build_pruned(source: Path, folder: Path, calib: Any, mlp_ratio: float, head_ratio: float, multiple: int) -> Path:
-    """A structurally pruned `source` saved with `save_pretrained` (+ tokenizer) into `folder`."""
+    """A structurally pruned `source` saved with `save_pretrained` (+ tokenizer, and the generation config
+    with the template's end-of-turn among the eos ids) into `folder`."""
     loaded = load_model(source, "cpu")
     smaller = prune_model(loaded.model, calib, mlp_ratio, head_ratio, multiple)
     _fresh(folder)
     smaller.save_pretrained(str(folder), safe_serialization=True)
     loaded.tokenizer.save_pretrained(str(folder))
+    write_generation_config(folder, smaller, loaded.tokenizer)
     load_model(folder, "cpu")
     return folder
 

@@ -2,7 +2,8 @@
 
 Decoding is fixed here rather than taken from each model's `generation_config` (which may carry a
 temperature or a repetition penalty): every model compared is decoded the same way, greedily, for at
-most the same number of new tokens, and stops at its eos or the chat template's end-of-turn token.
+most the same number of new tokens, and stops where serving stops (`llm.models.stops.stop_token_ids`: its
+eos ids and the chat template's end-of-turn token), so the scores describe what the endpoint returns.
 """
 
 from __future__ import annotations
@@ -14,25 +15,13 @@ from llm.errors import DataError
 from llm.eval.data import PromptPair
 from llm.eval.loss import model_device
 from llm.eval.text import text_metrics
-from llm.models.chat import END
+from llm.models.stops import stop_token_ids
 
 
 def context_length(model: Any) -> int:
     """Maximum positions the model accepts (2048 when its config does not say)."""
     cfg = model.config
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048)
-
-
-def stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Token ids that end an answer: the tokenizer's and the model's eos, and the template's `<|end|>`."""
-    ids: set[int] = set()
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    if END in tokenizer.get_vocab():
-        ids.add(int(tokenizer.convert_tokens_to_ids(END)))
-    return sorted(ids)
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -109,8 +98,8 @@ def generate_texts(model: Any, tokenizer: Any, pairs: Sequence[PromptPair], max_
                    batch_size: int = 8) -> list[str]:
     """Greedy answers to each pair's prompt, decoded without special tokens and stripped."""
     prompts = encode_prompts(tokenizer, pairs, max(context_length(model) - max_new_tokens, 1))
-    tokens = greedy_generate(model, prompts, max_new_tokens, pad=pad_id(tokenizer), stop=stop_ids(model, tokenizer),
-                             batch_size=batch_size)
+    stop = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    tokens = greedy_generate(model, prompts, max_new_tokens, pad=pad_id(tokenizer), stop=stop, batch_size=batch_size)
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llm.models.stops import write_generation_config
+
 
 def full_state_dict(engine: Any) -> dict[str, Any] | None:
     """fp32 master copies of the full weights on rank 0 (None elsewhere)."""
@@ -55,7 +57,10 @@ def gathered(param: Any) -> Any:
 
 
 def export_model(engine: Any, out_dir: str | Path, tokenizer: Any = None) -> Path | None:
-    """Write `out_dir` (safetensors + config + tokenizer) on rank 0; returns the path there, None elsewhere."""
+    """Write `out_dir` (safetensors + config + tokenizer) on rank 0; returns the path there, None elsewhere.
+
+    With a tokenizer, `generation_config.json` lists its chat template's end-of-turn token among the eos ids,
+    so an engine that stops on eos ends a chat turn where the template does."""
     import torch
 
     state = full_state_dict(engine)
@@ -68,4 +73,5 @@ def export_model(engine: Any, out_dir: str | Path, tokenizer: Any = None) -> Pat
     module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+        write_generation_config(out, module, tokenizer)
     return out

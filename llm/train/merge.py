@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.errors import ConfigError, TrainingError
+from llm.models.stops import write_generation_config
 from llm.train.lora import ADAPTER_FILE
 
 INDEX = "model.safetensors.index.json"
@@ -114,7 +115,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     Args:
         base_dir: the base model directory the adapter was trained on.
         adapter_dir: a peft LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`).
-        out_dir: where the merged model goes (sharded safetensors, config, tokenizer).
+        out_dir: where the merged model goes (sharded safetensors, config, generation config with the
+            template's end-of-turn among the eos ids, tokenizer).
         tokenizer_dir: the tokenizer to copy (with its chat template); default: the adapter's, else the base's.
 
     Raises:
@@ -160,7 +162,18 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         if (base / name).exists():
             shutil.copy2(base / name, out / name)
     _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else adapter, base, out)
+    _write_stops(out)
     return out
+
+
+def _write_stops(out: Path) -> None:
+    """The base's generation config (copied above) extended with the tokenizer's end-of-turn token: the merged
+    model is served with the fine-tuning template, whose turns a base's eos may not end."""
+    from transformers import AutoTokenizer
+
+    if not any((out / name).exists() for name in ("tokenizer_config.json", "tokenizer.json")):
+        return  # no tokenizer came with the base or the adapter: the base's generation config stands
+    write_generation_config(out, None, AutoTokenizer.from_pretrained(str(out), local_files_only=True))
 
 
 def _copy_tokenizer(first: Path, fallback: Path, out: Path) -> None:

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from llm.compress.prune import importance, prune_model
+from llm.compress.variants import build_pruned
 from llm.errors import ConfigError
 from llm.eval import param_count
-from tests.compress.conftest import gqa_llama, tiny_gpt2
+from tests.compress.conftest import gqa_llama, save, tiny_gpt2
 
 
 def test_pruned_llama_config_and_weights_agree_and_load(tmp_path: Path, tok: Any, calib: Any) -> None:
@@ -31,6 +32,16 @@ def test_pruned_llama_config_and_weights_agree_and_load(tmp_path: Path, tok: Any
     ids = torch.as_tensor(calib[:2])
     with torch.inference_mode():
         assert torch.equal(again(input_ids=ids).logits, small(input_ids=ids).logits)
+
+
+def test_pruned_variant_folder_stops_at_the_templates_end_of_turn(tmp_path: Path, tok: Any, calib: Any) -> None:
+    from transformers import GenerationConfig
+
+    src = save(gqa_llama(tok), tok, tmp_path / "fp32")
+    out = build_pruned(src, tmp_path / "pruned", calib, mlp_ratio=0.5, head_ratio=0.5, multiple=8)
+    assert GenerationConfig.from_pretrained(src).eos_token_id == tok.eos_token_id
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert GenerationConfig.from_pretrained(out).eos_token_id == sorted({tok.eos_token_id, end})
 
 
 def test_nothing_removed_gives_the_same_model(tok: Any, calib: Any) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from llm.compress.variants import build_int8
 from llm.errors import ConfigError
@@ -40,6 +41,10 @@ def test_llama_int8_shrinks_reloads_exactly_and_generates(tmp_path: Path, tok: A
     assert 0 < float((got - ref).abs().max()) < 0.1 * float(ref.abs().max())  # quantized, yet close
     gen = loaded.model.generate(input_ids=ids[:1, :8], max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert gen.shape == (1, 13)
+    # The variant stops where the template ends a turn, not only at eos as its source's config says.
+    assert GenerationConfig.from_pretrained(src).eos_token_id == tok.eos_token_id
+    assert GenerationConfig.from_pretrained(out).eos_token_id == sorted({tok.eos_token_id,
+                                                                        tok.convert_tokens_to_ids("<|end|>")})
 
 
 def test_gpt2_conv1d_is_converted_then_quantized(tmp_path: Path, tok: Any, calib: Any) -> None:

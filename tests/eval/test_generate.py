@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llm.eval import PromptPair, encode_prompts, generate_texts, generation_metrics, greedy_generate, prompt_pairs
-from llm.eval.generate import pad_id, stop_ids
+from llm.eval.generate import pad_id
+from llm.models.stops import stop_token_ids
 from tests.eval.conftest import RECORDS
 
 
@@ -40,8 +41,8 @@ def test_left_padding_gives_the_batch_1_outputs(model, tok):
 
 def test_stops_are_cut_and_text_batches_match(model, tok):
     pairs, _ = prompt_pairs(RECORDS)
-    stop = stop_ids(model, tok)
-    assert tok.convert_tokens_to_ids("<|end|>") in stop and tok.eos_token_id in stop
+    stop = stop_token_ids(tok, model.generation_config)  # the rule generate_texts and serving share
+    assert stop == sorted({tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id})
     texts = generate_texts(model, tok, pairs, max_new_tokens=16, batch_size=4)
     assert texts == generate_texts(model, tok, pairs, max_new_tokens=16, batch_size=1)
     assert len(texts) == len(pairs)
@@ -72,3 +73,35 @@ def test_a_tokenizer_without_chat_template_is_one_line(tok):
     bare = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|endoftext|>")
     with pytest.raises(DataError, match="no chat template"):
         encode_prompts(bare, prompt_pairs(RECORDS)[0])
+
+
+def test_eval_answers_end_at_a_foreign_templates_end_of_turn(tmp_path, monkeypatch):
+    """A Qwen-style base (eos `<|endoftext|>`, turns closed by `<|im_end|>`) that answers `<|im_end|>` at once
+    gives empty answers, as the endpoint would, not `max_new_tokens` of `<|im_end|>`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm.eval import generate
+    from tests.models.zoo import write_family
+
+    folder = write_family("qwen2", tmp_path / "qwen2")
+    qwen_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    qwen = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+    head = torch.nn.Linear(64, qwen.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-10.0)
+        head.bias[qwen_tok.convert_tokens_to_ids("<|im_end|>")] = 10.0
+    qwen.lm_head = head
+    tokens: list[list[int]] = []
+    real = generate.greedy_generate
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        tokens.extend(out)
+        return out
+
+    monkeypatch.setattr(generate, "greedy_generate", spy)
+    pairs, _ = prompt_pairs(RECORDS)
+    assert generate_texts(qwen, qwen_tok, pairs, max_new_tokens=6) == [""] * len(pairs)
+    assert tokens == [[]] * len(pairs)

@@ -145,7 +145,7 @@ def test_merged_model_matches_base_plus_adapter(dirs, tmp_path, arch):
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from llm.train.merge import merge_adapter
 
@@ -166,6 +166,27 @@ def test_merged_model_matches_base_plus_adapter(dirs, tmp_path, arch):
     assert not torch.allclose(ref, plain, atol=1e-3)  # the adapter changes the output
     torch.testing.assert_close(merged, ref, atol=1e-4, rtol=1e-4)
     assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) == 3  # 2 blocks + the rest, streamed
+    # The merged model is served with the fine-tuning template: its end-of-turn is among the eos ids.
+    tok = AutoTokenizer.from_pretrained(str(dirs["tok"]))
+    eos = GenerationConfig.from_pretrained(str(tmp_path / "merged")).eos_token_id
+    assert {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")} <= set(eos)
+
+
+def test_export_lists_the_templates_end_of_turn_among_eos(dirs, tmp_path):
+    """The full-model export (pretrain, full fine-tuning, distillation) writes a generation config that stops
+    at `<|end|>`, not only at eos as the model's own config says."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from llm.train.export import export_model
+
+    tok = AutoTokenizer.from_pretrained(str(dirs["tok"]))
+    model = AutoModelForCausalLM.from_pretrained(str(dirs["llama"]))
+    assert model.generation_config.eos_token_id == tok.eos_token_id  # what the base itself knows
+    out = export_model(SimpleNamespace(module=model), tmp_path / "model", tok)
+    assert out is not None
+    eos = GenerationConfig.from_pretrained(str(out)).eos_token_id
+    assert eos == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")})
+    assert AutoModelForCausalLM.from_pretrained(str(out)).num_parameters() == model.num_parameters()
 
 
 def test_empty_or_misshapen_adapter_is_an_error(dirs, tmp_path):
