@@ -3,9 +3,14 @@
     python bench/serve.py [CONFIG] [KEY=VALUE ...]     # default: a tiny model built here, cluster/local.yaml
 
 - added latency: p50 of a 1-token completion through the Serve endpoint minus the same call in-process
-  (the same FastAPI app and engine in this process, through httpx's ASGI transport), concurrency 1;
+  (the same FastAPI app and engine in this process, through httpx's ASGI transport), concurrency 1; beside
+  it Serve's own floor: the same difference for a trivial FastAPI app on Serve that generates nothing;
+- engine efficiency: the engine's generated tokens/s at 16 concurrent requests (in-process) / a bare batched
+  forward decode loop at batch 16 with a KV cache (the model alone: no scheduler, no sampling settings);
 - batching: generated tokens/s at 16 concurrent streams / at 1;
-- time to first token p50 at concurrency 16 / at 1.
+- time to first token p50 at concurrency 16 / at 1;
+- peak memory of a replica process prefilling 16 full-context prompts: keeping the last position's logits
+  (what the engine does) / keeping every position's (what it did).
 """
 
 from __future__ import annotations
@@ -46,8 +51,8 @@ def in_process_p50(model_dir: str, n: int, cfg) -> float:
     app = create_app(Service({"tiny": Engine(load_model(model_dir), cfg.max_batch_size)}, cfg))
 
     async def main() -> list[float]:
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local")
-        client = openai.AsyncOpenAI(base_url="http://local/v1", api_key="x", http_client=http, max_retries=0)
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1")
+        client = openai.AsyncOpenAI(base_url="http://127.0.0.1/v1", api_key="x", http_client=http, max_retries=0)
         times = []
         for i in range(n + 5):
             t0 = time.perf_counter()
@@ -93,6 +98,115 @@ def streams(client, concurrency: int, rounds: int) -> tuple[float, float]:
     return sum(t for t, _ in results) / wall, _p50([f for _, f in results])
 
 
+def engine_vs_bare(model_dir: str, batch: int = 16, tokens: int = 64) -> tuple[float, float]:
+    """(engine tokens/s at `batch` concurrent requests, bare batched decode loop tokens/s), in this process."""
+    import torch
+    from transformers import DynamicCache
+
+    from llm.models.load import load_model
+    from llm.serve.engine import Engine, GenerateRequest
+    from llm.serve.sampling import Sampling
+
+    loaded = load_model(model_dir)
+    ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+
+    def bare() -> float:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            x = torch.tensor([ids] * batch)
+            out = loaded.model(input_ids=x, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(tokens - 1):
+                out = loaded.model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            return batch * tokens / (time.perf_counter() - t0)
+
+    async def engine_rate() -> float:
+        engine = Engine(loaded, max_batch_size=batch)
+
+        async def one() -> int:
+            req = GenerateRequest(ids, tokens, Sampling(temperature=0), ignore_eos=True)
+            return sum([len(step.tokens) async for step in engine.generate(req)])
+
+        await asyncio.gather(*[one() for _ in range(batch)])  # warm-up
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*[one() for _ in range(batch)])
+        return sum(done) / (time.perf_counter() - t0)
+
+    bare()  # warm-up
+    rates = [(asyncio.run(engine_rate()), bare()) for _ in range(3)]
+    return statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
+
+
+_PEAK = """
+import resource, sys, torch
+from llm.models.load import load_model
+from llm.serve.batch import PaddedBatch
+loaded = load_model(sys.argv[1])
+torch.set_num_threads(1)
+n = loaded.context
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+PaddedBatch(loaded.model).prefill([[5] * n] * 16, 0, every_position=sys.argv[2] == "every")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def prefill_peak_mb(model_dir: str, keep: str) -> float:
+    """Peak RSS growth (MB) of a fresh process prefilling 16 full-context prompts."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _PEAK, model_dir, keep], capture_output=True, text=True, check=True,
+                         cwd=ROOT)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def serve_floor_ms(port: int, n: int) -> float:
+    """p50 ms a trivial FastAPI app on Serve adds over the same app in-process: Serve's own floor here."""
+    import httpx
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo() -> dict[str, int]:
+        return {"ok": 1}
+
+    @serve.deployment
+    @serve.ingress(app)
+    class Floor:
+        pass
+
+    serve.run(Floor.bind(), name="floor", route_prefix="/floor")
+
+    def p50(client: httpx.Client, url: str) -> float:
+        times = []
+        for i in range(n + 5):
+            t0 = time.perf_counter()
+            client.post(url, json={"x": 1})
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+        return _p50(times)
+
+    try:
+        with httpx.Client() as c:
+            through = p50(c, f"http://127.0.0.1:{port}/floor/echo")
+
+        async def local() -> float:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://l") as c:
+                times = []
+                for i in range(n + 5):
+                    t0 = time.perf_counter()
+                    await c.post("/echo", json={"x": 1})
+                    if i >= 5:
+                        times.append(time.perf_counter() - t0)
+                return _p50(times)
+
+        return (through - asyncio.run(local())) * 1e3
+    finally:
+        serve.delete("floor")
+
+
 def main(argv: list[str]) -> int:
     import openai
     from ray import serve
@@ -127,6 +241,15 @@ def main(argv: list[str]) -> int:
         print(f"batching: {rate16:.0f} tokens/s at 16 streams / {rate1:.0f} at 1 = {rate16 / rate1:.2f} (goal >= 4)")
         print(f"time to first token p50: {ttft16 * 1e3:.1f} ms at 16 / {ttft1 * 1e3:.1f} ms at 1 = "
               f"{ttft16 / ttft1:.2f} (no goal yet)")
+        floor = serve_floor_ms(loaded.llm.serve.port, 60)
+        print(f"Serve's own floor here (a trivial FastAPI app on Serve minus in-process): {floor:.2f} ms; "
+              f"llmray over that floor: {added_ms - floor:.2f} ms")
+        engine_rate, bare_rate = engine_vs_bare(model_dir)
+        print(f"engine efficiency: {engine_rate:.0f} tokens/s engine at 16 concurrent / {bare_rate:.0f} bare batched "
+              f"decode at batch 16 = {engine_rate / bare_rate:.2f} (goal >= 0.85)")
+        last, every = prefill_peak_mb(model_dir, "last"), prefill_peak_mb(model_dir, "every")
+        print(f"replica peak memory, prefill of 16 full-context prompts: {last:.1f} MB keeping the last position's "
+              f"logits / {every:.1f} MB keeping every position's = {last / max(every, 1e-9):.2f} (goal <= 1)")
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -24,11 +24,12 @@ def _running_gcs() -> list[str]:
         return []
 
 
-def connect(cfg: PipelineConfig, **init_kwargs: Any) -> None:
+def connect(cfg: PipelineConfig, join_running: bool = True, **init_kwargs: Any) -> None:
     """`ray.init` once per process.
 
     Order: `ray.address` from the config, else `RAY_ADDRESS` (set inside `ray job submit`), else a
-    cluster already running on this machine, else a new local Ray with `ray.num_cpus` logical CPUs
+    cluster already running on this machine (unless `join_running` is false: serving starts its own rather
+    than leave an app in somebody else's Ray), else a new local Ray with `ray.num_cpus` logical CPUs
     (more than the cores, so Train workers and Ray Data's tasks both get scheduled on 2 cores).
     A cluster that exists but refuses the connection (token auth, a different Ray version) is an error
     that says why, never a silent private cluster beside it.
@@ -48,7 +49,7 @@ def connect(cfg: PipelineConfig, **init_kwargs: Any) -> None:
             raise ClusterError(f"cannot connect to the Ray cluster at {address} ({source}): "
                                f"{_first_line(e)}{_auth_hint(e)}") from None
         return
-    running = _running_gcs()
+    running = _running_gcs() if join_running else []
     if running:
         try:
             ray.init(address="auto", **kwargs)
@@ -57,7 +58,8 @@ def connect(cfg: PipelineConfig, **init_kwargs: Any) -> None:
                                f"to it failed: {_first_line(e)}{_auth_hint(e)}; fix that, or `ray stop` it to let "
                                "llmray start its own") from None
         return
-    ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+    # "local": a new cluster even where another runs (plain `ray.init()` would join it).
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kwargs)
 
 
 def _auth_hint(e: BaseException) -> str:

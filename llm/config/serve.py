@@ -8,6 +8,9 @@ from pydantic import Field, model_validator
 
 from llm.config.base import Section
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+"""Hosts only this machine reaches."""
+
 
 class ServeConfig(Section):
     """Ray Serve OpenAI-compatible application: model, HTTP, batching, scaling and safety knobs."""
@@ -50,7 +53,14 @@ class ServeConfig(Section):
     max_tokens: int = Field(1024, ge=1)
     """Upper bound of a request's `max_tokens` (and the chat default); larger asks get 400."""
     max_body_bytes: int = Field(1_000_000, ge=1024)
-    """Request bodies larger than this get 413."""
+    """Request bodies larger than this get 413 (counted while the body is read, never buffered past it)."""
+    max_prompts: int = Field(256, ge=1)
+    """Sequences one request may ask for (prompts x `n`, or x `best_of`); more get 400."""
+    max_queued_tokens: int = Field(65_536, ge=1)
+    """Prompt tokens a replica holds waiting to join the batch; a request that would pass it gets 429 (one
+    client's 200,000 prompts cannot queue ahead of everyone)."""
+    allow_open: bool = False
+    """Allow a host other than loopback without `api_key_env` (anyone who reaches the port can use it)."""
     cpus_per_replica: float = Field(1.0, gt=0)
     """CPUs each replica reserves."""
     gpus_per_replica: float = Field(0.0, ge=0)
@@ -58,7 +68,8 @@ class ServeConfig(Section):
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads per replica; default: `cpus_per_replica` rounded up."""
     health_check_period_s: float = Field(10.0, gt=0)
-    """How often Serve runs the health check (a real one-token generation)."""
+    """How often Serve runs the health check (the engine's loop is alive and stepping; idle: a one-token
+    forward outside the request queue)."""
     foreground: bool | None = None
     """Keep `llmray serve` running until Ctrl-C; default: only when the command started Ray itself."""
 
@@ -69,6 +80,9 @@ class ServeConfig(Section):
                              f"({self.max_batch_size}) or batches never fill")
         if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.host not in LOOPBACK and self.api_key_env is None and not self.allow_open:
+            raise ValueError(f"host {self.host!r} opens the endpoint beyond this machine without an API key: set "
+                             "api_key_env (or allow_open: true to serve it open on purpose)")
         return self
 
     def ongoing_limit(self) -> int:

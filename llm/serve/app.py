@@ -48,14 +48,16 @@ class LLMServer:
         device = "cuda" if cfg.gpus_per_replica and torch.cuda.is_available() else "cpu"
         # A model in an object store is copied into this replica's node cache and checked against its manifest.
         engines = {name: Engine(load_model(local_model(path), device), cfg.max_batch_size,
-                                on_finish=request_recorder(name)) for name, path in models.items()}
+                                on_finish=request_recorder(name), max_queued_tokens=cfg.max_queued_tokens)
+                   for name, path in models.items()}
         self.service = Service(engines, cfg, key_sha256)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.service)
 
     async def check_health(self) -> None:
-        """Serve's health check: a real one-token generation per model (raises when the model cannot)."""
+        """Serve's health check, outside the request queue: each engine's loop is alive and stepping, and an
+        idle model runs a one-token forward pass (raises when it cannot). A busy replica is not a sick one."""
         await self.service.check()
 
 

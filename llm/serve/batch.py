@@ -40,17 +40,21 @@ class PaddedBatch:
         return int(self.mask.shape[0])
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> tuple[torch.Tensor, list[Any]]:
+                 kv: list[tuple[torch.Tensor, torch.Tensor]] | None, keep: int = 1) -> tuple[torch.Tensor, list[Any]]:
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=kv) if kv else DynamicCache()
+        # `logits_to_keep=1`: the head runs on the last position only (a prefill of 16 full-context prompts
+        # would otherwise hold rows x length x vocab floats that nothing reads).
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True)
+                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=keep)
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         return out.logits.float(), layers
 
-    def prefill(self, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
-        """Run new prompts (left-padded together), append them as rows; returns logits `(new, len, vocab)`.
+    def prefill(self, prompts: list[list[int]], pad_id: int, every_position: bool = False) -> torch.Tensor:
+        """Run new prompts (left-padded together), append them as rows; returns logits `(new, kept, vocab)`:
+        the last position only, or every position when `every_position` (prompt logprobs need them).
 
         Logits at padded positions are garbage; a row's real positions are its last `len(prompt)` ones.
         """
@@ -61,9 +65,19 @@ class PaddedBatch:
             ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts], dtype=torch.long)
             mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
-            logits, kv = self._forward(ids, mask, positions, None)
+            logits, kv = self._forward(ids, mask, positions, None, keep=0 if every_position else 1)
             self._append(kv, mask)
         return logits
+
+    def probe(self, token: int) -> None:
+        """A one-token forward outside the batch (the idle health check): raises when the model cannot run."""
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+            if not bool(torch.isfinite(logits).all()):
+                raise RuntimeError("the model's logits are not finite")
 
     def _append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         import torch

@@ -16,8 +16,10 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from llm.models.load import LoadedModel
+from llm.models.stops import stop_token_ids
 from llm.serve.batch import PaddedBatch
-from llm.serve.sampling import Choice, Sampling, prompt_logprobs, sample
+from llm.serve.protocol import ApiError
+from llm.serve.sampling import Choice, Row, Sampling, prompt_logprobs, sample
 
 log = logging.getLogger("ray.serve")
 
@@ -31,6 +33,12 @@ class GenerateRequest:
     sampling: Sampling = field(default_factory=Sampling)
     echo_logprobs: bool = False
     """Also report the prompt tokens' logprobs (completions' `echo` with `logprobs`)."""
+    stop_ids: frozenset[int] = frozenset()
+    """Tokens that end this request besides the model's own end-of-text and end-of-turn (`stop_token_ids`)."""
+    ignore_eos: bool = False
+    """Keep going past the model's end-of-text and end-of-turn tokens (load tests want exact lengths)."""
+    min_tokens: int = 0
+    """Stop tokens are not possible before this many tokens."""
 
 
 @dataclass
@@ -40,6 +48,8 @@ class Step:
     tokens: list[Choice] = field(default_factory=list)
     prompt: list[Choice] | None = None
     finish_reason: str | None = None
+    stop_token: int | None = None
+    """The token that ended the request (`finish_reason` "stop" on a token, not a stop string)."""
 
 
 @dataclass
@@ -70,13 +80,20 @@ class RequestStats:
 class Sequence:
     """One request in flight: its queue of steps, its budget, its state in the batch."""
 
-    def __init__(self, req: GenerateRequest) -> None:
+    def __init__(self, req: GenerateRequest, stops: frozenset[int]) -> None:
         self.req = req
         self.queue: asyncio.Queue[Step | BaseException] = asyncio.Queue()
         self.stats = RequestStats(prompt_tokens=len(req.prompt))
+        self.stops = (frozenset() if req.ignore_eos else stops) | req.stop_ids
+        self.generated: list[int] = []
         self.last = -1
         self.done = False
         self.cancelled = False
+
+    def row(self) -> Row:
+        """What sampling this sequence's next token needs."""
+        banned = sorted(self.stops) if len(self.generated) < self.req.min_tokens else []
+        return Row(self.req.sampling, self.req.prompt, self.generated, banned)
 
     def cancel(self) -> None:
         """Leave the batch at the next step (client gone, stop string found)."""
@@ -87,32 +104,53 @@ class Engine:
     """Continuous-batching generation over one loaded model."""
 
     def __init__(self, loaded: LoadedModel, max_batch_size: int = 16,
-                 on_finish: Callable[[RequestStats], None] | None = None) -> None:
+                 on_finish: Callable[[RequestStats], None] | None = None, max_queued_tokens: int = 65_536) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_batch_size = max_batch_size
+        self.max_queued_tokens = max_queued_tokens
         self.on_finish = on_finish
         self.context = loaded.context
         self.batch = PaddedBatch(loaded.model)
-        self.eos = _eos_ids(loaded)
+        # The model's end-of-text and its chat template's end-of-turn: a chat answer ends where its turn does.
+        self.eos = frozenset(stop_token_ids(loaded.tokenizer, getattr(loaded.model, "generation_config", None)))
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (min(self.eos) if self.eos else 0))
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
+        self._queued_tokens = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.last_step = time.monotonic()
+        """When the loop last finished a forward pass (the health check reads it)."""
 
     @property
     def in_flight(self) -> int:
         return len(self._waiting) + len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def reserve(self, tokens: int) -> None:
+        """429 unless `tokens` more prompt tokens fit in this replica's queue (`serve.max_queued_tokens`)."""
+        if self._queued_tokens + tokens > self.max_queued_tokens:
+            raise ApiError(429, f"This replica has {self._queued_tokens} prompt tokens waiting; {tokens} more would "
+                                f"pass its limit of {self.max_queued_tokens} (serve.max_queued_tokens). Retry later "
+                                "or send fewer prompts per request.", "rate_limit_error", code="queue_full")
 
     def submit(self, req: GenerateRequest) -> Sequence:
         """Queue a request; it joins the running batch at the next step with a free row."""
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()  # bound to the running loop
             self._task = asyncio.get_running_loop().create_task(self._loop())
-        seq = Sequence(req)
+        seq = Sequence(req, self.eos)
         self._waiting.append(seq)
+        self._queued_tokens += len(req.prompt)
         self._wake.set()
         return seq
 
@@ -131,6 +169,19 @@ class Engine:
         finally:
             seq.cancel()
 
+    async def check(self, stall_s: float = 60.0) -> None:
+        """Health, answered outside the request queue: the loop has not crashed and, when busy, has stepped
+        within `stall_s`; when idle, a one-token forward pass (in a worker thread) works. Raises otherwise."""
+        if self._task is not None and self._task.done() and not self._task.cancelled() and self._task.exception():
+            raise RuntimeError(f"the engine's loop died: {self._task.exception()!r}")
+        if self.in_flight:
+            idle = time.monotonic() - self.last_step
+            if idle > stall_s:
+                raise RuntimeError(f"the engine has not finished a step in {idle:.0f} s with {self.in_flight} "
+                                   "requests in flight")
+            return
+        await asyncio.to_thread(self.batch.probe, self.pad_id)
+
     async def _loop(self) -> None:
         while True:
             if not self._running and not self._waiting:
@@ -148,44 +199,58 @@ class Engine:
                     seq.queue.put_nowait(e)
                 self._running = []
                 self.batch.keep([])
+            self.last_step = time.monotonic()
 
     def _admit(self) -> list[Sequence]:
         joining: list[Sequence] = []
         while self._waiting and len(self._running) + len(joining) < self.max_batch_size:
             seq = self._waiting.popleft()
+            self._queued_tokens -= len(seq.req.prompt)
             if not seq.cancelled:
                 seq.stats.admitted = time.perf_counter()
                 joining.append(seq)
         return joining
 
-    def _prefill(self, joining: list[Sequence]) -> list[tuple[Sequence, Step]]:
-        logits = self.batch.prefill([s.req.prompt for s in joining], self.pad_id)
+    def _prefill(self, joining: list[Sequence]) -> list[tuple[Sequence, Step | Exception]]:
+        # Only an echo with logprobs needs every prompt position's logits; the rest need the last one.
+        every = any(s.req.echo_logprobs for s in joining)
+        logits = self.batch.prefill([s.req.prompt for s in joining], self.pad_id, every_position=every)
         self._running += joining
-        events = []
-        for seq, row in zip(joining, logits, strict=True):
+        chosen = sample(logits[:, -1], [s.row() for s in joining])
+        events: list[tuple[Sequence, Step | Exception]] = []
+        for seq, row, choice in zip(joining, logits, chosen, strict=True):
+            if isinstance(choice, Exception):
+                events.append((seq, choice))
+                continue
             step = Step()
             if seq.req.echo_logprobs:
                 real = row[row.shape[0] - len(seq.req.prompt):]
                 step.prompt = prompt_logprobs(real, seq.req.prompt, seq.req.sampling.top_logprobs or 0)
             if seq.req.max_tokens > 0:
-                step.tokens = sample(row[-1:], [seq.req.sampling])
+                step.tokens = [choice]
             events.append((seq, step))
         return events
 
-    def _decode(self) -> list[tuple[Sequence, Step]]:
+    def _decode(self) -> list[tuple[Sequence, Step | Exception]]:
         logits = self.batch.decode([s.last for s in self._running])
-        chosen = sample(logits, [s.req.sampling for s in self._running])
-        return [(seq, Step([c])) for seq, c in zip(self._running, chosen, strict=True)]
+        chosen = sample(logits, [s.row() for s in self._running])
+        return [(seq, c if isinstance(c, Exception) else Step([c]))
+                for seq, c in zip(self._running, chosen, strict=True)]
 
-    def _deliver(self, events: list[tuple[Sequence, Step]]) -> None:
+    def _deliver(self, events: list[tuple[Sequence, Step | Exception]]) -> None:
         now = time.perf_counter()
         for seq, step in events:
+            if isinstance(step, Exception):  # this request alone failed (its settings, not the model)
+                seq.done = True
+                seq.queue.put_nowait(ApiError(400, f"generation failed for this request: {step}"))
+                continue
             if step.tokens:
                 seq.last = step.tokens[-1].token
+                seq.generated += [c.token for c in step.tokens]
                 seq.stats.tokens += len(step.tokens)
                 seq.stats.first_token = seq.stats.first_token or now
-                if seq.last in self.eos:
-                    step.finish_reason = "stop"
+                if seq.last in seq.stops:
+                    step.finish_reason, step.stop_token = "stop", seq.last
             if step.finish_reason is None and seq.stats.tokens >= seq.req.max_tokens:
                 step.finish_reason = "length"
             if step.finish_reason is not None:
@@ -209,13 +274,3 @@ def _coalesce(step: Step, queue: asyncio.Queue[Step | BaseException]) -> Step:
             break
         step = Step([*step.tokens, *nxt.tokens], step.prompt, nxt.finish_reason)
     return step
-
-
-def _eos_ids(loaded: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for value in (loaded.tokenizer.eos_token_id, getattr(loaded.model.generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(int(v) for v in value)
-    return ids

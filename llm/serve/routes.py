@@ -1,4 +1,5 @@
-"""The OpenAI-compatible FastAPI app: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/health`.
+"""The OpenAI-compatible FastAPI app: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, vLLM's
+`/tokenize`, `/detokenize` and `/tokenizer_info`, Prometheus `/metrics`, and `/health`.
 
 Built by `create_app(service)` so the very same app runs inside a Serve replica and in-process (tests,
 the benchmark's baseline). Every error is OpenAI's error JSON; a request is validated completely
@@ -15,10 +16,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from llm.serve.engine import GenerateRequest
+from llm.serve.engine import Engine
+from llm.serve.http import host_allowed, read_body
 from llm.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_body
 from llm.serve.responses import (
     CompletionLogprobs,
@@ -32,7 +34,8 @@ from llm.serve.responses import (
 )
 from llm.serve.sampling import Choice
 from llm.serve.service import COMPLETION_DEFAULT_MAX_TOKENS, Service
-from llm.serve.text import Piece, run_choice
+from llm.serve.text import Piece, TextOptions, run_choice
+from llm.serve.tokenizer_routes import add_tokenizer_routes
 
 log = logging.getLogger("ray.serve")
 
@@ -93,11 +96,22 @@ def _error(status: int, message: str, type_: str = "invalid_request_error") -> J
 def create_app(service: Service) -> FastAPI:
     """The FastAPI app over a `Service`."""
     app = FastAPI(title="llmray", description="OpenAI-compatible completions and chat", docs_url=None,
-                  redoc_url=None)
+                  redoc_url=None, openapi_url=None)
+    limit = service.cfg.max_body_bytes
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        if not host_allowed(service.cfg.host, request.headers.get("host")):
+            response: Any = _error(403, f"Host {request.headers.get('host')!r} is not served here")
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        service.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
+        return response
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": "1"} if e.status == 429 else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -116,50 +130,73 @@ def create_app(service: Service) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/openapi.json")
+    async def openapi(request: Request) -> dict[str, Any]:
+        service.authorize(request.headers.get("authorization"))
+        return app.openapi()
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        service.authorize(request.headers.get("authorization"))
+        body, kind = service.metrics.render()
+        return Response(body, media_type=kind)
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         service.authorize(request.headers.get("authorization"))
-        return {"object": "list", "data": [_model_card(name) for name in service.engines]}
+        return {"object": "list", "data": [_model_card(name, e) for name, e in service.engines.items()]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str, request: Request) -> dict[str, Any]:
         service.authorize(request.headers.get("authorization"))
-        service.engine(model)
-        return _model_card(model)
+        return _model_card(model, service.engine(model))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> JSONResponse | StreamingResponse:
         service.authorize(request.headers.get("authorization"))
-        req = parse_body(await request.body(), CompletionRequest, service.cfg.max_body_bytes)
+        req = parse_body(await read_body(request, limit), CompletionRequest)
         return await _completions(service, req)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> JSONResponse | StreamingResponse:
         service.authorize(request.headers.get("authorization"))
-        req = parse_body(await request.body(), ChatRequest, service.cfg.max_body_bytes)
+        req = parse_body(await read_body(request, limit), ChatRequest)
         return await _chat(service, req)
 
+    add_tokenizer_routes(app, service, limit)
     return app
 
 
-def _model_card(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "llmray"}
+def _model_card(name: str, engine: Engine) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llmray", "root": name, "parent": None,
+            "max_model_len": engine.context}
+
+
+def _text_options(req: CompletionRequest | ChatRequest) -> TextOptions:
+    return TextOptions(req.stop_list(), bool(req.include_stop_str_in_output), req.skip_special_tokens is not False)
+
+
+def _usage_extra(req: CompletionRequest | ChatRequest, prompt: int, completion: int) -> dict[str, Any]:
+    return {"usage": usage(prompt, completion)} if req.continuous_usage() else {}
 
 
 async def _completions(service: Service, req: CompletionRequest) -> JSONResponse | StreamingResponse:
     engine = service.engine(req.model)
     prompts = [service.prompt_ids(engine, p) for p in req.prompts()]
     top = req.logprobs
-    gens = [GenerateRequest(ids, service.budget(engine, len(ids), req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS),
-                            service.sampling(req.temperature, req.top_p, req.seed, top),
-                            echo_logprobs=req.echo and top is not None) for ids in prompts]
+    per, keep = req.candidates(), req.choices()
+    gens = [service.generate_request(engine, req, ids, service.budget(engine, len(ids), req.max_tokens,
+                                                                       COMPLETION_DEFAULT_MAX_TOKENS),
+                                      j, top, echo=bool(req.echo) and top is not None)
+            for ids in prompts for j in range(per)]
+    service.admit(engine, gens)
     prompt_texts = [engine.tokenizer.decode(ids) for ids in prompts]
-    texts = prompt_texts if req.echo else ["" for _ in prompts]
     token_text = TokenText(engine.tokenizer)
-    # OpenAI's text_offset counts from the start of the prompt, echoed or not.
-    books = [CompletionLogprobs(token_text, 0 if req.echo else len(t)) for t in prompt_texts]
-    rid, stops = new_id("cmpl"), req.stop_list()
-    stream = within(merged([run_choice(engine, i, g, stops) for i, g in enumerate(gens)]),
+    # Choice i is prompt i // per; OpenAI's text_offset counts from the start of the prompt, echoed or not.
+    texts = [prompt_texts[i // per] if req.echo else "" for i in range(len(gens))]
+    books = [CompletionLogprobs(token_text, 0 if req.echo else len(prompt_texts[i // per])) for i in range(len(gens))]
+    rid, opts = new_id("cmpl"), _text_options(req)
+    stream = within(merged([run_choice(engine, i, g, opts) for i, g in enumerate(gens)]),
                     service.cfg.request_timeout_s)
     prompt_total = sum(len(p) for p in prompts)
 
@@ -175,7 +212,7 @@ async def _completions(service: Service, req: CompletionRequest) -> JSONResponse
     if req.stream:
         async def chunks() -> AsyncIterator[dict[str, Any]]:
             sent_echo: set[int] = set()
-            completion_total = 0
+            done = [0] * len(gens)
             async for piece in stream:
                 if not (piece.text or piece.finish_reason or piece.index not in sent_echo or top is not None):
                     continue  # text held back (partial character, possible stop string): nothing to send
@@ -183,68 +220,82 @@ async def _completions(service: Service, req: CompletionRequest) -> JSONResponse
                 if piece.index not in sent_echo:
                     sent_echo.add(piece.index)
                     text = texts[piece.index] + text
+                done[piece.index] = piece.completion_tokens
                 choice = {"index": piece.index, "text": text, "logprobs": logprobs_of(piece),
                           "finish_reason": piece.finish_reason}
-                if piece.finish_reason is not None:
-                    completion_total += piece.completion_tokens
-                yield envelope("text_completion", rid, req.model, [choice])
+                yield envelope("text_completion", rid, req.model, [choice],
+                               **_usage_extra(req, prompt_total, sum(done)))
             if req.include_usage():
-                yield envelope("text_completion", rid, req.model, [], usage=usage(prompt_total, completion_total))
+                yield envelope("text_completion", rid, req.model, [], usage=usage(prompt_total, sum(done)))
 
         return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
 
     out: list[dict[str, Any]] = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": None}
                                  for i in range(len(gens))]
+    score = [0.0] * len(gens)
     completion_total = 0
     async for piece in stream:
         choice = out[piece.index]
         choice["text"] += piece.text
+        score[piece.index] += sum(c.logprob or 0.0 for c in piece.tokens)
         if top is not None:
             choice["logprobs"] = merge_logprobs(choice["logprobs"], logprobs_of(piece) or {})
         if piece.finish_reason is not None:
             choice["finish_reason"] = piece.finish_reason
             completion_total += piece.completion_tokens
+    if per > keep:  # best_of: the `n` candidates of each prompt with the highest total logprob
+        out = [c for p in range(len(prompts))
+               for c in sorted(out[p * per:(p + 1) * per], key=lambda c: -score[c["index"]])[:keep]]
+        for i, c in enumerate(out):
+            c["index"] = i
     return JSONResponse(envelope("text_completion", rid, req.model, out, usage=usage(prompt_total, completion_total)))
 
 
 async def _chat(service: Service, req: ChatRequest) -> JSONResponse | StreamingResponse:
     engine = service.engine(req.model)
-    gen = service.chat_request(engine, req)
+    gens = service.chat_requests(engine, req)
     rid, token_text = new_id("chatcmpl"), TokenText(engine.tokenizer)
-    stream = within(run_choice(engine, 0, gen, req.stop_list()), service.cfg.request_timeout_s)
-    prompt_tokens = len(gen.prompt)
+    opts = _text_options(req)
+    stream = within(merged([run_choice(engine, i, g, opts) for i, g in enumerate(gens)]),
+                    service.cfg.request_timeout_s)
+    prompt_tokens = len(gens[0].prompt) if gens else 0
 
     def logprobs_of(piece: Piece) -> dict[str, Any] | None:
         return chat_logprobs(token_text, piece.tokens) if req.logprobs else None
 
     if req.stream:
         async def chunks() -> AsyncIterator[dict[str, Any]]:
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}
-            yield envelope("chat.completion.chunk", rid, req.model, [first])
-            completion = 0
+            done = [0] * len(gens)
+            for i in range(len(gens)):
+                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}
+                yield envelope("chat.completion.chunk", rid, req.model, [first], **_usage_extra(req, prompt_tokens, 0))
             async for piece in stream:
                 if not (piece.text or piece.finish_reason or req.logprobs):
                     continue  # text held back (partial character, possible stop string): nothing to send
                 delta = {"content": piece.text} if piece.text else {}
-                choice = {"index": 0, "delta": delta, "logprobs": logprobs_of(piece),
+                choice = {"index": piece.index, "delta": delta, "logprobs": logprobs_of(piece),
                           "finish_reason": piece.finish_reason}
-                completion = piece.completion_tokens
-                yield envelope("chat.completion.chunk", rid, req.model, [choice])
+                done[piece.index] = piece.completion_tokens
+                yield envelope("chat.completion.chunk", rid, req.model, [choice],
+                               **_usage_extra(req, prompt_tokens, sum(done)))
             if req.include_usage():
-                yield envelope("chat.completion.chunk", rid, req.model, [], usage=usage(prompt_tokens, completion))
+                yield envelope("chat.completion.chunk", rid, req.model, [], usage=usage(prompt_tokens, sum(done)))
 
         return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
 
     started = time.perf_counter()
-    text, finish, completion, content_lp = "", None, 0, []
+    texts, counts = [""] * len(gens), [0] * len(gens)
+    finishes: list[str | None] = [None] * len(gens)
+    content_lp: list[list[Any]] = [[] for _ in gens]
     async for piece in stream:
-        text += piece.text
-        finish, completion = piece.finish_reason, piece.completion_tokens
-        content_lp += (logprobs_of(piece) or {"content": []})["content"]
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": {"content": content_lp} if req.logprobs else None,
-              "finish_reason": finish}
-    log.debug("chat %s: %d tokens in %.3fs", rid, completion, time.perf_counter() - started)
-    return JSONResponse(envelope("chat.completion", rid, req.model, [choice],
-                                 usage=usage(prompt_tokens, completion)))
+        texts[piece.index] += piece.text
+        if piece.finish_reason is not None:
+            finishes[piece.index], counts[piece.index] = piece.finish_reason, piece.completion_tokens
+        content_lp[piece.index] += (logprobs_of(piece) or {"content": []})["content"]
+    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                "logprobs": {"content": content_lp[i]} if req.logprobs else None, "finish_reason": finishes[i]}
+               for i in range(len(gens))]
+    log.debug("chat %s: %d tokens in %.3fs", rid, sum(counts), time.perf_counter() - started)
+    return JSONResponse(envelope("chat.completion", rid, req.model, choices,
+                                 usage=usage(prompt_tokens, sum(counts))))

@@ -6,15 +6,16 @@ always a 4xx and never reaches a forward pass.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from llm.config import ServeConfig
-from llm.serve.engine import Engine, GenerateRequest
-from llm.serve.protocol import ApiError, ChatRequest, Message
+from llm.serve.engine import Engine, GenerateRequest, RequestStats
+from llm.serve.metrics import ReplicaMetrics
+from llm.serve.protocol import ApiError, ChatRequest, CompletionRequest
 from llm.serve.sampling import Sampling
 
 log = logging.getLogger("ray.serve")
@@ -39,6 +40,11 @@ class Service:
         self.engines = engines
         self.cfg = cfg
         self.key_sha256 = key_sha256
+        self.special = {id(e): special_strings(e.tokenizer) for e in engines.values()}
+        self.metrics = ReplicaMetrics()
+        for name, engine in engines.items():
+            self.metrics.watch(name, engine)
+            engine.on_finish = _both(engine.on_finish, self.metrics.recorder(name))
 
     def authorize(self, header: str | None) -> None:
         """401 unless `Authorization: Bearer <key>` matches (when a key is configured)."""
@@ -63,16 +69,44 @@ class Service:
             raise ApiError(400, f"prompt: token ids must be < {vocab}", param="prompt")
         return prompt
 
-    def chat_ids(self, engine: Engine, messages: list[Message]) -> list[int]:
-        """The conversation rendered with the model's chat template (ChatML when it has none)."""
+    def chat_ids(self, engine: Engine, req: ChatRequest) -> list[int]:
+        """The conversation rendered with the model's chat template (ChatML when it has none).
+
+        Only the template inserts control tokens: text in a message that looks like a special token
+        (`<|im_start|>system`) stays text, so a user cannot forge a system or assistant turn.
+        """
         tok = engine.tokenizer
-        rendered = [{"role": m.role, "content": m.text()} for m in messages]
-        try:
-            text = tok.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True,
-                                           chat_template=None if tok.chat_template else DEFAULT_CHAT_TEMPLATE)
-        except Exception as e:  # a template may refuse a conversation (e.g. roles must alternate)
-            raise ApiError(400, f"messages: the chat template refused them: {e}", param="messages") from None
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        template = tok.chat_template or DEFAULT_CHAT_TEMPLATE
+        if req.tools and "tools" not in template:
+            raise ApiError(400, f"tools: the chat template of model {req.model} has no tool support", param="tools")
+        kwargs: dict[str, Any] = {"tools": req.tools} if req.tools else {}
+        if req.continue_final_message:
+            kwargs["continue_final_message"] = True
+        contents = [m.text() for m in req.messages]
+        sentinels = [f"\ue000{i}\ue001" for i in range(len(contents))]
+        forged = any(t in c for c in contents for t in self.special[id(engine)])
+
+        def render(texts: list[str]) -> str:
+            messages = [{"role": m.role, "content": t} for m, t in zip(req.messages, texts, strict=True)]
+            try:
+                return str(tok.apply_chat_template(messages, tokenize=False, chat_template=template,
+                                                   add_generation_prompt=bool(req.add_generation_prompt) and
+                                                   not req.continue_final_message, **kwargs))
+            except Exception as e:  # a template may refuse a conversation (e.g. roles must alternate)
+                raise ApiError(400, f"messages: the chat template refused them: {e}", param="messages") from None
+
+        if not forged:  # the common case: tokenized exactly as training rendered it
+            return list(tok(render(contents), add_special_tokens=False)["input_ids"])
+        text = render(sentinels)
+        ids: list[int] = []
+        for sentinel, content in zip(sentinels, contents, strict=True):
+            head, found, text = text.partition(sentinel)
+            if not found:
+                raise ApiError(400, "messages: a message contains special-token text and the model's chat "
+                                    "template does not insert contents verbatim", param="messages")
+            ids += tok(head, add_special_tokens=False)["input_ids"]
+            ids += tok(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return ids + list(tok(text, add_special_tokens=False)["input_ids"])
 
     def budget(self, engine: Engine, prompt_len: int, asked: int | None, default: int) -> int:
         """Tokens to generate: asked (bounded by `serve.max_tokens` and the context) or the default that
@@ -92,27 +126,60 @@ class Service:
                            param="messages", code="context_length_exceeded")
         return wanted
 
-    def sampling(self, temperature: float, top_p: float, seed: int | None, top: int | None) -> Sampling:
-        """Decoding settings of one choice."""
-        return Sampling(temperature=temperature, top_p=top_p, seed=seed, top_logprobs=top)
+    def sampling(self, req: ChatRequest | CompletionRequest, top: int | None, index: int = 0) -> Sampling:
+        """Decoding settings of one choice; choice `index` of a seeded request draws from `seed + index`, so
+        `n` choices differ and the request stays reproducible."""
+        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+        return Sampling(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0, presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias,
+            seed=None if req.seed is None else (req.seed + index) % 2**64, top_logprobs=top,
+            track_logprob=isinstance(req, CompletionRequest) and req.candidates() > req.choices())
 
-    def chat_request(self, engine: Engine, req: ChatRequest) -> GenerateRequest:
-        """A chat request as the engine's request."""
-        ids = self.chat_ids(engine, req.messages)
+    def generate_request(self, engine: Engine, req: ChatRequest | CompletionRequest, ids: list[int], budget: int,
+                         index: int, top: int | None, echo: bool = False) -> GenerateRequest:
+        """One choice as the engine's request."""
+        vocab = engine.loaded.model.config.vocab_size
+        if any(t >= vocab for t in req.stop_token_ids or []):
+            raise ApiError(400, f"stop_token_ids: token ids must be < {vocab}", param="stop_token_ids")
+        return GenerateRequest(ids, budget, self.sampling(req, top, index), echo_logprobs=echo,
+                               stop_ids=frozenset(req.stop_token_ids or []), ignore_eos=bool(req.ignore_eos),
+                               min_tokens=min(req.min_tokens or 0, budget))
+
+    def admit(self, engine: Engine, gens: list[GenerateRequest]) -> None:
+        """400 past `serve.max_prompts` sequences in one request; 429 when the replica's queue is full."""
+        if len(gens) > self.cfg.max_prompts:
+            raise ApiError(400, f"this request asks for {len(gens)} sequences (prompts x n or best_of); this server "
+                                f"allows at most {self.cfg.max_prompts} per request", param="prompt")
+        engine.reserve(sum(len(g.prompt) for g in gens))
+
+    def chat_requests(self, engine: Engine, req: ChatRequest) -> list[GenerateRequest]:
+        """A chat request as the engine's requests, one per choice."""
+        ids = self.chat_ids(engine, req)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        if req.top_logprobs is not None and not req.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         budget = self.budget(engine, len(ids), req.token_budget(), default=self.cfg.max_tokens)
-        return GenerateRequest(ids, budget, self.sampling(req.temperature, req.top_p, req.seed, top))
+        gens = [self.generate_request(engine, req, ids, budget, i, top) for i in range(req.choices())]
+        self.admit(engine, gens)
+        return gens
 
-    async def check(self, timeout_s: float = 30.0) -> None:
-        """Health: every model generates one token within `timeout_s`; raises otherwise."""
-        for name, engine in self.engines.items():
-            req = GenerateRequest([engine.pad_id], 1, Sampling(temperature=0))
+    async def check(self) -> None:
+        """Health, outside the request queue: every model's engine is alive (`Engine.check`); raises otherwise."""
+        for engine in self.engines.values():
+            await engine.check()
 
-            async def one(e: Engine = engine, r: GenerateRequest = req) -> Any:
-                return [step async for step in e.generate(r)]
 
-            steps = await asyncio.wait_for(one(), timeout_s)
-            if not steps or not steps[-1].tokens:
-                raise RuntimeError(f"model {name} generated nothing")
+def _both(first: Callable[[RequestStats], None] | None,
+          second: Callable[[RequestStats], None]) -> Callable[[RequestStats], None]:
+    def record(stats: RequestStats) -> None:
+        if first is not None:
+            first(stats)
+        second(stats)
+
+    return record
+
+
+def special_strings(tok: Any) -> list[str]:
+    """The strings of the tokenizer's special and added tokens."""
+    return sorted({*tok.all_special_tokens, *(str(t) for t in tok.get_added_vocab())} - {""})

@@ -1,18 +1,22 @@
 """The serve stage: deploy the chosen model on Ray Serve and record the endpoint.
 
-On a cluster the application stays up after the command (Serve's controller is detached; `serve status`
-shows it). Where the command started Ray itself, Ray ends with the process, so the command keeps the
-endpoint up in the foreground until Ctrl-C.
+It attaches to a Ray only when `ray.address` (or `RAY_ADDRESS`) names one: there the application stays up
+after the command (Serve's controller is detached) and the command says how to stop it. Otherwise it starts
+its own Ray, even beside another one running on the machine, and keeps the endpoint up in the foreground
+until Ctrl-C. What Serve actually bound is read back: a Serve already running keeps its first host and port
+(Ray only logs that it ignored new ones), so a mismatch is an error, never a wrong `endpoint.json`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
 from llm import storage
 from llm.config import PipelineConfig
+from llm.errors import ClusterError
 from llm.raycluster import connect
 from llm.serve.app import APP_NAME, build_application, http_options, model_dirs
 from llm.serve.vllm import check_vllm_config, require_vllm
@@ -50,11 +54,32 @@ def deploy(cfg: PipelineConfig) -> dict[str, Any]:
     resources = ray.cluster_resources()
     app = build_application(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
     serve.start(http_options=http_options(cfg.serve))
+    check_bound(cfg)
     t0 = time.perf_counter()
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     models = model_dirs(cfg)
     return {"url": base_url(cfg), "models": models, "engine": cfg.serve.engine,
             "ready_s": round(time.perf_counter() - t0, 3)}
+
+
+def bound_address() -> tuple[str, int]:
+    """The host and port Serve's proxies actually bind (from its controller)."""
+    from ray.serve.context import _get_global_client  # private: Serve has no public getter for its HTTP options
+
+    client = _get_global_client()
+    if client is None:
+        raise ClusterError("serve: Serve is not running on this Ray after serve.start")
+    http = client.http_config
+    return str(http.host), int(http.port)
+
+
+def check_bound(cfg: PipelineConfig) -> None:
+    """A Serve already running on this Ray keeps its host and port; refuse to record another URL."""
+    host, port = bound_address()
+    if (host, port) != (cfg.serve.host, cfg.serve.port):
+        raise ClusterError(f"metadata.llm.serve: Serve on this Ray already listens on {host}:{port}, not "
+                           f"{cfg.serve.host}:{cfg.serve.port} as configured; set serve.host/serve.port to match, "
+                           "or `serve shutdown -y` first")
 
 
 def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
@@ -69,7 +94,8 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
         check_vllm_config(cfg, models)
         require_vllm()
     print(f"serve: {', '.join(f'{k} <- {v}' for k, v in models.items())}", flush=True)
-    connect(cfg, log_to_driver=False)  # per-request logs stay in Serve's replica logs
+    attach = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    connect(cfg, join_running=False, log_to_driver=False)  # per-request logs stay in Serve's replica logs
     started_here = _started_ray_here()
 
     def body(folder: storage.Folder) -> dict[str, Any]:
@@ -84,6 +110,11 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
           f"  {curl_example(cfg, name)}", flush=True)
     if cfg.serve.foreground if cfg.serve.foreground is not None else started_here:
         _hold()
+    elif not started_here:
+        where = attach or "the Ray this process is connected to"
+        print(f"serve: attached to {where}; the app stays up after this command. Stop it with "
+              f"`serve delete {APP_NAME}` (or `serve shutdown -y`; add --address <dashboard URL> off the head node)",
+              flush=True)
     return result
 
 

@@ -86,3 +86,61 @@ def client(base_url: str):
     import openai
 
     return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+CHAT = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello there"}]
+
+
+def teach_to_answer(folder: Path, messages: list[dict[str, str]] = CHAT, steps: int = 120) -> Path:
+    """Overfit the model in `folder` on one conversation (loss on the assistant turn, its end-of-turn token
+    included), in place: a model that really emits its template's end-of-turn token, made on purpose. Its
+    `generation_config.json` keeps only end-of-text as eos, as base checkpoints do."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from llm.models.chat import render
+
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    ids, labels = render(tok, messages)
+    x, y = torch.tensor([ids]), torch.tensor([labels])
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two models taught to answer one conversation: this project's template (turns end with `<|end|>`) and
+    a Qwen2 base with ChatML (`<|im_end|>`); neither lists its end-of-turn token as eos."""
+    from tests.models.zoo import write_family
+
+    own = tmp_path_factory.mktemp("own-chat")
+    build_own_chat_model(own)
+    chatml = write_family("qwen2", tmp_path_factory.mktemp("qwen2-chat"))
+    return {"own": teach_to_answer(own), "chatml": teach_to_answer(chatml)}
+
+
+def build_own_chat_model(folder: Path) -> Path:
+    """The tiny llama with the tokenizer the data stage trains (this project's special tokens and template)."""
+    from pydoc_data.topics import topics
+
+    from llm.config import ModelConfig
+    from llm.data.tokenizer import train_tokenizer
+    from llm.train.model import build_model
+
+    fast = train_tokenizer([topics[k] for k in sorted(topics)], folder, vocab_size=VOCAB, min_frequency=2)
+    model = build_model(ModelConfig(arch="llama", n_layers=2, d_model=64, n_heads=4, context=CONTEXT), VOCAB,
+                        seed=0, tokenizer=fast)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder

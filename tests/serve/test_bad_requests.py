@@ -35,9 +35,17 @@ BAD = [
     ("completions", b'{"model": "tiny", "prompt": "x", "max_tokens": 2.5}', 400),
     ("completions", b'{"model": "tiny", "prompt": "x", "temperature": -1}', 400),
     ("completions", b'{"model": "tiny", "prompt": "x", "top_p": 0}', 400),
-    ("completions", b'{"model": "tiny", "prompt": "x", "n": 2}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "n": 100}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "n": 3, "best_of": 2}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "suffix": "y"}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "seed": 100000000000000000000000}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "stop": "' + b"s" * 300 + b'"}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "logit_bias": {"a": 1}}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "stop_token_ids": [99999]}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "top_k": -5}', 400),
+    ("completions", b"[" * 100_000 + b"]" * 100_000, 400),
+    ("completions", json.dumps({"model": "tiny", "prompt": ["a"] * 300, "max_tokens": 1}).encode(), 400),
     ("completions", b'{"model": "tiny", "prompt": "x", "logprobs": 99}', 400),
-    ("completions", b'{"model": "tiny", "prompt": "x", "no_such_field": 1}', 400),
     ("completions", b'{"model": "tiny", "prompt": [99999999]}', 400),
     ("completions", b'{"model": "tiny", "prompt": ""}', 400),
     ("completions", b'{"model": "tiny", "prompt": []}', 400),
@@ -51,6 +59,11 @@ BAD = [
     ("chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": 3}', 400),
     ("chat/completions", json.dumps({"model": "tiny", "messages": [{"role": "user", "content": LONG}]}).encode(), 400),
     ("chat/completions", b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404),
+    ("chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+                         b'"tools": [{"type": "function", "function": {"name": "f"}}]}', 400),
+    ("chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+                         b'"response_format": {"type": "json_object"}}', 400),
+    ("chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400),
     ("completions", b'{"model": "tiny", "prompt": "' + b"x" * 2_000_000 + b'"}', 413),
 ]
 
@@ -62,6 +75,48 @@ def test_bad_request_is_4xx_with_openai_error_json(base_url: str, route: str, bo
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and "\n" not in error["message"]
+
+
+TOLERATED = [  # what load and eval tools send: accepted, as vLLM's server accepts it (unknown fields logged once)
+    {"model": "tiny", "prompt": "x", "no_such_field": 1, "max_tokens": 2},
+    {"model": "tiny", "prompt": "x", "temperature": None, "top_p": None, "n": None, "stream": None, "max_tokens": 2},
+    {"model": "tiny", "prompt": "x", "top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1, "presence_penalty": 0.5,
+     "frequency_penalty": 0.5, "logit_bias": {"7": 2.0}, "seed": 3, "max_tokens": 2, "temperature": 0.7},
+    {"model": "tiny", "prompt": "x", "ignore_eos": True, "min_tokens": 2, "max_tokens": 2, "best_of": 2, "n": 1},
+    {"model": "tiny", "prompt": "x", "temperature": 1e-40, "max_tokens": 2, "stop_token_ids": [5],
+     "include_stop_str_in_output": True, "stream_options": {"include_usage": True}, "user": "u"},
+]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("body", TOLERATED, ids=range(len(TOLERATED)))
+def test_what_load_and_eval_tools_send_is_accepted(base_url: str, body: dict) -> None:
+    r = httpx.post(f"{base_url}/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.ray
+def test_non_json_content_type_is_415_and_a_foreign_host_403(base_url: str) -> None:
+    """A web page can post `text/plain` or a form to a local server without a CORS preflight, or rebind its
+    own DNS name to 127.0.0.1; neither drives the endpoint."""
+    body = b'{"model": "tiny", "prompt": "x", "max_tokens": 1}'
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        r = httpx.post(f"{base_url}/completions", content=body, headers={"content-type": kind}, timeout=30)
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    r = httpx.post(f"{base_url}/completions", content=body, timeout=30,
+                   headers={"content-type": "application/json", "host": "attacker.example:80"})
+    assert r.status_code == 403
+
+
+@pytest.mark.ray
+def test_openapi_and_metrics_behind_the_key_like_every_route(base_url: str) -> None:
+    root = base_url.removesuffix("/v1")
+    assert httpx.get(f"{root}/openapi.json", timeout=10).status_code == 200  # no key configured here
+    metrics = httpx.get(f"{root}/metrics", timeout=10).text
+    for name in ("llmray:requests_total", "llmray:time_to_first_token_seconds", "llmray:num_requests_running",
+                 "llmray:batch_occupancy", "llmray:generation_tokens_total"):
+        assert name in metrics
 
 
 @pytest.mark.ray
@@ -125,6 +180,9 @@ def test_api_key_required_when_configured(ray_session, served, tiny_model_dir: P
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
         r = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "x"}, timeout=10)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"http://127.0.0.1:{serve_port}/secure/openapi.json", timeout=10).status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{serve_port}/secure/metrics", timeout=10).status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{serve_port}/secure/health", timeout=10).status_code == 200
         good = openai.OpenAI(base_url=url, api_key="s3cret-key", max_retries=0)
         assert good.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
     finally:

@@ -95,6 +95,149 @@ def test_health_check_fails_when_the_model_cannot_generate(loaded, monkeypatch: 
         raise RuntimeError("weights gone")
 
     broken_service = Service({"tiny": Engine(loaded)}, ServeConfig())
-    monkeypatch.setattr(broken_service.engines["tiny"].batch, "_forward", broken)
+    monkeypatch.setattr(broken_service.engines["tiny"].batch, "model", broken)
     with pytest.raises(RuntimeError, match="weights gone"):
         asyncio.run(broken_service.check())
+
+
+def test_health_check_answers_at_once_while_the_batch_is_busy(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Today's check queued a one-token generation behind every request in flight; a busy replica then
+    failed its health check and was killed. Now it reads the loop's progress instead."""
+    import time
+
+    async def main() -> None:
+        engine = Engine(loaded, max_batch_size=1)
+        slow = engine.batch.decode
+
+        def decode(tokens):  # a heavily loaded replica: each step takes 50 ms
+            time.sleep(0.05)
+            return slow(tokens)
+
+        monkeypatch.setattr(engine.batch, "decode", decode)
+        ids = engine.tokenizer("class")["input_ids"]
+        busy = [asyncio.ensure_future(_run_ids(engine, ids, 20)) for _ in range(3)]  # 1 row, 2 waiting
+        await asyncio.sleep(0.2)
+        t0 = time.perf_counter()
+        await Service({"tiny": engine}, ServeConfig()).check()
+        assert time.perf_counter() - t0 < 0.04 and engine.in_flight  # answered without a forward pass
+        engine.last_step -= 120  # no step for two minutes while requests are in flight: stalled
+        with pytest.raises(RuntimeError, match="has not finished a step"):
+            await engine.check()
+        await asyncio.gather(*busy)
+
+    asyncio.run(main())
+
+
+async def _run_ids(engine: Engine, ids: list[int], n: int, **kw) -> tuple[list[int], str | None]:
+    tokens, finish = [], None
+    async for step in engine.generate(GenerateRequest(ids, n, **kw)):
+        tokens += [c.token for c in step.tokens]
+        finish = step.finish_reason
+    return tokens, finish
+
+
+def test_a_failing_row_fails_its_request_alone(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm.serve import sampling
+    from llm.serve.protocol import ApiError
+
+    real = sampling.adjust
+
+    def adjust(logits, row):
+        if row.sampling.seed == 13:
+            raise ValueError("poisoned settings")
+        return real(logits, row)
+
+    monkeypatch.setattr(sampling, "adjust", adjust)
+
+    async def main() -> None:
+        engine = Engine(loaded, max_batch_size=4)
+        ids = engine.tokenizer("class")["input_ids"]
+        good = [_run_ids(engine, ids, 8, sampling=Sampling(temperature=0.7, seed=i)) for i in (1, 2)]
+        bad = _run_ids(engine, ids, 8, sampling=Sampling(temperature=0.7, seed=13))
+        results = await asyncio.gather(*good, bad, return_exceptions=True)
+        assert [len(r[0]) for r in results[:2]] == [8, 8]  # type: ignore[index]
+        assert isinstance(results[2], ApiError) and "poisoned" in results[2].message
+
+    asyncio.run(main())
+
+
+def test_tiny_temperature_decodes_greedily_instead_of_nan(loaded) -> None:
+    async def main() -> None:
+        engine = Engine(loaded, max_batch_size=2)
+        ids = engine.tokenizer("class")["input_ids"]
+        greedy = await _run_ids(engine, ids, 10, sampling=Sampling(temperature=0))
+        tiny = await _run_ids(engine, ids, 10, sampling=Sampling(temperature=1e-40, seed=1))
+        assert tiny == greedy
+
+    asyncio.run(main())
+
+
+def test_stop_token_ids_ignore_eos_and_min_tokens(loaded) -> None:
+    async def main() -> None:
+        engine = Engine(loaded, max_batch_size=2)
+        ids = engine.tokenizer("class")["input_ids"]
+        tokens, _ = await _run_ids(engine, ids, 12, sampling=Sampling(temperature=0), ignore_eos=True)
+        # stop on the 4th greedy token: the answer ends there with "stop"
+        cut, finish = await _run_ids(engine, ids, 12, sampling=Sampling(temperature=0), ignore_eos=True,
+                                     stop_ids=frozenset({tokens[3]}))
+        assert cut == tokens[: tokens.index(tokens[3]) + 1] and finish == "stop"
+        # not before 6 tokens: the stop token is banned until then
+        late, _ = await _run_ids(engine, ids, 12, sampling=Sampling(temperature=0), ignore_eos=True,
+                                 stop_ids=frozenset({tokens[3]}), min_tokens=6)
+        assert len(late) >= 6 and tokens[3] not in late[:6]
+
+    asyncio.run(main())
+
+
+def test_queued_tokens_limit_is_a_429(loaded) -> None:
+    from llm.serve.protocol import ApiError
+
+    async def main() -> None:
+        engine = Engine(loaded, max_batch_size=1, max_queued_tokens=50)
+        engine.reserve(50)
+        with pytest.raises(ApiError) as e:
+            engine.reserve(51)
+        assert e.value.status == 429
+
+    asyncio.run(main())
+
+
+def test_prefill_keeps_only_the_last_position(loaded) -> None:
+    from llm.serve.batch import PaddedBatch
+
+    batch = PaddedBatch(loaded.model)
+    logits = batch.prefill([[5, 6, 7, 8], [9, 10]], 0)
+    assert tuple(logits.shape[:2]) == (2, 1)
+    assert tuple(PaddedBatch(loaded.model).prefill([[5, 6, 7, 8]], 0, every_position=True).shape[:2]) == (1, 4)
+
+
+def test_penalties_go_through_transformers_processors() -> None:
+    import torch
+
+    from llm.serve.sampling import Row, adjust
+
+    logits = torch.zeros(6)
+    row = Row(Sampling(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25,
+                       logit_bias={5: 3.0}), prompt=[1], generated=[2, 2])
+    out = adjust(logits + 1.0, row)
+    # token 1 (prompt): 1 / 2; token 2 (twice generated): 1 / 2 - 2 * 0.25 - 0.5; token 5: 1 + 3
+    assert out.tolist() == pytest.approx([1.0, 0.5, -0.5, 1.0, 1.0, 4.0])
+
+
+def test_text_stream_decodes_incrementally_and_can_keep_the_stop() -> None:
+    calls: list[int] = []
+
+    class Counting(_Chars):
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            calls.append(len(ids))
+            return super().decode(ids)
+
+    text = "x" * 500 + " the end."
+    stream = TextStream(Counting(text), ["end"], include_stop=True)
+    out = ""
+    for i in range(len(text)):
+        piece, stopped = stream.add([i])
+        out += piece
+        if stopped:
+            break
+    assert out == "x" * 500 + " the end" and max(calls) <= 3  # never the whole answer again

@@ -169,3 +169,50 @@ def test_killed_replica_is_replaced_and_endpoint_recovers(served, tiny_model_dir
         assert _replica_actor("victim")[1] != old_name
     finally:
         serve.delete("victim")
+
+
+@pytest.mark.ray
+def test_a_running_serve_on_another_port_is_refused_not_recorded(served, tiny_model_dir: Path, serve_port: int,
+                                                                 tmp_path: Path) -> None:
+    """Serve keeps the host and port it started with and only logs new ones; the stage used to record the
+    new URL in endpoint.json anyway. Now it reads back what Serve bound and refuses."""
+    from llm.errors import ClusterError
+    from llm.serve.stage import ENDPOINT, run
+
+    other = serve_port + 1 if serve_port < 65535 else serve_port - 1
+    loaded = tiny_config(tmp_path, *serve_overrides(tiny_model_dir, other))
+    with pytest.raises(ClusterError, match=f"already listens on 127.0.0.1:{serve_port}"):
+        run(loaded.llm)
+    assert not list(Path(loaded.llm.storage).rglob(ENDPOINT))
+
+
+def test_serve_starts_its_own_ray_unless_an_address_is_named(tmp_path: Path, tiny_model_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`llmray serve` beside another Ray on the machine used to deploy into it and return; it starts its
+    own unless `ray.address` or RAY_ADDRESS names one."""
+    import ray
+
+    from llm.raycluster import connect
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr("llm.raycluster._running_gcs", lambda: ["127.0.0.1:6379"])  # another Ray is running
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = tiny_config(tmp_path, *serve_overrides(tiny_model_dir, 8000)).llm
+    connect(cfg, join_running=False)
+    assert calls[-1]["address"] == "local"
+    connect(cfg)  # the training stages still join the running one
+    assert calls[-1]["address"] == "auto"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    connect(cfg, join_running=False)
+    assert calls[-1]["address"] == "127.0.0.1:6379"
+
+
+def test_open_host_without_a_key_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from llm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="serve.*0.0.0.0.*api_key_env"):
+        tiny_config(tmp_path, *serve_overrides(tiny_model_dir, 8000), "serve.host=0.0.0.0")
+    assert tiny_config(tmp_path, *serve_overrides(tiny_model_dir, 8000), "serve.host=0.0.0.0",
+                       "serve.allow_open=true").llm.serve.allow_open
