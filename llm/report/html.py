@@ -12,7 +12,6 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -20,7 +19,10 @@ from llm import storage
 from llm.config import LoadedConfig
 from llm.manifest import manifest_hash, read_manifest
 from llm.report import plots
-from llm.report.status import format_status, run_status
+from llm.report.overview import STYLE as ROUTE_STYLE
+from llm.report.overview import overview
+from llm.report.status import run_status
+from llm.report.tables import table
 from llm.stage import committed_folder
 from llm.stages import STAGES
 from llm.train.metrics import read_records
@@ -30,24 +32,6 @@ Section = tuple[str, str]  # (title, html body)
 
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    if not rows:
-        return "<p>(no rows)</p>"
-    columns = columns or list(rows[0])
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.4g}"
-    return str(v)
 
 
 def _committed(loaded: LoadedConfig, stage: str) -> Path | None:
@@ -68,7 +52,7 @@ def _data(loaded: LoadedConfig) -> str | None:
         return None
     stats = json.loads((folder / "stats.json").read_text())
     errors = stats.get("read_errors") or []
-    extra = _table(errors) if errors else ""
+    extra = table(errors) if errors else ""
     return _img(plots.data_funnel(stats), "data funnel") + extra
 
 
@@ -81,11 +65,11 @@ def _training(stage: str) -> Callable[[LoadedConfig], str | None]:
         manifest = read_manifest(folder) if folder else None
         summary = [{k: v for k, v in (manifest.metrics if manifest else {}).items()
                     if not isinstance(v, dict | list)}]
-        body = _img(plots.training_curves(records, stage), f"{stage} curves") + _table(summary)
+        body = _img(plots.training_curves(records, stage), f"{stage} curves") + table(summary)
         evals = folder / "eval.json" if folder else None
         if evals is not None and evals.exists():  # fine-tuning: the base and the tuned model side by side
             rows = json.loads(evals.read_text())
-            body += _img(plots.model_comparison(rows, f"{stage}: before and after"), f"{stage} eval") + _table(rows)
+            body += _img(plots.model_comparison(rows, f"{stage}: before and after"), f"{stage} eval") + table(rows)
         return body
     return section
 
@@ -103,7 +87,7 @@ def _sweep(loaded: LoadedConfig) -> str | None:
     winner = str(best.get("trial_id", ""))
     for t in trials:
         t["best"] = "<- best" if str(t.get("trial_id", "")) == winner else ""
-    parts.append(_table(trials))
+    parts.append(table(trials))
     return "".join(parts)
 
 
@@ -118,7 +102,7 @@ def _compress(loaded: LoadedConfig) -> str | None:
     reason = f"<p>chosen: <b>{html.escape(str(name))}</b> ({html.escape(str(chosen.get('reason', '')))})</p>"
     return (reason + _img(plots.size_vs_ppl(rows, name), "size against perplexity")
             + _img(plots.model_comparison(rows, "compression: every variant against the original"), "variants")
-            + _table(rows))
+            + table(rows))
 
 
 def _serve(loaded: LoadedConfig) -> str | None:
@@ -126,7 +110,7 @@ def _serve(loaded: LoadedConfig) -> str | None:
     if folder is None:
         return None
     manifest = read_manifest(folder)
-    return _table([{k: v for k, v in (manifest.metrics if manifest else {}).items() if not isinstance(v, dict | list)}])
+    return table([{k: v for k, v in (manifest.metrics if manifest else {}).items() if not isinstance(v, dict | list)}])
 
 
 SECTIONS: dict[str, Callable[[LoadedConfig], str | None]] = {
@@ -138,19 +122,24 @@ SECTIONS: dict[str, Callable[[LoadedConfig], str | None]] = {
 def build_report(loaded: LoadedConfig) -> str:
     """The report's HTML text."""
     cfg = loaded.llm
-    parts = [f"<h1>llmray run {html.escape(cfg.run)}</h1>",
-             f"<pre>{html.escape(format_status(run_status(cfg)))}</pre>"]
+    status = [{"stage": r.stage, "state": r.state if r.enabled or r.state != "not started" else "disabled",
+               "detail": r.detail, "folder": r.folder} for r in run_status(cfg)]
+    parts = [f"<h1>llmray run {html.escape(cfg.run)}</h1>", overview(cfg), "<h2>status</h2>", table(status)]
     for stage in STAGES:
         body = SECTIONS[stage.name](loaded)
         parts.append(f"<h2>{stage.name}</h2>")
         parts.append(body if body is not None else
                      f"<p class=missing>{stage.name} has not run (no committed output).</p>")
     hashes = [{"stage": s.name, "manifest sha256": manifest_hash(cfg.stage_dir(s.name)) or "-"} for s in STAGES]
-    parts += ["<h2>manifests</h2>", _table(hashes), "<h2>config</h2>",
+    hashes = [h for h in hashes if h["manifest sha256"] != "-"] or hashes
+    parts += ["<h2>manifests</h2>", table(hashes), "<h2>config</h2>",
               f"<pre>{html.escape(yaml.safe_dump({'metadata': {'llm': cfg.model_dump(mode='json')}}, sort_keys=False))}"
               f"</pre>", f"<p>from {html.escape(str(loaded.path))}</p>"]
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;"
-             "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}.missing{color:#888}")
+    # Fits a 1280-px window: the body is at most 1100 px, images shrink to it, wide tables scroll in their box.
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:"
+             "collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;white-space:nowrap}th{background:"
+             "#f3f3f3}img{max-width:100%;height:auto}.missing{color:#888}.scroll{overflow-x:auto;max-width:100%}"
+             "pre{overflow-x:auto;max-height:30em;background:#fafafa;padding:6px}" + ROUTE_STYLE)
     return (f"<!doctype html><html><head><meta charset=utf-8><title>llmray {html.escape(cfg.run)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
 

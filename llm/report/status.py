@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,18 +42,19 @@ def stage_status(cfg: PipelineConfig, stage: Stage) -> StageStatus:
                     if manifest_hash(cfg.stage_dir(name)) != h]
         if changed:
             return StageStatus(stage.name, enabled, "stale", folder, f"{when}; changed since: {', '.join(changed)}")
-        return StageStatus(stage.name, enabled, "done", folder, f"{when}; {_key_metric(manifest.metrics)}")
+        return StageStatus(stage.name, enabled, "done", folder, f"{when}; {key_metric(manifest.metrics)}")
     if storage.exists(folder):
         detail = stage.progress(folder) if stage.progress is not None else "a rerun starts it over"
         return StageStatus(stage.name, enabled, "partial", folder, detail)
     return StageStatus(stage.name, enabled, "not started", folder, "")
 
 
-def _key_metric(metrics: dict[str, Any]) -> str:
+def key_metric(metrics: dict[str, Any], name: Callable[[str], str] = str) -> str:
+    """A finished stage's one figure (the first of `KEY_METRICS` present), its key shown through `name`."""
     for key in KEY_METRICS:
         value = metrics.get(key)
         if value is not None:
-            return f"{key} {value:,.4g}" if isinstance(value, float) else f"{key} {value}"
+            return f"{name(key)} {value:,.4g}" if isinstance(value, float) else f"{name(key)} {value}"
     return f"{metrics.get('seconds', 0):.0f}s"
 
 

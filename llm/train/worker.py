@@ -41,7 +41,8 @@ def run_on_node(spec: LoopSpec, rt: RayRuntime) -> None:
         for name in ("resume_from", "init_checkpoint"):
             uri = getattr(spec, name)
             if uri:
-                spec = replace(spec, **{name: str(stack.enter_context(storage.reading(uri)))})
+                local: dict[str, Any] = {name: str(stack.enter_context(storage.reading(uri)))}
+                spec = replace(spec, **local)
         run_loop(spec, rt)
     if spec.upload_to and spec.out_dir:
         storage.upload(spec.out_dir, spec.upload_to)

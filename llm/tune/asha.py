@@ -37,7 +37,7 @@ def _resumable_asha() -> type:
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler
 
-    class ResumableASHA(ASHAScheduler):  # type: ignore[misc]
+    class ResumableASHA(ASHAScheduler):
         def __init__(self, trials_dir: str, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.trials_dir = trials_dir
@@ -52,6 +52,8 @@ def _resumable_asha() -> type:
             if op is None:
                 raise RuntimeError("ResumableASHA: the metric's mode is not set")
             metric, time_attr = self._metric, self._time_attr
+            if metric is None:
+                raise RuntimeError("ResumableASHA: the metric is not set")
             for rec in sorted((r for r in records if r.get(metric) is not None), key=lambda r: r[time_attr]):
                 bracket.on_result(trial, rec[time_attr], op * float(rec[metric]))
 

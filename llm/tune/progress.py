@@ -71,7 +71,7 @@ def __getattr__(name: str) -> Any:
 def _progress_callback() -> type:
     from ray.tune import Callback
 
-    class ProgressCallback(Callback):  # type: ignore[misc]
+    class ProgressCallback(Callback):
         """Feeds the live line; frees an ended trial's worker placement group (see `trial.release_trial`)."""
 
         def __init__(self, trials_dir: str) -> None:

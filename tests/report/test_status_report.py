@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -196,23 +198,44 @@ def test_report_of_a_whole_run_embeds_every_stage_and_marks_the_winners(tmp_path
     assert "chosen: <b>int8</b>" in page
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no headless browser installed")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless browser installed (.ci/run installs chromium)")
 def test_report_opens_in_a_headless_browser(tmp_path: Path) -> None:
+    """A real browser at 1280 px: every image decodes, the page does not scroll sideways (wide tables scroll
+    in their own box), the route overview comes first, and the page asks the network for nothing."""
     import subprocess
 
     page = write_report(_whole_run(tmp_path)).read_text()
-    # On load (after every image decoded or failed), list each image's decoded width in the DOM dumped;
-    # the virtual time budget keeps the browser from dumping before the script ran.
-    probe = ('<script>addEventListener("load", () => { const out = document.createElement("pre"); out.id = "widths";'
-             ' out.textContent = Array.from(document.images, i => i.naturalWidth).join(",");'
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    # On load (after every image decoded or failed), write what the browser saw into the DOM it dumps; the
+    # virtual time budget keeps it from dumping before the script ran.
+    probe = ('<script>addEventListener("load", () => { const out = document.createElement("pre"); out.id = "probe";'
+             ' out.textContent = JSON.stringify({widths: Array.from(document.images, i => i.naturalWidth),'
+             ' scroll: document.documentElement.scrollWidth, view: window.innerWidth,'
+             ' requests: performance.getEntriesByType("resource").map(e => e.name),'
+             ' first: document.querySelector("h1").nextElementSibling.className});'
              " document.body.append(out); });</script>")
     check = tmp_path / "check.html"
     check.write_text(page.replace("</body>", probe + "</body>"))
-    dom = subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
+    dom = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
                           "--virtual-time-budget=10000", "--dump-dom", check.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
-    assert "data funnel" in dom
-    found = re.search(r'<pre id="widths">([^<]*)</pre>', dom)
+    found = re.search(r'<pre id="probe">([^<]*)</pre>', dom)
     assert found is not None, dom[-2000:]
-    widths = [int(w) for w in found.group(1).split(",")]
-    assert len(widths) == page.count("<img ") == 7 and all(w > 0 for w in widths), widths
+    seen = json.loads(html.unescape(found.group(1)))
+    assert len(seen["widths"]) == page.count("<img ") == 7 and all(w > 0 for w in seen["widths"]), seen
+    assert seen["view"] == 1280 and seen["scroll"] <= seen["view"], seen  # no horizontal page scroll
+    assert seen["requests"] == [] and seen["first"] == "route", seen
+
+
+def test_tables_use_human_names_and_drop_empty_columns() -> None:
+    from llm.report.tables import table
+
+    rows = [{"model": "original", "weights_mb": 1.5, "peak_mem_mb": 0.0, "base_sft_loss": 2.0},
+            {"model": "int8", "weights_mb": 0.5, "peak_mem_mb": 0.0, "base_sft_loss": None}]
+    out = table(rows)
+    assert "in memory (MiB)" in out and "base chat loss" in out and "weights_mb" not in out
+    assert "peak" not in out  # 0.0 for every model says nothing
+    assert out.startswith('<div class="scroll">')
