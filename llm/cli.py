@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -151,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(the committed folder is kept aside)")
             p.add_argument("--verbose", action="store_true", help="show Ray's own output live (it always goes "
                            "to <storage>/<run>/logs/<stage>.log)")
+            p.add_argument("--wait", action="store_true", help="when another run is writing a stage's folder, "
+                           "wait for it instead of stopping (also LLMRAY_WAIT=1)")
         if name == "config-schema":
             p.add_argument("--markdown", action="store_true", help="the config reference table instead")
         if name == "plan":
@@ -173,6 +176,8 @@ def _internal_error(e: Exception, loaded: LoadedConfig | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     command = COMMANDS[ns.command]
+    if getattr(ns, "wait", False):  # read by llm.lease where a stage takes its folder's lease
+        os.environ["LLMRAY_WAIT"] = "1"
     try:
         loaded = None
         if command.needs_config:

@@ -48,3 +48,17 @@ class TrainingError(LLMRayError):
     def __init__(self, message: str, log: str | None = None) -> None:
         super().__init__(message + (f" (full trace: {log})" if log else ""))
         self.log = log
+
+
+class StorageError(LLMRayError):
+    """A stage folder's commit record cannot be trusted or written: an unreadable or damaged manifest, a
+    storage error that outlasted its retries, a failed commit. Nothing is deleted or moved: the line names
+    the file, and a rerun after the fix carries on."""
+
+    exit_code = 8
+
+
+class StageBusyError(LLMRayError):
+    """Another run holds the stage folder's lease (host, pid, since when), or this run lost it to another."""
+
+    exit_code = 9

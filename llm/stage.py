@@ -7,6 +7,11 @@ are earlier stages' folders (`stage_input`), and only committed ones (with a who
 The body gets one `storage.Folder`: writers on any node write to `folder.uri` / `folder.path(...)`, this
 process writes its own files under `folder.local` (with `storage` in an object store, a driver-local
 staging folder uploaded before the manifest), inputs a library needs on disk come from `fetch`.
+
+One run writes a stage folder at a time (its lease, `llm.lease`), and nothing a fault does undoes a commit:
+a manifest that cannot be trusted stops the stage in one line instead of being taken for "not done", the
+attempt marker outlives a failed commit (the rerun commits, it does not redo the work), and setting a folder
+aside moves its manifest along with it.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm import storage
+from llm import lease, storage
 from llm.config import PipelineConfig
-from llm.errors import StageInputError, StaleOutputError
+from llm.errors import StageInputError, StaleOutputError, StorageError
 from llm.manifest import (
+    ATTEMPT,
     CHECKSUMS,
     MANIFEST,
     Manifest,
@@ -33,16 +39,22 @@ from llm.manifest import (
     write_manifest,
 )
 
-# Written when a stage's body starts, removed before the manifest: which config a partial folder is for.
-ATTEMPT = "_ATTEMPT.json"
-
 
 def _read_attempt(folder: str | Path) -> dict[str, Any] | None:
+    """The attempt marker of an uncommitted folder; None when there is none or it is torn (the folder then
+    counts as another config's and is kept aside)."""
+    where = storage.join(folder, ATTEMPT)
     try:
-        value = json.loads(storage.read_bytes(storage.join(folder, ATTEMPT)))
-    except (OSError, ValueError):
+        value = json.loads(storage.retrying(where, "reading the attempt marker", lambda: storage.read_bytes(where)))
+    except (FileNotFoundError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _write_attempt(folder: str | Path, attempt: dict[str, Any]) -> None:
+    where = storage.join(folder, ATTEMPT)
+    blob = json.dumps(attempt, sort_keys=True, default=str).encode()  # metrics as the manifest writes them
+    storage.retrying(where, "writing the attempt marker", lambda: storage.write_bytes(where, blob))
 
 
 @dataclass
@@ -100,7 +112,7 @@ def stage_input(cfg: PipelineConfig, stage: str) -> storage.Folder:
     manifest = read_manifest(uri)
     if manifest is None:
         raise StageInputError(
-            f"{uri}: no complete {stage} output ({MANIFEST} missing or torn); run `llmray {stage}` first"
+            f"{uri}: no complete {stage} output ({MANIFEST} missing); run `llmray {stage}` first"
         )
     return committed_folder(uri, manifest)
 
@@ -161,15 +173,30 @@ def _why_stale(manifest: Any, hashed: dict[str, Any], inputs: dict[str, str], fo
     return "changed: " + ", ".join(keys or ["inputs"])
 
 
+def _plan(cfg: PipelineConfig, stage: Stage, inputs: tuple[str, ...]) -> tuple[dict[str, str], dict[str, Any], str]:
+    """(input manifest hashes, hashed config, its digest): what a commit of this stage records."""
+    input_hashes = {name: manifest_hash(stage_input(cfg, name).uri) or "" for name in inputs}
+    hashed = hashed_config(cfg, *stage.hashed_sections(cfg))
+    return input_hashes, hashed, canonical_hash(hashed)
+
+
+def _skipped(stage: Stage, uri: str) -> StageResult:
+    manifest = read_manifest(uri)
+    return StageResult(stage.name, uri, skipped=True, metrics=manifest.metrics if manifest else {})
+
+
 def execute(cfg: PipelineConfig, stage: Stage, body: Callable[[storage.Folder], dict[str, Any]], *,
             force: bool = False, inputs: tuple[str, ...] | None = None,
             on_set_aside: Callable[[Path, Path], None] | None = None) -> StageResult:
     """Run `body(folder)` unless a matching manifest says it is done, then commit the folder.
 
-    A committed folder for another config (or `force`) is moved aside, never deleted; with
-    `cfg.on_change: refuse` the stage stops instead, naming the changed keys. A partial folder is resumed
-    when the stage is `resumable` and it was started for this very config and these inputs, and otherwise
-    moved aside too.
+    The run holds the folder's lease (`llm.lease`) from before it decides anything until after the commit: a
+    second run of the stage refuses, naming the holder, or waits (`--wait`). A committed folder for another
+    config (or `force`) is moved aside, never deleted; with `cfg.on_change: refuse` the stage stops instead,
+    naming the changed keys. A partial folder is resumed when the stage is `resumable` and it was started
+    for this very config and these inputs, and otherwise moved aside too. A folder whose body finished but
+    whose commit failed is committed without running the body again. A manifest that is there but cannot be
+    trusted stops the stage (`StorageError`), changing nothing.
 
     Args:
         cfg: the pipeline config.
@@ -181,27 +208,64 @@ def execute(cfg: PipelineConfig, stage: Stage, body: Callable[[storage.Folder], 
     """
     uri = cfg.stage_dir(stage.name)
     inputs = stage.inputs if inputs is None else inputs
-    input_hashes = {name: manifest_hash(stage_input(cfg, name).uri) or "" for name in inputs}
-    hashed = hashed_config(cfg, *stage.hashed_sections(cfg))
-    digest = canonical_hash(hashed)
-    if not force and is_done(uri, digest, input_hashes):
-        manifest = read_manifest(uri)
-        return StageResult(stage.name, uri, skipped=True, metrics=manifest.metrics if manifest else {})
-    attempt = {"config_hash": digest, "inputs": input_hashes}
-    aside = _clear(cfg, stage, uri, attempt, hashed, force)
-    folder = storage.open_for_writing(uri)
-    if aside is not None and on_set_aside is not None and folder.on_disk:
-        on_set_aside(Path(uri), Path(aside))
-    storage.write_text(storage.join(uri, ATTEMPT), json.dumps(attempt, sort_keys=True))
-    t0 = time.perf_counter()
-    metrics = body(folder)
-    folder.flush(f"{CHECKSUMS}/_driver.json")  # the staged files, with their checksums (the commit trusts them)
-    seconds = time.perf_counter() - t0
-    metrics = {**metrics, "seconds": round(seconds, 3)}
-    storage.remove_file(storage.join(uri, ATTEMPT))
-    write_manifest(uri, stage.name, digest, input_hashes, metrics, config=hashed)
-    folder.close()
+    input_hashes, hashed, digest = _plan(cfg, stage, inputs)
+    if not force and is_done(uri, digest, input_hashes):  # a done stage needs no lease: it writes nothing
+        return _skipped(stage, uri)
+    with lease.hold(uri, stage.name) as held:
+        input_hashes, hashed, digest = _plan(cfg, stage, inputs)  # again: a run waited for may have changed it
+        if not force and is_done(uri, digest, input_hashes):
+            return _skipped(stage, uri)
+        attempt = {"config_hash": digest, "inputs": input_hashes}
+        finished = None if force or stage.record_only else _finished(uri, attempt)
+        aside = None
+        if finished is not None:
+            print(f"{stage.name}: its last run finished but did not commit; committing it now", flush=True)
+            metrics, seconds = finished["metrics"], float(finished["metrics"].get("seconds", 0.0))
+        else:
+            aside = _clear(cfg, stage, uri, attempt, hashed, force)
+            folder = storage.open_for_writing(uri)
+            if aside is not None and on_set_aside is not None and folder.on_disk:
+                on_set_aside(Path(uri), Path(aside))
+            _write_attempt(uri, attempt)
+            t0 = time.perf_counter()
+            metrics = body(folder)
+            folder.flush(f"{CHECKSUMS}/_driver.json")  # the staged files, with their checksums (the commit trusts them)
+            seconds = time.perf_counter() - t0
+            metrics = {**metrics, "seconds": round(seconds, 3)}
+            try:  # from here on a failed commit is redone without the work
+                _write_attempt(uri, {**attempt, "finished": {"metrics": metrics}})
+            except (OSError, StorageError):
+                pass  # the commit below is tried all the same; if it fails too, a rerun redoes the work
+            folder.close()
+        _commit(held, uri, stage, digest, input_hashes, metrics, hashed)
     return StageResult(stage.name, uri, skipped=False, metrics=metrics, seconds=seconds, kept_aside=aside)
+
+
+def _finished(uri: str, attempt: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a body that finished for this config and inputs in an uncommitted folder, or None."""
+    if read_manifest(uri) is not None:
+        return None
+    found = _read_attempt(uri)
+    if not found or {k: found.get(k) for k in attempt} != attempt or not isinstance(found.get("finished"), dict):
+        return None
+    metrics = found["finished"].get("metrics")
+    return {"metrics": metrics} if isinstance(metrics, dict) else None
+
+
+def _commit(held: lease.Lease, uri: str, stage: Stage, digest: str, input_hashes: dict[str, str],
+            metrics: dict[str, Any], hashed: dict[str, Any]) -> None:
+    """Write the manifest (the commit), then remove the attempt marker; a failed commit keeps the marker, so
+    the next run commits the same files instead of redoing the work."""
+    held.check()
+    try:
+        write_manifest(uri, stage.name, digest, input_hashes, metrics, config=hashed)
+    except (OSError, StorageError) as e:
+        raise StorageError(f"{storage.join(uri, MANIFEST)}: the commit failed ({storage.one_line(e)}); the "
+                           f"outputs and {ATTEMPT} are kept: rerun to commit them without redoing the work") from e
+    try:
+        storage.remove_file(storage.join(uri, ATTEMPT))
+    except OSError:  # committed: a leftover marker is never listed and never read once a manifest is there
+        pass
 
 
 def _clear(cfg: PipelineConfig, stage: Stage, uri: str, attempt: dict[str, Any], hashed: dict[str, Any],
@@ -221,9 +285,9 @@ def _clear(cfg: PipelineConfig, stage: Stage, uri: str, attempt: dict[str, Any],
         aside = set_aside(uri)
         print(f"{stage.name}: {why}; the committed output was kept at {aside}", flush=True)
         return aside
-    if stage.resumable and not force and _read_attempt(uri) == attempt:
+    found = _read_attempt(uri)
+    if stage.resumable and not force and found is not None and {k: found.get(k) for k in attempt} == attempt:
         return None
-    storage.remove_file(storage.join(uri, MANIFEST))  # a torn manifest: no half commit travels along
-    aside = set_aside(uri)
+    aside = set_aside(uri)  # no manifest here (an unreadable one stopped the stage above): nothing half-committed
     print(f"{stage.name}: an unfinished run of another config was moved to {aside}", flush=True)
     return aside

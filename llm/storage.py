@@ -26,6 +26,7 @@ How a stage writes to remote storage (right on a multi-node cluster):
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -33,13 +34,14 @@ import mmap
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
-from llm.errors import ConfigError
+from llm.errors import ConfigError, StorageError
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 
@@ -62,11 +64,19 @@ def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+S3_ATTEMPTS = 8
+"""Tries of each S3 request inside pyarrow (the AWS SDK's standard strategy: throttling, 5xx and network
+errors, exponential backoff), before our own `retrying` sees an error at all."""
+
+
 @functools.lru_cache(maxsize=16)
 def _remote_fs(scheme: str, bucket: str, endpoint: str | None) -> pafs.FileSystem:
-    if scheme == "s3" and endpoint:
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return pafs.S3FileSystem(endpoint_override=endpoint, region=region)
+    if scheme == "s3":
+        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
+        if endpoint:
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+            return pafs.S3FileSystem(endpoint_override=endpoint, region=region, retry_strategy=retry)
+        return pafs.S3FileSystem(region=pafs.resolve_s3_region(bucket), retry_strategy=retry)
     fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
     return fs
 
@@ -563,3 +573,182 @@ def read_gap(uri: str | Path) -> float:
     unbounded on a disk (a memory map reads only the pages touched), 64 KiB on an object store (each ranged
     read is a request)."""
     return 1 << 16 if is_remote(uri) else float("inf")
+
+
+# The stage contract's own small files (manifest, attempt marker, lease): transient errors retried, and
+# writes that only succeed while no other writer got there first.
+
+RETRIES = 4
+"""Tries of one read or write of a contract file before its error is reported (pyarrow's S3 retry strategy
+runs inside each try)."""
+BACKOFF_S = 0.5
+"""Pause before the second try; doubled before each next one (0.5 + 1 + 2 s in all by default)."""
+SETTLE_S = 1.0
+"""Where a conditional write is only a best effort: the pause before reading back who won."""
+
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE}
+_PERMANENT = ("access denied", "access_denied", "accessdenied", "forbidden", "invalidaccesskeyid", "nosuchbucket",
+              "signaturedoesnotmatch", "not found", "does not exist", "no such")
+_T = TypeVar("_T")
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an error's message (its type when it has none), at most 300 characters."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _transient(uri: str | Path, e: OSError) -> bool:
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return False
+    if not is_remote(uri):
+        return e.errno in _TRANSIENT_ERRNOS
+    text = str(e).lower()
+    return not any(marker in text for marker in _PERMANENT)
+
+
+def retrying(uri: str | Path, what: str, call: Callable[[], _T]) -> _T:
+    """`call()`, with transient storage errors (throttling, timeouts, a dropped connection, a stale NFS
+    handle) tried again after a growing pause; after `RETRIES` tries one line: `StorageError`. Other errors
+    (not found, access denied, a full disk) pass through at once."""
+    for n in range(1, RETRIES + 1):
+        try:
+            return call()
+        except OSError as e:
+            if not _transient(uri, e):
+                raise
+            if n == RETRIES:
+                raise StorageError(f"{uri}: {what} failed {RETRIES} times; the last error: {one_line(e)}") from e
+            time.sleep(BACKOFF_S * 2 ** (n - 1))
+    raise AssertionError("unreachable")
+
+
+def modified(uri: str | Path) -> float | None:
+    """When a file was last written (seconds since the epoch, the storage's clock); None when it is missing."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    return info.mtime.timestamp() if info.type == pafs.FileType.File and info.mtime is not None else None
+
+
+@functools.lru_cache(maxsize=4)
+def _boto3_s3(endpoint: str | None) -> Any:
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:  # boto3 is optional: conditional writes fall back to the best effort
+        return None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                        config=Config(retries={"mode": "standard", "max_attempts": S3_ATTEMPTS}))
+
+
+def _s3_client(uri: str | Path) -> Any:
+    """A boto3 S3 client for conditional requests (pyarrow has none), or None: not S3, or no boto3."""
+    return _boto3_s3(_endpoint()) if str(uri).startswith("s3://") else None
+
+
+def _conditional(uri: str | Path, call: Callable[[], Any]) -> bool:
+    """Run a conditional S3 request: False when its condition failed (or the object is gone), errors as
+    `OSError` so that `retrying` and the callers treat them like pyarrow's."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        call()
+        return True
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        # 409 ConditionalRequestConflict: another conditional write to the key is in flight (it wins).
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (409, 412):
+            return False
+        raise OSError(f"{uri}: {one_line(e)}") from e
+    except BotoCoreError as e:
+        raise OSError(f"{uri}: {one_line(e)}") from e
+
+
+def _bucket_key(uri: str | Path) -> tuple[str, str]:
+    bucket, _, key = str(uri).split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def create_new(uri: str | Path, data: bytes) -> bool:
+    """Write a small file only when there is none yet; False when there is one (another writer was first).
+
+    Exclusive on a disk (a hard link to a whole temp file: the file appears whole or not at all; an exclusive
+    `open` where hard links are not supported) and on S3 (a PUT with `If-None-Match: *`, through boto3 when
+    it is installed). Elsewhere (GCS, S3 without boto3) a best effort: written when absent, then read back
+    after `SETTLE_S` and compared; two writers within that pause may both believe they won.
+    """
+    if not is_remote(uri):
+        return _create_local(Path(os.path.abspath(str(uri).removeprefix("file://"))), data)
+    client = _s3_client(uri)
+    if client is not None:
+        bucket, key = _bucket_key(uri)
+        return _conditional(uri, lambda: client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"))
+    if size(uri) is not None:
+        return False
+    write_bytes(uri, data)
+    time.sleep(SETTLE_S)
+    return read_bytes(uri) == data
+
+
+def _create_local(target: Path, data: bytes) -> bool:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, target)  # fails when the target exists: the exclusive create
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links
+            pass
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def replace_if(uri: str | Path, expected: bytes, data: bytes) -> bool:
+    """Replace a small file with `data` only while it holds `expected`; False when it holds anything else or
+    is gone. On S3 (boto3) the PUT is conditional on the ETag read with `expected`: atomic. Elsewhere the
+    check and the atomic replace are two steps, and a writer between them is not seen (callers that must
+    know read the file back)."""
+    client = _s3_client(uri)
+    if client is not None:
+        bucket, key = _bucket_key(uri)
+        got: dict[str, Any] = {}
+
+        def read() -> None:
+            answer = client.get_object(Bucket=bucket, Key=key)
+            got.update(etag=answer["ETag"], body=answer["Body"].read())
+
+        if not _conditional(uri, read) or got["body"] != expected:
+            return False
+        return _conditional(uri, lambda: client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=got["etag"]))
+    try:
+        if read_bytes(uri) != expected:
+            return False
+    except FileNotFoundError:
+        return False
+    write_bytes(uri, data)
+    return True
+
+
+def remove_if(uri: str | Path, expected: bytes) -> bool:
+    """Delete a small file only while it holds `expected` (a lease its holder gives back); False otherwise."""
+    try:
+        if read_bytes(uri) != expected:
+            return False
+    except FileNotFoundError:
+        return False
+    remove_file(uri)
+    return True

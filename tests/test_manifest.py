@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llm import storage
-from llm.errors import StageInputError
+from llm.errors import StageInputError, StorageError
 from llm.manifest import CHECKSUMS, MANIFEST, file_sha256, is_done, manifest_hash, read_manifest, write_manifest
 from llm.stage import Stage, StageResult, config_hash, execute, stage_input
 
@@ -48,17 +48,30 @@ def test_manifest_roundtrip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(MANIFEST)] == [MANIFEST]
 
 
-def test_torn_or_stale_manifest_is_not_done(tmp_path: Path) -> None:
+def test_a_manifest_that_cannot_be_trusted_is_an_error_not_absent(tmp_path: Path) -> None:
+    """Only a missing manifest means "not done"; a torn one, or one whose listed files changed, stops the
+    reader in one line naming the file (it used to read as not done, and the stage then reran)."""
     _write_files(tmp_path)
     write_manifest(tmp_path, "data", "abc", {}, {})
     text = (tmp_path / MANIFEST).read_text()
     (tmp_path / MANIFEST).write_text(text[: len(text) // 2])  # torn
-    assert read_manifest(tmp_path) is None and not is_done(tmp_path, "abc", {})
+    with pytest.raises(StorageError, match=rf"{MANIFEST}: is not valid JSON .*nothing was changed"):
+        read_manifest(tmp_path)
+    with pytest.raises(StorageError, match="is not valid JSON"):
+        is_done(tmp_path, "abc", {})
     write_manifest(tmp_path, "data", "abc", {}, {})
     (tmp_path / "a.txt").write_text("changed!")  # a listed file changed size
-    assert read_manifest(tmp_path) is None
+    with pytest.raises(StorageError, match="lists a.txt at 5 bytes, but it has 8 now"):
+        read_manifest(tmp_path)
     (tmp_path / "a.txt").write_text("alphx")  # same size, other bytes: only a verify catches it
-    assert read_manifest(tmp_path) is not None and read_manifest(tmp_path, verify=True) is None
+    assert read_manifest(tmp_path) is not None
+    with pytest.raises(StorageError, match="lists a.txt with another sha256"):
+        read_manifest(tmp_path, verify=True)
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(StorageError, match=r"lists a.txt \(5 bytes\), which is missing"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).unlink()
+    assert read_manifest(tmp_path) is None and manifest_hash(tmp_path) is None  # absent: simply not done
 
 
 def _slow_commit(folder: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from llm import storage
 from llm.compress import stage as comp
-from llm.errors import ConfigError, StageInputError
+from llm.errors import ConfigError, StageInputError, StorageError
 from llm.loading import load_config
 from llm.manifest import read_manifest, write_manifest
 from llm.models.load import chosen_model_dir, committed_model, load_model, local_model
@@ -75,8 +75,9 @@ def test_a_model_in_the_bucket_is_served_from_a_checked_cache_copy(s3_prefix: st
     storage.write_bytes(f"{ft}/model/config.json", blob.replace(b"{", b" ", 1))  # same size, other bytes
     with pytest.raises(OSError, match="differs from the committed one"):
         local_model(f"{ft}/model")
-    storage.write_text(f"{ft}/model/config.json", json.dumps({"changed": True}))  # another size: not committed
-    with pytest.raises(StageInputError, match="no committed stage folder"):
+    storage.write_text(f"{ft}/model/config.json", json.dumps({"changed": True}))  # another size: a damaged commit
+    with pytest.raises(StorageError, match=r"finetune/_MANIFEST.json: lists model/config.json at \d+ bytes, but it "
+                                           "has 17 now"):
         local_model(f"{ft}/model")
 
 
@@ -162,7 +163,7 @@ def test_the_sweep_record_is_committed_in_the_bucket_and_lr_best_reads_it(s3_pre
     tuned, source = apply_best(cfg, "pretrain")  # best.json from the bucket, through a checked cache copy
     assert source is not None and source["sweep"] == uri and source["trial_id"] == "b"
     assert tuned.pretrain.lr.peak == 3e-3 and tuned.pretrain.lr.warmup_steps == 25
-    storage.write_text(f"{uri}/best.json", "{}")  # not the committed object: never read
+    storage.write_text(f"{uri}/best.json", "{}")  # not the committed object: never read, and named
     shutil.rmtree(tmp_path / "cache")
-    with pytest.raises(StageInputError, match=r"^metadata\.llm\.pretrain\.lr: best: .*no complete sweep output"):
+    with pytest.raises(StorageError, match=r"sweep/_MANIFEST.json: lists best.json at \d+ bytes, but it has 2 now"):
         apply_best(cfg, "pretrain")

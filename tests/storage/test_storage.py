@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llm import storage
-from llm.errors import StageInputError
+from llm.errors import StageInputError, StorageError
 from llm.loading import load_config
 from llm.manifest import MANIFEST, read_manifest
 from llm.report.html import write_report
@@ -72,12 +72,17 @@ def test_stage_commit_skip_and_not_done_on_s3(s3_prefix: str) -> None:
     assert (stage_input(cfg, "data").fetch("out") / "part-0.txt").read_text() == "hello"  # a verified local copy
 
     storage.write_text(f"{uri}/remote.txt", "changed size")  # a listed object no longer as committed
-    assert read_manifest(uri) is None
-    storage.remove_file(f"{uri}/remote.txt")  # a listed object missing
-    assert read_manifest(uri) is None
+    with pytest.raises(StorageError, match="lists remote.txt at 17 bytes, but it has 12 now"):
+        read_manifest(uri)
+    storage.remove_file(f"{uri}/remote.txt")  # a listed object missing: a damaged commit, never "not done"
+    with pytest.raises(StorageError, match=r"lists remote.txt \(17 bytes\), which is missing"):
+        stage_input(cfg, "data")
+    with pytest.raises(StorageError, match="nothing was changed"):
+        execute(cfg, DATA, _body)
+    storage.remove_file(f"{uri}/{MANIFEST}")  # no manifest: not done
     with pytest.raises(StageInputError, match="no complete data output"):
         stage_input(cfg, "data")
-    assert not execute(cfg, DATA, _body).skipped  # not done: it runs again
+    assert not execute(cfg, DATA, _body).skipped  # it runs again
 
 
 def test_changed_config_keeps_the_old_objects_aside(s3_prefix: str) -> None:
