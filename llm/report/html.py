@@ -17,6 +17,7 @@ import yaml
 
 from llm import storage
 from llm.config import LoadedConfig
+from llm.errors import StorageError
 from llm.manifest import manifest_hash, read_manifest
 from llm.report import plots
 from llm.report.overview import STYLE as ROUTE_STYLE
@@ -38,7 +39,10 @@ def _committed(loaded: LoadedConfig, stage: str) -> Path | None:
     """The committed folder; in an object store, a verified local copy of its small files (the figures'
     sources: stats, metrics, evaluations), never its checkpoints or weights."""
     uri = loaded.llm.stage_dir(stage)
-    manifest = read_manifest(uri)
+    try:
+        manifest = read_manifest(uri)
+    except StorageError:  # the status table names the problem; the section says the stage has no output
+        return None
     if manifest is None:
         return None
     small = {rel: meta for rel, meta in manifest.files.items() if meta["size"] < 64 << 20
@@ -109,7 +113,7 @@ def _serve(loaded: LoadedConfig) -> str | None:
     folder = _committed(loaded, "serve")
     if folder is None:
         return None
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder)  # already read once by _committed: trusted here
     return table([{k: v for k, v in (manifest.metrics if manifest else {}).items() if not isinstance(v, dict | list)}])
 
 
@@ -130,7 +134,7 @@ def build_report(loaded: LoadedConfig) -> str:
         parts.append(f"<h2>{stage.name}</h2>")
         parts.append(body if body is not None else
                      f"<p class=missing>{stage.name} has not run (no committed output).</p>")
-    hashes = [{"stage": s.name, "manifest sha256": manifest_hash(cfg.stage_dir(s.name)) or "-"} for s in STAGES]
+    hashes = [{"stage": s.name, "manifest sha256": _hash(cfg.stage_dir(s.name))} for s in STAGES]
     hashes = [h for h in hashes if h["manifest sha256"] != "-"] or hashes
     parts += ["<h2>manifests</h2>", table(hashes), "<h2>config</h2>",
               f"<pre>{html.escape(yaml.safe_dump({'metadata': {'llm': cfg.model_dump(mode='json')}}, sort_keys=False))}"
@@ -142,6 +146,13 @@ def build_report(loaded: LoadedConfig) -> str:
              "pre{overflow-x:auto;max-height:30em;background:#fafafa;padding:6px}" + ROUTE_STYLE)
     return (f"<!doctype html><html><head><meta charset=utf-8><title>llmray {html.escape(cfg.run)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def _hash(folder: str) -> str:
+    try:
+        return manifest_hash(folder) or "-"
+    except StorageError:
+        return "unreadable"
 
 
 def write_report(loaded: LoadedConfig) -> Path | str:

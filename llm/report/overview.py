@@ -10,7 +10,7 @@ from llm.report.status import StageStatus, key_metric, run_status
 from llm.report.tables import label
 
 _COLORS = {"done": "#2e7d32", "stale": "#ef6c00", "partial": "#1565c0", "not started": "#9e9e9e",
-           "disabled": "#bdbdbd"}
+           "unreadable": "#c62828", "disabled": "#bdbdbd"}
 
 
 def _box(row: StageStatus, cfg: PipelineConfig) -> str:

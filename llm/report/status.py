@@ -9,6 +9,7 @@ from typing import Any
 
 from llm import storage
 from llm.config import PipelineConfig
+from llm.errors import StorageError
 from llm.manifest import manifest_hash, read_manifest
 from llm.stage import Stage, changed_keys, hashed_config
 from llm.stages import STAGES
@@ -24,7 +25,7 @@ class StageStatus:
     stage: str
     enabled: bool
     state: str
-    """done | stale | partial | not started"""
+    """done | stale | partial | unreadable | not started"""
     folder: str
     detail: str
 
@@ -33,6 +34,13 @@ def stage_status(cfg: PipelineConfig, stage: Stage) -> StageStatus:
     """The state of one stage's folder against the current config and inputs."""
     folder = cfg.stage_dir(stage.name)  # a path or an object-store URI
     enabled = stage.enabled(cfg)
+    try:
+        return _stage_status(cfg, stage, folder, enabled)
+    except StorageError as e:  # shown, not raised: status must describe a damaged run, not stop on it
+        return StageStatus(stage.name, enabled, "unreadable", folder, str(e))
+
+
+def _stage_status(cfg: PipelineConfig, stage: Stage, folder: str, enabled: bool) -> StageStatus:
     manifest = read_manifest(folder)
     if manifest is not None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(manifest.created))

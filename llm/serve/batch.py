@@ -31,9 +31,23 @@ class PaddedBatch:
         import torch
 
         self.model = model
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._cache: Any = None
+        """The `DynamicCache` decode steps extend in place; rebuilt only when rows join or leave."""
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self.device = next(model.parameters()).device
+
+    @property
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) of every row, `(rows, heads, length, head_dim)`."""
+        if self._cache is not None:
+            self._kv = [(layer.keys, layer.values) for layer in self._cache.layers]
+            self._cache = None
+        return self._kv
+
+    @kv.setter
+    def kv(self, value: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._kv, self._cache = value, None
 
     @property
     def rows(self) -> int:
@@ -99,7 +113,15 @@ class PaddedBatch:
             ids = torch.tensor(last_tokens, dtype=torch.long)[:, None]
             positions = self.mask.sum(1, keepdim=True)  # real tokens so far = this token's position
             mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
-            logits, self.kv = self._forward(ids, mask, positions, self.kv)
+            if self._cache is None:
+                from transformers import DynamicCache
+
+                self._cache = DynamicCache(ddp_cache_data=self._kv) if self._kv else DynamicCache()
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=positions.to(self.device), past_key_values=self._cache, use_cache=True,
+                             logits_to_keep=1)
+            self._cache = out.past_key_values
+            logits = out.logits.float()
             self.mask = mask
             return logits[:, -1]
 
@@ -112,10 +134,11 @@ class PaddedBatch:
         if not rows:
             self.kv, self.mask = [], torch.zeros(0, 0, dtype=torch.long)
             return
+        kv = self.kv
         index = torch.tensor(rows, dtype=torch.long)
         mask = self.mask.index_select(0, index)
         start = int((mask.sum(0) > 0).nonzero()[0])  # first column some remaining row attends to
         self.mask = mask[:, start:]
         dev_index = index.to(self.device)
         self.kv = [(k.index_select(0, dev_index)[:, :, start:], v.index_select(0, dev_index)[:, :, start:])
-                   for k, v in self.kv]
+                   for k, v in kv]

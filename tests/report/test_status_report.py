@@ -239,3 +239,15 @@ def test_tables_use_human_names_and_drop_empty_columns() -> None:
     assert "in memory (MiB)" in out and "base chat loss" in out and "weights_mb" not in out
     assert "peak" not in out  # 0.0 for every model says nothing
     assert out.startswith('<div class="scroll">')
+
+
+def test_status_and_report_show_an_unreadable_manifest_instead_of_stopping(tmp_path: Path) -> None:
+    from llm.report.status import run_status
+
+    loaded = _whole_run(tmp_path)
+    manifest = Path(loaded.llm.stage_dir("pretrain")) / "_MANIFEST.json"
+    manifest.write_text("{not json")
+    states = {r.stage: r for r in run_status(loaded.llm)}
+    assert states["pretrain"].state == "unreadable" and "not valid JSON" in states["pretrain"].detail
+    page = build_report(loaded)
+    assert "unreadable" in page and "pretrain has not run" in page
