@@ -223,3 +223,23 @@ def test_vllm_engine_without_vllm_is_one_line_config_error(tiny_model_dir: Path,
     with pytest.raises(ConfigError) as e:
         require_vllm()
     assert "vllm is not installed" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.ray
+def test_a_chunked_body_past_the_limit_is_413_while_it_is_read(base_url: str) -> None:
+    """No Content-Length to check up front: the size is counted as the body arrives."""
+    def body():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(40):
+            yield b"x" * 50_000  # 2 MB in all; serve.max_body_bytes is 1 MB
+        yield b'"}'
+
+    r = httpx.post(f"{base_url}/completions", content=body(), headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
+
+
+@pytest.mark.ray
+def test_models_report_the_context_length(client) -> None:
+    card = client.models.retrieve("tiny")
+    assert card.model_extra["max_model_len"] == 128
