@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from llm.config.base import Section
 from llm.config.compress import CompressConfig
@@ -82,6 +82,19 @@ class PipelineConfig(Section):
 
     _cluster: dict[str, Any] | None = PrivateAttr(None)
     """The Ray half of the cluster file this config came from: the sizing source at run time."""
+
+    @field_validator("storage")
+    @classmethod
+    def _local_uri(cls, v: str) -> str:
+        # `file:///x` is the local path /x (`file://localhost/x` too): kept as a URI, every process would
+        # write under `./file:/x` relative to its own working directory.
+        if v.startswith("file://"):
+            rest = v.removeprefix("file://")
+            host, sep, path = rest.partition("/")
+            if host not in ("", "localhost"):
+                raise ValueError(f"a file:// URI names this machine's files only (got host {host!r} in {v})")
+            return "/" + path if sep else "/"
+        return v
 
     @model_validator(mode="after")
     def _context_fits(self) -> PipelineConfig:

@@ -131,6 +131,20 @@ def worker_error(e: BaseException, log: Path, stage: str) -> LLMRayError:
     return TrainingError(f"{stage}: training failed in a worker: {message[:300]}", str(log))
 
 
+def outside_run(cfg: PipelineConfig, path: str, key: str) -> str | None:
+    """The one-line warning for an `init_from` outside `<storage>/<run>/`, else None.
+
+    A checkpoint is unpickled by DeepSpeed on every worker: whoever can write it runs code there, so a
+    path outside the run's own storage is a second place that must be trusted.
+    """
+    run = cfg.storage.rstrip("/") + "/" + cfg.run
+    inside = not storage.is_remote(run) and Path(path).resolve().is_relative_to(Path(run).resolve())
+    if inside:
+        return None
+    return (f"warning: {key}={path} is outside this run's storage ({run}); its checkpoints are unpickled on "
+            f"every worker, so whoever can write there can run code on the cluster")
+
+
 def resolve_init(path: str, key: str) -> tuple[str, str]:
     """(`checkpoint` | `model`, path) of an `init_from` value, or a one-line error naming `key`.
 

@@ -23,7 +23,7 @@ from llm.train import checkpoint as ckpt
 from llm.train import recipe
 from llm.train.best_lr import with_best
 from llm.train.data import data_shards
-from llm.train.fit import resolve_init
+from llm.train.fit import outside_run, resolve_init
 from llm.train.model import check_model_dir
 from llm.train.spec import LoopSpec, train_fields
 
@@ -95,6 +95,9 @@ def run(cfg: PipelineConfig, force: bool = False, **extra: Any) -> StageResult:
     if init is not None:  # resolve before the folder may move aside: `init_from` may point into it
         init = str(Path(init).expanduser().resolve())
         resolve_init(init, f"{KEY}.init_from")
+        warning = outside_run(cfg, init, f"{KEY}.init_from")
+        if warning:
+            print(warning, flush=True)
     moved: dict[str, str] = {}
 
     def remap(old: Path, new: Path) -> None:
