@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,11 @@ class MetricsLog:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             keep = [r for r in read_records(self.path) if r.get("step", 0) <= resumed_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            # temp file + rename: a reader (the upload to a bucket, `llmray report`) or a crash mid-write sees
+            # the old file or the new one, never a truncated one
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, self.path)
         self._tb = None
         if tensorboard and out_dir:
             try:
