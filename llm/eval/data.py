@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from llm.errors import DataError, StageInputError
-from llm.models.chat import IGNORE, render, to_messages
+from llm.eval.turns import render_chat
+from llm.models.chat import IGNORE, to_messages
+from llm.models.stops import end_of_turn_ids
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,8 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[Any]:
 
 
 def render_rows(tokenizer: Any, records: Iterable[Any], source: str = "records") -> list[dict[str, Any]]:
-    """SFT rows of message records rendered with `tokenizer`'s own chat template (as the data stage does),
-    for comparing models that do not share a tokenizer.
+    """SFT rows of message records rendered with `tokenizer`'s own chat template (as fine-tuning renders them:
+    `llm.eval.turns.render_chat`), for comparing models that do not share a tokenizer.
 
     Records without an assistant turn become rows with no assistant tokens, which the loss counts as
     skipped rather than failing.
@@ -125,13 +127,14 @@ def render_rows(tokenizer: Any, records: Iterable[Any], source: str = "records")
         DataError: a record that is not a `messages` or `prompt`/`response` record, named `source[index]`.
     """
     rows: list[dict[str, Any]] = []
+    ends = end_of_turn_ids(tokenizer)
     for i, rec in enumerate(records):
         msgs = to_messages(rec)
         if msgs == "no_assistant":
             msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
         if isinstance(msgs, str):
             raise DataError(f"{source}[{i}]: not an SFT record ({msgs})")
-        ids, labels = render(tokenizer, msgs)
+        ids, labels, _ = render_chat(tokenizer, msgs, ends)
         rows.append({"input_ids": ids, "labels": labels, "source": f"{source}[{i}]"})
     return rows
 

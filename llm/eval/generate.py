@@ -15,6 +15,7 @@ from llm.errors import DataError
 from llm.eval.data import PromptPair
 from llm.eval.loss import model_device
 from llm.eval.text import text_metrics
+from llm.eval.turns import fit_roles
 from llm.models.stops import stop_token_ids
 
 
@@ -33,7 +34,8 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def encode_prompts(tokenizer: Any, pairs: Sequence[PromptPair], max_tokens: int | None = None) -> list[list[int]]:
-    """Prompt token ids: each pair's messages through the chat template with the generation prompt.
+    """Prompt token ids: each pair's messages through the chat template with the generation prompt (a system
+    message joins the first user turn where the template refuses a system role, as in training).
 
     Args:
         tokenizer: the model's tokenizer, with a chat template.
@@ -47,7 +49,8 @@ def encode_prompts(tokenizer: Any, pairs: Sequence[PromptPair], max_tokens: int 
         raise DataError(f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: no chat template to render prompts with")
     out = []
     for pair in pairs:
-        text = tokenizer.apply_chat_template(pair.messages, tokenize=False, add_generation_prompt=True)
+        messages, _ = fit_roles(tokenizer, pair.messages)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         out.append(ids[-max_tokens:] if max_tokens else ids)
     return out

@@ -29,6 +29,7 @@ from llm.models.load import load_model
 from llm.stage import Stage, StageResult, execute, stage_input
 from llm.train import checkpoint as ckpt
 from llm.train import lora, recipe
+from llm.train.base_model import check_base
 from llm.train.best_lr import with_best
 from llm.train.data import data_shards
 from llm.train.merge import merge_adapter
@@ -53,7 +54,8 @@ class Examples:
 
 def base_dir(cfg: PipelineConfig) -> Path:
     """The model to fine-tune: `finetune.base`, else the pretrain stage's export (a checked local copy);
-    checked to hold a config, weights and a tokenizer, else a one-line error naming the key."""
+    checked to hold a config, weights and a tokenizer that fit together and hold `max_len` tokens
+    (`llm.train.base_model.check_base`), else a one-line error naming the key."""
     ft = cfg.finetune
     if ft.base is None:
         folder, key = stage_input(cfg, "pretrain").fetch("model"), f"{KEY}.base (default: the pretrain stage's model/)"
@@ -62,6 +64,9 @@ def base_dir(cfg: PipelineConfig) -> Path:
     folder = check_model_dir(str(folder), key)
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ConfigError(f"{key}: {folder} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    max_len_key = f"{KEY}.max_len" if ft.max_len else f"{LLM_PREFIX}.data.sft.max_len"
+    facts = check_base(folder, key, ft.max_len or cfg.data.sft.max_len, max_len_key)
+    print(f"finetune: {facts.line()}", flush=True)
     return folder
 
 

@@ -19,25 +19,55 @@ from llm.train.spec import LoopSpec
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def default_targets(model: Any) -> list[str]:
-    """Leaf names of every linear layer inside the transformer blocks (attention and MLP), for Llama-style
-    (`nn.Linear`) and GPT-2 (`Conv1D`) models; the embeddings and the output head are left alone."""
+_ATTN_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FAMILY_TARGETS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"), _ATTN_MLP),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # fused q/k/v and gate/up (Phi-3, 3.5, 4-mini)
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # Conv1D, weights stored (in, out)
+}
+"""`model_type` -> the LoRA targets of the families tested here: every projection of attention and MLP."""
+
+
+def _linear_leaves(model: Any) -> dict[str, Any]:
+    """Leaf name -> one module of that name, for every linear layer (`nn.Linear`, GPT-2's `Conv1D`) but the
+    output head."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
     out_head = model.get_output_embeddings()
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not out_head}
-    return sorted(names)
+    return {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not out_head}
+
+
+def default_targets(model: Any) -> list[str]:
+    """The LoRA targets of `model`: its family's (`FAMILY_TARGETS`), checked to be there; for a family not
+    listed, the generic rule: leaf names of every linear layer (attention and MLP), the embeddings and the
+    output head left alone.
+
+    Raises:
+        TrainingError: a listed family whose checkpoint lacks one of its family's projections.
+    """
+    leaves = _linear_leaves(model)
+    family = FAMILY_TARGETS.get(str(getattr(model.config, "model_type", "")))
+    if family is None:
+        return sorted(leaves)
+    missing = [name for name in family if name not in leaves]
+    if missing:
+        raise TrainingError(f"{model.config.model_type}: the model has no {', '.join(missing)} layers its family "
+                            f"has (linear layers: {', '.join(sorted(leaves))}); set "
+                            "metadata.llm.finetune.lora.target_modules")
+    return sorted(family)
 
 
 def lora_config(model: Any, settings: dict[str, Any]) -> Any:
     """The `peft.LoraConfig` of `finetune.lora` for this model."""
     from peft import LoraConfig, TaskType
+    from transformers.pytorch_utils import Conv1D
 
     targets = settings.get("target_modules") or default_targets(model)
-    # GPT-2's Conv1D stores weights as (in, out); peft must know, and the merge reads the flag back.
-    fan_in_fan_out = getattr(model.config, "model_type", "") == "gpt2"
+    # Conv1D (GPT-2) stores weights as (in, out); peft must know, and the merge reads the flag back.
+    leaves = _linear_leaves(model)
+    fan_in_fan_out = any(isinstance(leaves.get(name), Conv1D) for name in targets)
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=int(settings["rank"]), lora_alpha=settings["alpha"],
                       lora_dropout=float(settings["dropout"]), target_modules=targets, fan_in_fan_out=fan_in_fan_out)
 

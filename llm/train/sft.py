@@ -23,8 +23,19 @@ from llm.data.sft import records, sft_files
 from llm.errors import ConfigError, DataError
 from llm.eval.data import has_answer
 from llm.eval.split import is_held_out
-from llm.models.chat import CHAT_TEMPLATE, IGNORE, render, to_messages
+from llm.eval.turns import render_chat
+from llm.models.chat import IGNORE, to_messages
+from llm.models.stops import end_of_turn_ids
 
+GENERIC_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+"""The template a base without one gets (GPT-2, most pretrained-only checkpoints): plain-text role headers,
+each turn closed by the tokenizer's own eos, so the model learns to stop at a token it already has and
+serving stops there (the project's `<|end|>` is not in a foreign vocabulary: it would be text)."""
 NAMED_DROPS = 100
 """Dropped records named in `stats.json` (all are counted)."""
 ROWS_PER_SHARD = 8192
@@ -32,7 +43,7 @@ ROWS_PER_SHARD = 8192
 
 def prepare_tokenizer(base: str | Path, out_dir: str | Path, key: str = "metadata.llm.finetune.base") -> Any:
     """The base's tokenizer completed for chat SFT and saved into `out_dir`: a pad token (eos: padding is
-    masked) and, when the base has none, the project's default chat template (saved with every output)."""
+    masked) and, when the base has none, `GENERIC_TEMPLATE` (saved with every output)."""
     from transformers import AutoTokenizer
 
     try:
@@ -45,7 +56,7 @@ def prepare_tokenizer(base: str | Path, out_dir: str | Path, key: str = "metadat
             raise ConfigError(f"{key}: the tokenizer in {base} has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
-        tok.chat_template = CHAT_TEMPLATE
+        tok.chat_template = GENERIC_TEMPLATE
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out_dir))
     return tok
@@ -77,16 +88,24 @@ class Rendered:
 
 def render_sources(tok: Any, sources: list[str], out_dir: str | Path, max_len: int, val_fraction: float,
                    key: str) -> Rendered:
-    """Render every record with `tok` into `<out_dir>/{train,val}/part-*.parquet` (`input_ids`, `labels`); the
-    split is the data stage's (`llm.eval.split.is_held_out`)."""
-    result = Rendered(counts={"examples": 0, "truncated": 0})
+    """Render every record with `tok`'s own template (`llm.eval.turns.render_chat`: labels end at its
+    end-of-turn token) into `<out_dir>/{train,val}/part-*.parquet` (`input_ids`, `labels`); the split is the
+    data stage's (`llm.eval.split.is_held_out`). A system message the template refuses joins the first user
+    turn (counted as `system_merged`); a record the template refuses otherwise is dropped (`template_error`)."""
+    result = Rendered(counts={"examples": 0, "truncated": 0, "system_merged": 0})
     rows: dict[str, list[tuple[list[int], list[int]]]] = {"train": [], "val": []}
+    ends = end_of_turn_ids(tok)
     for rec_key, rec in source_records(sources, key):
         msgs = rec if isinstance(rec, str) else to_messages(rec)
         if isinstance(msgs, str):
             result.drop(rec_key, msgs)
             continue
-        ids, labels = render(tok, msgs)
+        try:
+            ids, labels, merged = render_chat(tok, msgs, ends)
+        except Exception:  # the template's own Jinja refused this conversation (roles out of order, ...)
+            result.drop(rec_key, "template_error")
+            continue
+        result.counts["system_merged"] += merged
         if len(ids) > max_len:
             ids, labels = ids[:max_len], labels[:max_len]
             result.counts["truncated"] += 1

@@ -1,0 +1,73 @@
+"""Two brought bases through the finetune stage on Ray Train + DeepSpeed with 2 CPU workers, the two most unlike
+the project's own Llama and GPT-2 (tested in test_finetune_ray.py): Phi-3 (fused `qkv_proj` / `gate_up_proj`)
+with LoRA under ZeRO-3, and Gemma 2 (soft-capping, sliding windows, a template that refuses system roles)
+fully fine-tuned under ZeRO-2 with the before/after evaluation. The other families' rendering, LoRA targets,
+merge and export are checked in process by test_finetune_families.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llm.models.chat import IGNORE
+from llm.train.finetune import run
+from tests.models import conftest as zoo_fixtures
+from tests.train.test_finetune_helpers import finetune_config, sft_records, write_jsonl
+from tests.train.test_finetune_ray import check_lora_outputs, losses
+
+pytestmark = [pytest.mark.ray, pytest.mark.multiprocess, pytest.mark.slow]
+zoo = zoo_fixtures.zoo
+
+
+def _finetune(zoo, tmp: Path, name: str, *overrides: str):
+    data = write_jsonl(tmp / "chat.jsonl", sft_records())
+    loaded = finetune_config(tmp, f"finetune.base={zoo(name)}", f"finetune.data=[{data}]", *overrides)
+    return run(loaded.llm)
+
+
+def _label_ends(folder: Path) -> set[int]:
+    """The last labelled token of every answer in the rendered train shards."""
+    import pyarrow.parquet as pq
+
+    ends = set()
+    for f in (folder / "sft" / "train").glob("*.parquet"):
+        for labels in pq.read_table(f)["labels"].to_pylist():
+            ends.update(lab for i, lab in enumerate(labels)
+                        if lab != IGNORE and (i + 1 == len(labels) or labels[i + 1] == IGNORE))
+    return ends
+
+
+def test_phi3_lora_zero3(ray_session, zoo, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    result = _finetune(zoo, tmp_path, "phi3", "finetune.zero_stage=3", "finetune.eval.enabled=false")
+    folder = Path(result.path)
+    tok = AutoTokenizer.from_pretrained(str(folder / "model"))
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert result.metrics["data"]["rendered"] and _label_ends(folder) == {end}  # every answer closes with <|end|>
+    saved = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert set(saved["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    check_lora_outputs(folder, zoo("phi3"))  # the fused projections gathered from ZeRO-3, merge parity
+    assert end in GenerationConfig.from_pretrained(str(folder / "model")).eos_token_id
+    assert losses(result)[-1] < losses(result)[0]
+
+
+def test_gemma2_full_zero2_with_system_prompts(ray_session, zoo, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    result = _finetune(zoo, tmp_path, "gemma2", "finetune.method=full", "finetune.zero_stage=2")
+    folder = Path(result.path)
+    m = result.metrics
+    with_system = sum("messages" in r for r in sft_records())
+    assert m["data"]["system_merged"] == with_system and not m["data"]["dropped"]  # kept, not dropped
+    tok = AutoTokenizer.from_pretrained(str(folder / "model"))
+    assert _label_ends(folder) == {tok.convert_tokens_to_ids("<end_of_turn>")}
+    config = AutoConfig.from_pretrained(str(folder / "model"))
+    assert (config.model_type, config.attn_logit_softcapping, config.final_logit_softcapping,
+            config.sliding_window) == ("gemma2", 50.0, 30.0, 32)
+    assert type(AutoModelForCausalLM.from_pretrained(str(folder / "model"))).__name__ == "Gemma2ForCausalLM"
+    rows = json.loads((folder / "eval.json").read_text())
+    assert [r["prompts"] for r in rows] == [4, 4]  # held-out prompts with system messages answered by both
+    assert rows[1]["sft_loss"] < rows[0]["sft_loss"]
