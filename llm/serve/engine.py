@@ -23,6 +23,9 @@ from llm.serve.sampling import Choice, Row, Sampling, prompt_logprobs, sample
 
 log = logging.getLogger("ray.serve")
 
+DECODE_STEPS = 2
+"""Decode steps per trip to the worker thread while nobody waits to join the batch."""
+
 
 @dataclass
 class GenerateRequest:
@@ -192,7 +195,10 @@ class Engine:
                 if joining:
                     self._deliver(await asyncio.to_thread(self._prefill, joining))
                 if self._running:
-                    self._deliver(await asyncio.to_thread(self._decode))
+                    # Two steps per hop when nobody waits to join: half the thread hops and deliveries per
+                    # token (vLLM's multi-step scheduling); a newcomer is admitted after one step.
+                    steps = 1 if self._waiting else DECODE_STEPS
+                    self._deliver(await asyncio.to_thread(self._decode, steps))
             except Exception as e:  # the model failed: fail what is in flight, keep serving the rest
                 log.exception("generation failed")
                 for seq in [*self._running, *joining]:
@@ -228,14 +234,36 @@ class Engine:
                 step.prompt = prompt_logprobs(real, seq.req.prompt, seq.req.sampling.top_logprobs or 0)
             if seq.req.max_tokens > 0:
                 step.tokens = [choice]
+                seq.last = choice.token
+                seq.generated.append(choice.token)
             events.append((seq, step))
         return events
 
-    def _decode(self) -> list[tuple[Sequence, Step | Exception]]:
-        logits = self.batch.decode([s.last for s in self._running])
-        chosen = sample(logits, [s.row() for s in self._running])
-        return [(seq, c if isinstance(c, Exception) else Step([c]))
-                for seq, c in zip(self._running, chosen, strict=True)]
+    def _decode(self, steps: int = 1) -> list[tuple[Sequence, Step | Exception]]:
+        """`steps` decode steps for every row; a row that finishes (or fails) at one keeps its batch row until
+        `_deliver` drops it, and the tokens it gets after finishing are discarded."""
+        tokens: dict[int, list[Choice]] = {id(s): [] for s in self._running}
+        failed: dict[int, Exception] = {}
+        for _ in range(steps):
+            live = {id(s) for s in self._running if id(s) not in failed and not self._finished(s, tokens[id(s)])}
+            if not live:
+                break
+            logits = self.batch.decode([s.last for s in self._running])
+            chosen = sample(logits, [s.row() for s in self._running])
+            for seq, c in zip(self._running, chosen, strict=True):
+                if id(seq) not in live:
+                    continue
+                if isinstance(c, Exception):
+                    failed[id(seq)] = c
+                    continue
+                seq.last = c.token
+                seq.generated.append(c.token)
+                tokens[id(seq)].append(c)
+        return [(seq, failed[id(seq)] if id(seq) in failed else Step(tokens[id(seq)])) for seq in self._running]
+
+    @staticmethod
+    def _finished(seq: Sequence, new: list[Choice]) -> bool:
+        return bool(new) and (new[-1].token in seq.stops or len(seq.generated) >= seq.req.max_tokens)
 
     def _deliver(self, events: list[tuple[Sequence, Step | Exception]]) -> None:
         now = time.perf_counter()
@@ -245,8 +273,6 @@ class Engine:
                 seq.queue.put_nowait(ApiError(400, f"generation failed for this request: {step}"))
                 continue
             if step.tokens:
-                seq.last = step.tokens[-1].token
-                seq.generated += [c.token for c in step.tokens]
                 seq.stats.tokens += len(step.tokens)
                 seq.stats.first_token = seq.stats.first_token or now
                 if seq.last in seq.stops:
