@@ -129,9 +129,44 @@ def committed_folder(uri: str, manifest: Manifest | None = None) -> storage.Fold
     return storage.Folder(uri, files=files)
 
 
+EXTERNAL: dict[str, tuple[str, ...]] = {
+    "data": ("sources", "sft.sources", "tokenizer.path"),
+    "pretrain": ("model.path",),
+    "finetune": ("base", "data"),
+}
+"""Keys of each section that name files outside the run (a corpus, a model or tokenizer directory): their
+fingerprints (`storage.fingerprint`: size and mtime of every file) are hashed with the section, under
+`files`, so a changed corpus file makes its stage stale as a changed key does."""
+
+
+def _external(value: Any) -> list[str]:
+    paths = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    # `builtin:` sources ship with the package; a path or a file / object-store URI is outside the run
+    return [p for p in paths if "://" in p or ":" not in p]
+
+
+def external_fingerprints(cfg: PipelineConfig, section: str) -> dict[str, dict[str, str]]:
+    """`{key: {path: fingerprint}}` of the files outside the run that `section` names (see `EXTERNAL`)."""
+    out = {}
+    for key in EXTERNAL.get(section, ()):
+        value: Any = getattr(cfg, section)
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        paths = _external(value)
+        if paths:
+            out[key] = {p: storage.fingerprint(p) for p in paths}
+    return out
+
+
 def hashed_config(cfg: PipelineConfig, *sections: str) -> dict[str, Any]:
-    """The output-changing fields of the config sections a stage depends on (see `Section.NOT_HASHED`)."""
-    return {name: getattr(cfg, name).hashed() for name in sections}
+    """The output-changing fields of the config sections a stage depends on (see `Section.NOT_HASHED`),
+    with the fingerprints of the files outside the run they name (`EXTERNAL`)."""
+    out = {}
+    for name in sections:
+        hashed = getattr(cfg, name).hashed()
+        files = external_fingerprints(cfg, name)
+        out[name] = {**hashed, "files": files} if files else hashed
+    return out
 
 
 def config_hash(cfg: PipelineConfig, *sections: str) -> str:

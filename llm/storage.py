@@ -752,3 +752,49 @@ def remove_if(uri: str | Path, expected: bytes) -> bool:
         return False
     remove_file(uri)
     return True
+
+
+_WILD = "*?["
+
+
+def _matches(pattern: str, path: str) -> bool:
+    """`fnmatch` per path segment (a `*` never crosses a `/`; `**` matches any number of segments)."""
+    import fnmatch
+
+    pat, parts = pattern.strip("/").split("/"), path.strip("/").split("/")
+
+    def match(i: int, j: int) -> bool:
+        if i == len(pat):
+            return j == len(parts)
+        if pat[i] == "**":
+            return any(match(i + 1, k) for k in range(j, len(parts) + 1))
+        return j < len(parts) and fnmatch.fnmatchcase(parts[j], pat[i]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+def fingerprint(pattern: str | Path) -> str:
+    """What an input outside the run is now, for a stage's hash: `<n> files, <bytes> bytes, <digest>` of
+    the size and modification time (ns) of every file a path, folder or glob names (local or object
+    store); `missing` when none. Cheap: nothing is read, so a corpus of any size is fingerprinted by listing."""
+    text = str(pattern).removeprefix("file://")
+    if not is_remote(text):
+        text = os.path.expanduser(text)
+    fs, path = resolve(text)
+    segments = path.split("/")
+    wild = next((i for i, s in enumerate(segments) if any(c in s for c in _WILD)), None)
+    if wild is None:
+        top = fs.get_file_info(path)
+        if top.type == pafs.FileType.File:
+            infos = [top]
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    else:
+        base = "/".join(segments[:wild]) or "/"
+        found = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=True))
+        infos = [i for i in found if _matches(path, i.path)]
+    files = sorted((i.path, i.size or 0, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File)
+    if not files:
+        return "missing"
+    digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    return f"{len(files)} files, {sum(f[1] for f in files)} bytes, {digest}"
