@@ -174,6 +174,16 @@ def config_hash(cfg: PipelineConfig, *sections: str) -> str:
     return canonical_hash(hashed_config(cfg, *sections))
 
 
+def changed_since(cfg: PipelineConfig, manifest: Manifest, ran: PipelineConfig | None = None) -> list[str]:
+    """What changed since `manifest` was committed: dotted config keys (as `ran`, the config as the stage
+    hashes it, default `cfg`, would write them; the files outside the run included) and `input <stage>` for
+    an input stage committed again since; [] when the folder is current."""
+    ran = ran or cfg
+    changed = changed_keys(manifest.config, hashed_config(ran, *manifest.config)) if manifest.config else []
+    return changed + [f"input {name}" for name, h in manifest.inputs.items()
+                      if manifest_hash(cfg.stage_dir(name)) != h]
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two hashed configs."""
     out = []

@@ -73,11 +73,17 @@ def choose(rows: Sequence[Mapping[str, Any]], rule: ChooseConfig) -> dict[str, A
             "rule": rule.model_dump(mode="json"), "checks": checks}
 
 
-def write_chosen(folder: Path, choice: dict[str, Any], original_dir: Path | str) -> Path:
+def write_chosen(folder: Path, choice: dict[str, Any], original_dir: Path | str, stage_uri: str | None = None) -> Path:
     """`compress/chosen.json` in the local folder `folder`, which `llm.models.load.chosen_model_dir` reads;
-    `path` is absolute for the original (it lives in another stage's folder: a store URI when it is in one)
-    and the variant's folder name otherwise."""
+    `path` is relative to the compress folder (`stage_uri`, default `folder`): the variant's folder name, or
+    for the original in another stage of the run `../<stage>/model`, so a run folder copied or moved
+    elsewhere still names its own models; an original outside the run keeps its absolute path or URI."""
     path = folder / CHOSEN
-    where = storage.Folder(original_dir).uri if choice["variant"] == ORIGINAL else choice["variant"]
+    where = choice["variant"]
+    if choice["variant"] == ORIGINAL:
+        where = storage.Folder(original_dir).uri
+        run = (stage_uri or storage.Folder(folder).uri).rstrip("/").rsplit("/", 1)[0]
+        if where.startswith(run + "/"):
+            where = "../" + where[len(run) + 1:]
     path.write_text(json.dumps({**choice, "path": where}, indent=2) + "\n")
     return path

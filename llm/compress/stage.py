@@ -164,7 +164,7 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
         rows = compare(cfg, {"original": original.local, **made}, data)
         write_eval(folder.local, rows)
         choice = choose(rows, cfg.compress.choose)
-        write_chosen(folder.local, choice, original.uri)
+        write_chosen(folder.local, choice, original.uri, folder.uri)
         print(format_table(rows), flush=True)
         print(f"compress: chosen {choice['variant']}: {choice['reason']}\n  table: {folder.path('eval.json')}"
               f"\n  chosen: {folder.path('chosen.json')}", flush=True)

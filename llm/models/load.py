@@ -22,10 +22,10 @@ from typing import Any
 
 from llm import storage
 from llm.config import PipelineConfig
-from llm.errors import ConfigError, StageInputError
+from llm.errors import ConfigError, StageInputError, StaleOutputError
 from llm.manifest import MANIFEST, read_manifest
 from llm.models.int8 import FORMAT, QUANT_FILE, load_int8
-from llm.stage import committed_folder
+from llm.stage import changed_since, committed_folder
 
 CHOSEN = "chosen.json"
 """The compress stage's record of the variant to serve (written by `llm.compress.choose.write_chosen`)."""
@@ -113,14 +113,24 @@ def chosen_model_dir(cfg: PipelineConfig) -> str:
 
     Raises:
         StageInputError: no committed stage has a model yet.
+        StaleOutputError: the committed compress stage is not current (its config, the files outside the
+            run it names, or an input stage changed since): its choice is not served.
     """
     compress = cfg.stage_dir("compress")
     manifest = read_manifest(compress)
     if manifest is not None and CHOSEN in manifest.files:
+        changed = changed_since(cfg, manifest)
+        if changed:  # its choice was made for other models or another rule: serving it would mislead
+            raise StaleOutputError(f"{compress}: the committed compress stage is stale (changed since: "
+                                   f"{', '.join(changed)}); rerun `llmray compress`, or set serve.model=<directory>")
         chosen = json.loads(storage.read_bytes(storage.join(compress, CHOSEN)))
-        # The original lives in another stage's folder (`path` names it); a variant is a folder of compress/.
+        # The original lives in another stage's folder (`path` names it, relative to compress/ when in the
+        # run, absolute in chosen.json of an older llmray); a variant is a folder of compress/.
         if chosen["variant"] == ORIGINAL:
-            return str(chosen["path"])
+            where = str(chosen["path"])
+            if where.startswith("../"):
+                return storage.join(compress.rstrip("/").rsplit("/", 1)[0], where[3:])
+            return where
         return storage.join(compress, str(chosen["variant"]))
     for stage in ("finetune", "pretrain"):
         manifest = read_manifest(cfg.stage_dir(stage))

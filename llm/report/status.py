@@ -10,8 +10,8 @@ from typing import Any
 from llm import storage
 from llm.config import PipelineConfig
 from llm.errors import StorageError
-from llm.manifest import manifest_hash, read_manifest
-from llm.stage import Stage, changed_keys, hashed_config
+from llm.manifest import read_manifest
+from llm.stage import Stage, changed_since
 from llm.stages import STAGES
 
 # The figure shown for a finished stage, first one present wins.
@@ -44,10 +44,7 @@ def _stage_status(cfg: PipelineConfig, stage: Stage, folder: str, enabled: bool)
     manifest = read_manifest(folder)
     if manifest is not None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(manifest.created))
-        ran = stage.as_run(cfg) if stage.as_run is not None else cfg
-        changed = changed_keys(manifest.config, hashed_config(ran, *manifest.config)) if manifest.config else []
-        changed += [f"input {name}" for name, h in manifest.inputs.items()
-                    if manifest_hash(cfg.stage_dir(name)) != h]
+        changed = changed_since(cfg, manifest, stage.as_run(cfg) if stage.as_run is not None else None)
         if changed:
             return StageStatus(stage.name, enabled, "stale", folder, f"{when}; changed since: {', '.join(changed)}")
         return StageStatus(stage.name, enabled, "done", folder, f"{when}; {key_metric(manifest.metrics)}")
