@@ -30,6 +30,29 @@ _WORDING = [
 ]
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the last one
+    silently, so `min_chars: 50` early in a file would be undone by a forgotten `min_chars:` further down.
+    Keys brought in by a merge (`<<: *defaults`) may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class names that error
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first given at line {first})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: Path, overrides: list[str]) -> LoadedConfig:
     """Load `path`, apply `overrides` (`pretrain.max_steps=200`), validate both halves, cross-check."""
     where = _display(path)
@@ -40,7 +63,7 @@ def load(path: Path, overrides: list[str]) -> LoadedConfig:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {where}: {e}") from None
     try:
-        cluster = yaml.safe_load(text)
+        cluster = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: no object construction
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

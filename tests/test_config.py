@@ -122,3 +122,46 @@ def test_every_field_is_described() -> None:
 
 def test_stage_dir_layout(local_cfg) -> None:
     assert local_cfg.llm.stage_dir("data").endswith("/runs/local-tiny/data")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.min_chars=500", "data.max_chars=100"],
+     r"^metadata\.llm\.data: min_chars \(500\) must be <= max_chars \(100\): no document could pass in "),
+    (["data.quality.min_words=50", "data.quality.max_words=10"],
+     r"^metadata\.llm\.data\.quality: min_words \(50\) must be <= max_words \(10\)"),
+    (["data.quality.min_mean_word_len=12"],
+     r"^metadata\.llm\.data\.quality: min_mean_word_len \(12\) must be <= max_mean_word_len \(10\)"),
+])
+def test_data_ranges_that_admit_nothing_name_both_keys(tmp_path: Path, overrides: list[str], message: str) -> None:
+    """`min_chars > max_chars` validated, then dropped every document as too_short or too_long."""
+    with pytest.raises(ConfigError, match=message + r".*local\.yaml$"):
+        tiny_config(tmp_path, *overrides)
+    assert tiny_config(tmp_path, "data.min_chars=100", "data.max_chars=100").llm.data.max_chars == 100
+
+
+def test_duplicate_yaml_key_names_key_line_and_file(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys without a word: the first `min_chars` was silently undone."""
+    text = LOCAL_YAML.read_text()
+    assert "      min_chars: 200\n" in text
+    bad = tmp_path / "dup.yaml"
+    bad.write_text(text.replace("      min_chars: 200\n", "      min_chars: 200\n      seq_len: 64\n"
+                                                        "      min_chars: 5\n"))
+    line = text.splitlines().index("      min_chars: 200") + 3
+    with pytest.raises(ConfigError, match=rf"^invalid YAML at line {line}, column 7: duplicate key 'min_chars' "
+                                          rf"\(first given at line {line - 2}\) in .*dup\.yaml$"):
+        load_config(bad)
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(text.replace("tokenizer: {vocab_size: 4096}", "tokenizer: {vocab_size: 4096, vocab_size: 512}"))
+    with pytest.raises(ConfigError, match=r"duplicate key 'vocab_size'"):
+        load_config(flow)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    """`<<: *anchor` then a key of the anchor is YAML's own override, not a duplicate."""
+    text = LOCAL_YAML.read_text().replace("      tokenizer: {vocab_size: 4096}\n",
+                                          "      tokenizer:\n        <<: &tok {vocab_size: 4096, min_frequency: 3}\n"
+                                          "        vocab_size: 1024\n")
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(text)
+    tok = load_config(merged).llm.data.tokenizer
+    assert (tok.vocab_size, tok.min_frequency) == (1024, 3)

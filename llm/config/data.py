@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from llm.config.base import Section
 
@@ -28,6 +28,11 @@ class QualityConfig(Section):
     """Drop when fewer words than this fraction contain a letter (reason `non_alpha`)."""
     max_dup_line_fraction: float = Field(0.3, ge=0, le=1)
     """Drop when more lines than this fraction repeat another line (reason `dup_lines`)."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> QualityConfig:
+        _ordered(self, ("min_words", "max_words"), ("min_mean_word_len", "max_mean_word_len"))
+        return self
 
 
 class LanguageConfig(Section):
@@ -101,6 +106,15 @@ class SftConfig(Section):
     """Fraction of examples held out, chosen by example hash."""
 
 
+def _ordered(section: Section, *pairs: tuple[str, str]) -> None:
+    """Each (low, high) pair of fields with low <= high, else a ValueError naming both keys: a range that
+    admits nothing would drop every document, each for a reason that looks valid."""
+    for low, high in pairs:
+        a, b = getattr(section, low), getattr(section, high)
+        if a > b:
+            raise ValueError(f"{low} ({a:g}) must be <= {high} ({b:g}): no document could pass")
+
+
 class DataConfig(Section):
     """Data stage: read, clean, dedup, train a tokenizer, tokenize and pack, format SFT data."""
 
@@ -142,3 +156,8 @@ class DataConfig(Section):
     max_errored_blocks: int = Field(0, ge=0)
     """Ray Data `max_errored_blocks`. 0: a block error fails the stage, since bad records are already caught
     per record and per file; a block error means a bug, and silently losing a block would lose data."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DataConfig:
+        _ordered(self, ("min_chars", "max_chars"))
+        return self

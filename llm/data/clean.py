@@ -5,8 +5,9 @@ so the cleaned corpus, and everything packed from it, is the same on every run w
 Dropped rows stay in the file with their reason (the dedup and pack steps skip them); with `keep_dropped`
 the unit also writes them aside into `dropped/<unit>.parquet`. MinHash signatures go to `<unit>.sig` beside
 the cleaned file (raw uint32 rows, one per parquet row): dedup reads only the rows it needs from there.
-The unit's result carries its counts (drop reasons, PII replacements, invalid UTF-8) and the files that
-failed to read, each with its error: the stats add those up without the driver reading any document.
+The unit's result carries its counts (drop reasons, the first `file:line` of each, documents normalization
+changed, PII replacements, invalid UTF-8) and the files that failed to read, each with its error: the stats
+add those up without the driver reading any document.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ def clean_row(r: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
     """One read row normalized, filtered and redacted; `reason` says why it is dropped (empty: kept)."""
     pii = dict.fromkeys(KINDS, 0)
     text = r["text"]
+    changed = False
     if not r["reason"]:
         text = normalize(text)
+        changed = text != r["text"]
         reason = document_filter(text, cfg)
         if reason is None and cfg.pii.enabled:
             text, counts = redact(text, cfg.pii.kinds)
@@ -55,7 +58,7 @@ def clean_row(r: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
         r = {**r, "reason": reason or ""}
     return {**r, "text": text if not r["reason"] or cfg.keep_dropped else "",
             "doc_id": stable_id(r["source"]), "content_hash": content_hash(text) if not r["reason"] else 0,
-            **{f"pii_{k}": v for k, v in pii.items()}}
+            "normalized": changed, **{f"pii_{k}": v for k, v in pii.items()}}
 
 
 def _schema(num_perm: int) -> pa.Schema:
@@ -84,18 +87,25 @@ class _Counts:
 
     def __init__(self) -> None:
         self.reasons: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+        """The source (`file:line`) of the first row dropped for each reason: where to look first."""
         self.pii = dict.fromkeys(KINDS, 0)
         self.utf8 = 0
+        self.normalized = 0
 
     def add(self, r: dict[str, Any]) -> None:
         key = r["reason"] or "kept"
         self.reasons[key] = self.reasons.get(key, 0) + 1
+        if r["reason"]:
+            self.first.setdefault(key, r["source"])
         self.utf8 += int(r["utf8_errors"])
+        self.normalized += r["normalized"]
         for k in KINDS:
             self.pii[k] += r[f"pii_{k}"]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"reasons": self.reasons, "pii": self.pii, "utf8": self.utf8}
+        return {"reasons": self.reasons, "first": self.first, "pii": self.pii, "utf8": self.utf8,
+                "normalized": self.normalized}
 
 
 def clean_unit(batch: dict[str, Any], *, cfg: DataConfig, out_dir: str) -> dict[str, list]:

@@ -14,8 +14,8 @@ from llm.config import DataConfig, LanguageConfig, QualityConfig
 
 # C0/C1 controls except tab and newline: they carry no text and confuse tokenizers and viewers.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_SPACES = re.compile(r"[^\S\n]+")  # runs of whitespace other than newlines
-_BLANKS = re.compile(r"\n{3,}")
+_SPACE = re.compile(r"[^\S\n\t ]")  # whitespace other than newline, tab and space (no-break, thin, ...)
+_FENCE = re.compile(r"[ \t]*(```|~~~)")
 _WORD = re.compile(r"\S+")
 _ALPHA = re.compile(r"[^\W\d_]")
 
@@ -23,12 +23,32 @@ Filter = Callable[[str], "str | None"]
 
 
 def normalize(text: str) -> str:
-    """Unicode NFC, control characters removed, whitespace runs collapsed, lines right-stripped, at most
-    one blank line in a row. Newlines are kept: they carry structure the model should learn."""
+    """Unicode NFC, newlines for Windows and old Mac line ends, control characters removed, other whitespace
+    characters made plain spaces (one for one), lines right-stripped, blank lines at both ends dropped and runs
+    of blank lines collapsed to one, except inside code: in a fenced block (```` ``` ```` or `~~~`) or between
+    two indented lines.
+
+    Leading indentation and inner spacing are kept: they carry structure the model should learn (code, whose
+    indentation is syntax, and aligned tables; the default corpus is Python's own documentation).
+    """
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
-    text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
-    return _BLANKS.sub("\n\n", text).strip()
+    text = _SPACE.sub(" ", _CONTROL.sub("", text))
+    out: list[str] = []
+    fence = ""  # the open fence's marker, "" outside a fenced block
+    blanks = 0
+    for line in text.split("\n"):
+        line = line.rstrip()
+        if not line:
+            blanks += 1
+            continue
+        if blanks and out:
+            code = fence or (out[-1][0] in " \t" and line[0] in " \t")
+            out += [""] * (blanks if code else 1)
+        blanks = 0
+        if m := _FENCE.match(line):
+            fence = "" if fence and m.group(1) == fence else fence or m.group(1)
+        out.append(line)
+    return "\n".join(out)
 
 
 def length_filter(text: str, min_chars: int, max_chars: int) -> str | None:
@@ -72,8 +92,9 @@ def alpha_fraction_filter(words: list[str], q: QualityConfig) -> str | None:
 
 
 def dup_line_filter(text: str, q: QualityConfig) -> str | None:
-    """Gopher: the fraction of non-empty lines that repeat an earlier line at most 0.3."""
-    lines = [ln for ln in text.split("\n") if ln.strip()]
+    """Gopher: the fraction of non-empty lines that repeat an earlier line at most 0.3. Lines are compared
+    with their spacing collapsed: indentation alone does not make a line new."""
+    lines = [" ".join(ln.split()) for ln in text.split("\n") if ln.strip()]
     if not lines:
         return None
     dup = len(lines) - len(set(lines))

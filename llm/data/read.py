@@ -5,6 +5,11 @@ going with, else why it is dropped) and `utf8_errors` (bytes replaced). Problems
 the driver counts them from the same table: `bad_json`, `missing_field`, `empty_file`, `read_error`,
 `too_long`. A `.txt` file is one document; a `.jsonl` line is one; a parquet row is one. A `read_error` row
 carries the one-line reason (`read_error_message`) as its text, so that the failed file can be named.
+
+A hostile line is one bad record, never a failed stage or a lost file: JSON nested too deeply, an integer past
+Python's digit limit and lone UTF-16 surrogates are handled per line. A `.gz` file inflates through
+`llm.data.compressed.CappedGzip`: a decompression bomb ends its file with a `read_error` instead of filling
+memory or disk.
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
+import shutil
+import tempfile
 import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO, NamedTuple
 
 from llm.data import builtin
+from llm.data.compressed import CappedGzip, InflateLimit
 from llm.data.sources import SourceFile, hf_rows
 
 BATCH_ROWS = 256
@@ -26,6 +35,8 @@ _MAX_DETAIL = 200  # a library's message can be long; the summary shows one line
 # gzip raises EOFError on a truncated stream, BadGzipFile (OSError) on garbage, zlib.error on a corrupt
 # block; pyarrow ArrowInvalid (ValueError) or OSError on a broken parquet file.
 READ_ERRORS = (OSError, EOFError, zlib.error, ValueError)
+_SPOOL_BYTES = 64 << 20  # a `.parquet.gz` is inflated into a temporary file, in memory only up to this
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class Unreadable(NamedTuple):
@@ -40,6 +51,8 @@ def read_error_message(e: BaseException, src: SourceFile) -> str:
 
     The file path is not repeated: whoever shows the message puts it first.
     """
+    if isinstance(e, InflateLimit):
+        return str(e)
     detail = " ".join(str(e).split())  # pyarrow's messages can span lines
     if len(detail) > _MAX_DETAIL:
         detail = detail[: _MAX_DETAIL - 3] + "..."
@@ -69,8 +82,33 @@ def decode(data: bytes) -> tuple[str, int]:
         return text, text.count("\ufffd") - data.count(_FFFD)
 
 
+def without_surrogates(text: str) -> tuple[str, int]:
+    """`text` with lone UTF-16 surrogates (valid in JSON escapes, not in UTF-8) replaced by U+FFFD, and how
+    many: parquet and the tokenizer refuse them, and one would fail a whole unit."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.subn("\ufffd", text)
+    return text, 0
+
+
+def parse_json(text: str) -> tuple[Any, str]:
+    """The value of one JSON line and "", or (None, why it is not one). Never raises: a line nested 100,000
+    deep (RecursionError) or holding a 5,000-digit integer (ValueError past `sys.get_int_max_str_digits`)
+    is one bad line, not a failed stage or file."""
+    try:
+        return json.loads(text), ""
+    except json.JSONDecodeError as e:
+        return None, f"{e.msg} at column {e.colno}"
+    except RecursionError:
+        return None, "nested too deeply"
+    except ValueError as e:
+        return None, " ".join(str(e).split())[:_MAX_DETAIL]
+
+
 def open_binary(src: SourceFile) -> BinaryIO:
-    """A binary stream of the file, decompressed when it is `.gz`; local paths and URIs alike."""
+    """A binary stream of the file, decompressed when it is `.gz` (capped: `llm.data.compressed`); local paths
+    and URIs alike."""
     if "://" in src.path and not src.path.startswith("file://"):
         import pyarrow.fs as pafs
 
@@ -78,7 +116,9 @@ def open_binary(src: SourceFile) -> BinaryIO:
         raw: BinaryIO = fs.open_input_stream(path)
     else:
         raw = open(src.path.removeprefix("file://"), "rb")  # closed by the caller
-    return gzip.GzipFile(fileobj=raw, mode="rb") if src.gz else raw  # type: ignore[return-value]
+    if not src.gz:
+        return raw
+    return io.BufferedReader(CappedGzip(raw))
 
 
 def bounded_lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
@@ -123,16 +163,16 @@ def _jsonl(src: SourceFile, f: BinaryIO, max_bytes: int, field: str) -> Iterator
         if not line.strip():
             continue
         text, bad = decode(line)
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield row(f"{e.msg} at column {e.colno}", where, "bad_json", bad)
+        record, error = parse_json(text)
+        if error:
+            yield row(error, where, "bad_json", bad)
             continue
         value = record.get(field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             yield row(f"no string field {field!r}", where, "missing_field", bad)
             continue
-        yield row(value, where, "", bad)
+        value, lone = without_surrogates(value)
+        yield row(value, where, "", bad + lone)
     if empty:
         yield row("", src.path, "empty_file")
 
@@ -147,9 +187,20 @@ def _value_row(value: Any, where: str, max_chars: int) -> dict[str, Any]:
 
 
 def _parquet(src: SourceFile, f: BinaryIO, field: str, max_chars: int) -> Iterator[dict[str, Any]]:
+    if not src.gz:
+        yield from _parquet_rows(src, f, field, max_chars)
+        return
+    # Parquet needs a seekable file: a `.parquet.gz` is inflated (capped) into a temporary file, not memory.
+    with tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as tmp:
+        shutil.copyfileobj(f, tmp, _CHUNK)
+        tmp.seek(0)
+        yield from _parquet_rows(src, tmp, field, max_chars)  # type: ignore[arg-type]
+
+
+def _parquet_rows(src: SourceFile, f: BinaryIO, field: str, max_chars: int) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(f if not src.gz else io.BytesIO(f.read()))
+    pf = pq.ParquetFile(f)
     if field not in pf.schema_arrow.names:
         yield row(f"no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})", src.path, "read_error")
         return

@@ -8,13 +8,18 @@ MAX_LISTED = 10  # failed files named on screen; stats.json names every one
 
 
 def summary(m: dict[str, Any], path: str) -> str:
-    """Documents in, out per drop reason, files that failed to read (each with its error), duplicates,
-    tokens, bytes per token, shards, wall time."""
+    """Documents in, changed by normalization, out per drop reason (with the first record dropped for it),
+    files that failed to read (each with its error), duplicates, tokens, bytes per token, shards, SFT
+    examples and drops, wall time."""
     lines = [f"data: {path}",
-             f"  documents in        {m['documents_in']:>12,}",
-             f"  after filters       {m['documents_kept_after_filters']:>12,}"]
+             f"  documents in        {m['documents_in']:>12,}"]
+    if "documents_normalized" in m:  # stats of older runs lack it
+        lines.append(f"  normalized          {m['documents_normalized']:>12,} changed")
+    lines.append(f"  after filters       {m['documents_kept_after_filters']:>12,}")
+    first = m.get("dropped_first", {})
     for reason, n in m["dropped"].items():
-        lines.append(f"    dropped {reason:<16}{n:>9,}")
+        where = f"  (first: {first[reason]})" if reason in first and reason != "read_error" else ""
+        lines.append(f"    dropped {reason:<16}{n:>9,}{where}")
     lines += _read_errors(m["read_errors"], path)
     if any(m["pii_redacted"].values()):
         lines.append("  pii redacted        " + ", ".join(f"{k} {v:,}" for k, v in m["pii_redacted"].items() if v))
@@ -33,6 +38,12 @@ def summary(m: dict[str, Any], path: str) -> str:
         s = m["sft"]
         lines.append(f"  sft examples        {s.get('train', 0):>12,} train / {s.get('val', 0):,} val"
                      f" ({s.get('truncated', 0):,} truncated)")
+        named = {d["reason"]: d["record"] for d in reversed(m.get("sft_dropped", []))}  # the first of each
+        for key, n in s.items():
+            if key.startswith("dropped_"):
+                reason = key.removeprefix("dropped_")
+                where = f"  (first: {named[reason]})" if reason in named else ""
+                lines.append(f"    sft dropped {reason:<12}{n:>9,}{where}")
     lines.append(f"  wall time           {m['wall_seconds']:>11.1f}s")
     return "\n".join(lines)
 

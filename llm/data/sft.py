@@ -5,6 +5,7 @@ conversations of SFT sources (`held_out`), the one reader of the split rule for 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,16 @@ import pyarrow.parquet as pq
 
 from llm import storage
 from llm.data import builtin, checksums
-from llm.data.read import READ_ERRORS, Unreadable, bounded_lines, decode, open_binary, read_error_message
+from llm.data.read import (
+    READ_ERRORS,
+    Unreadable,
+    bounded_lines,
+    decode,
+    open_binary,
+    parse_json,
+    read_error_message,
+    without_surrogates,
+)
 from llm.data.sources import SourceFile, hf_rows, resolve
 from llm.data.tokenizer import load_tokenizer
 from llm.errors import ConfigError
@@ -23,6 +33,20 @@ from llm.models.chat import IGNORE, render, to_messages
 
 SFT_KINDS = ("jsonl", "builtin-sft", "hf-arrow")
 """The kinds of file an SFT source may resolve to (fine-tuning refuses the others by name)."""
+NAMED_DROPS = 20
+"""Dropped records a unit names (`file:line`, reason, detail); all are counted."""
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _fixed_strings(value: Any) -> Any:
+    """`value` with lone surrogates in its strings replaced (`without_surrogates`): the tokenizer refuses them."""
+    if isinstance(value, str):
+        return without_surrogates(value)[0]
+    if isinstance(value, list):
+        return [_fixed_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _fixed_strings(v) for k, v in value.items()}
+    return value
 
 
 def records(path: str, kind: str, gz: bool) -> Iterator[tuple[str, Any]]:
@@ -45,12 +69,24 @@ def records(path: str, kind: str, gz: bool) -> Iterator[tuple[str, Any]]:
                 if line is None:
                     yield f"{path}:{lineno}", "too_long"
                 elif line.strip():
-                    try:
-                        yield f"{path}:{lineno}", json.loads(decode(line)[0])
-                    except json.JSONDecodeError:
-                        yield f"{path}:{lineno}", "bad_json"
+                    yield f"{path}:{lineno}", _record(decode(line)[0])
     except READ_ERRORS as e:
         yield path, Unreadable(path, read_error_message(e, src))
+
+
+def _record(text: str) -> Any:
+    """The record of one JSONL line, or the reason it is none (`bad_json`, `not_an_object`)."""
+    record, error = parse_json(text)
+    if error:
+        return "bad_json"
+    if isinstance(record, str):  # strings name reasons here: a JSON string is no record
+        return "not_an_object"
+    if _SURROGATE_ESCAPE.search(text):  # `\ud800` alone is valid JSON, not text: replaced, as the data stage does
+        try:
+            return _fixed_strings(record)
+        except RecursionError:
+            return "bad_json"
+    return record
 
 
 def sft_files(sources: list[str], key: str | None) -> list[SourceFile]:
@@ -92,31 +128,53 @@ def held_out(sources: list[str], val_fraction: float, key: str | None = None,
     return out
 
 
+def render_or_reason(tok: Any, msgs: list[dict[str, str]]) -> tuple[list[int], list[int]] | str:
+    """`render(tok, msgs)`, or the one-line error of a chat template that refuses the conversation (a Jinja
+    `raise_exception` such as "roles must alternate"): the record is dropped as `template_error`, the stage
+    goes on."""
+    try:
+        return render(tok, msgs)
+    except Exception as e:  # the template is the tokenizer's own code (Jinja): what it raises is this record's
+        return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+
+
 def sft_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, max_len: int,
              val_fraction: float) -> dict[str, list]:
     """Ray Data UDF: one unit of SFT files rendered into `<out_dir>/sft/{train,val}/part-<unit>.parquet`
-    (`out_dir` is the stage folder; checksums in `<out_dir>/_CHECKSUMS/sft-<unit>.json`); returns its counts and
-    its files that failed to read (`read_errors`: JSON list of `{"file", "error"}`)."""
+    (`out_dir` is the stage folder; checksums in `<out_dir>/_CHECKSUMS/sft-<unit>.json`); returns its counts,
+    its files that failed to read (`read_errors`: JSON list of `{"file", "error"}`) and its first
+    `NAMED_DROPS` dropped records (`dropped`: JSON list of `{"record": "file:line", "reason", "detail"}`)."""
     unit = int(batch["unit"][0])
     tok = load_tokenizer(storage.fetch(tokenizer_dir))  # the store's copy, cached on this node
     out: dict[bool, list[tuple[list[int], list[int]]]] = {False: [], True: []}
     counts: dict[str, int] = {"examples": 0, "truncated": 0}
     errors: list[dict[str, str]] = []
+    named: list[dict[str, str]] = []
+
+    def drop(key: str, reason: str, detail: str = "") -> None:
+        counts[f"dropped_{reason}"] = counts.get(f"dropped_{reason}", 0) + 1
+        if len(named) < NAMED_DROPS:
+            named.append({"record": key, "reason": reason, "detail": detail})
+
     for f in json.loads(batch["files"][0]):
-        for _key, rec in records(f["path"], f["kind"], f["gz"]):
+        for key, rec in records(f["path"], f["kind"], f["gz"]):
             if isinstance(rec, Unreadable):
                 errors.append(rec._asdict())
                 rec = "read_error"
             msgs = rec if isinstance(rec, str) else to_messages(rec)
             if isinstance(msgs, str):
-                counts[f"dropped_{msgs}"] = counts.get(f"dropped_{msgs}", 0) + 1
+                drop(key, msgs)
                 continue
-            ids, labels = render(tok, msgs)
+            rendered = render_or_reason(tok, msgs)
+            if isinstance(rendered, str):
+                drop(key, "template_error", rendered)
+                continue
+            ids, labels = rendered
             if len(ids) > max_len:
                 ids, labels = ids[:max_len], labels[:max_len]
                 counts["truncated"] += 1
             if all(x == IGNORE for x in labels):  # truncation cut every answer token: nothing to learn
-                counts["dropped_no_answer_tokens"] = counts.get("dropped_no_answer_tokens", 0) + 1
+                drop(key, "no_answer_tokens")
                 continue
             out[is_held_out(msgs, val_fraction)].append((ids, labels))
             counts["examples"] += 1
@@ -131,4 +189,5 @@ def sft_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, max_len
             written.append(folder / f"part-{unit:05d}.parquet")
     checksums.record(out_dir, f"sft-{unit:05d}", written)
     counts.update(train=len(out[False]), val=len(out[True]))
-    return {"unit": [unit], "counts": [json.dumps(counts)], "read_errors": [json.dumps(errors)]}
+    return {"unit": [unit], "counts": [json.dumps(counts)], "read_errors": [json.dumps(errors)],
+            "dropped": [json.dumps(named)]}

@@ -1,10 +1,11 @@
 """Resolve `data.sources` into a list of files to read, before any Ray work starts.
 
 A source is a local path or glob, an `s3://` / `gs://` URI (globs allowed, listed through pyarrow's
-filesystems, the same layer Ray's readers use), a Hugging Face `datasets` folder written by `save_to_disk`
-(a Dataset or a DatasetDict: every split, one unit per Arrow shard, read with `datasets`), or a built-in
-corpus name (`builtin:...`). A source that matches nothing is a `DataError` that names it: a typo should not
-produce an empty, "successful" run.
+filesystems, the same layer Ray's readers use, and matched one path segment at a time as a shell does:
+`s3://bucket/*.jsonl` lists the bucket's top level only, never every object under it), a Hugging Face
+`datasets` folder written by `save_to_disk` (a Dataset or a DatasetDict: every split, one unit per Arrow
+shard, read with `datasets`), or a built-in corpus name (`builtin:...`). A source that matches nothing is a
+`DataError` that names it: a typo should not produce an empty, "successful" run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import fnmatch
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ from llm.data import builtin
 from llm.errors import DataError
 
 BUILTINS = ("builtin:python-docs", "builtin:python-sft")
+_WILD = re.compile(r"[*?[]")
 SUFFIXES = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".json": "jsonl",
             ".ndjson": "jsonl", ".parquet": "parquet"}
 
@@ -45,25 +48,66 @@ def file_kind(path: str) -> tuple[str, bool]:
     raise DataError(f"{path}: unknown file type (expected .txt, .jsonl, .parquet, optionally .gz)")
 
 
+def segments_match(pattern: str, path: str) -> bool:
+    """Whether `path` matches the glob `pattern` one `/`-separated segment at a time, as a shell glob does:
+    `*`, `?` and `[...]` never cross a `/`, and a `**` segment stands for any number of segments (none too).
+    Case-sensitive, as object keys are."""
+    return _match(pattern.split("/"), path.split("/"))
+
+
+def _match(pattern: list[str], parts: list[str]) -> bool:
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(pattern[1:], parts[1:])
+
+
+def glob_files(fs: Any, base: str, pattern: str) -> list[str]:
+    """The files under the folder `base` of the pyarrow filesystem `fs` whose path relative to `base` matches
+    `pattern` (`segments_match`). Without `**`, one folder level is listed per segment, so `*.jsonl` lists
+    `base` alone; with `**`, `base` is listed recursively once."""
+    import pyarrow.fs as pafs
+
+    segments = pattern.split("/")
+    if "**" in segments:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        return [i.path for i in infos
+                if i.type == pafs.FileType.File and segments_match(pattern, i.path[len(base):].lstrip("/"))]
+    level = [base]
+    for n, segment in enumerate(segments):
+        want = pafs.FileType.File if n == len(segments) - 1 else pafs.FileType.Directory
+        found = []
+        for folder in level:
+            if _WILD.search(segment):
+                infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+                found += [i.path for i in infos if i.type == want and fnmatch.fnmatchcase(i.base_name, segment)]
+            elif fs.get_file_info(f"{folder}/{segment}").type == want:
+                found.append(f"{folder}/{segment}")
+        level = found
+    return level
+
+
 def _expand_uri(source: str) -> list[str]:
     import pyarrow.fs as pafs
 
     scheme, _, rest = source.partition("://")
-    if not any(ch in rest for ch in "*?["):
+    segments = rest.split("/")
+    wild = next((n for n, s in enumerate(segments) if _WILD.search(s)), None)
+    if wild is None:
         fs, path = pafs.FileSystem.from_uri(source)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
             return [source]
         if info.type == pafs.FileType.NotFound:
             return []
-        pattern, base = path.rstrip("/") + "/*", path
+        base, pattern = path.rstrip("/"), "**"  # a folder: every file under it
+    elif wild == 0:
+        raise DataError(f"{source}: a wildcard in the bucket name cannot be listed; name the bucket")
     else:
-        base = rest.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
+        base, pattern = "/".join(segments[:wild]), "/".join(segments[wild:])
         fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{base}")
-        pattern = rest
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    return sorted(f"{scheme}://{i.path}" for i in infos
-                  if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern))
+    return sorted(f"{scheme}://{p}" for p in glob_files(fs, base, pattern))
 
 
 def _expand_local(source: str) -> list[str]:

@@ -4,7 +4,9 @@ Every heavy step is a Ray task over *units* (contiguous runs of files in the res
 file names and contents depend only on the inputs, never on scheduling. Nothing per document comes back to
 the driver: per-unit counts, the files that failed to read (with their errors) and folder names. Dedup
 shuffles through files (`llm.data.dedup`), the tokenizer trains in one task on a streamed sample, and each
-task that writes a stage file records its checksum beside it (`llm.data.checksums`).
+task that writes a stage file records its checksum beside it (`llm.data.checksums`). A corpus that leaves
+nothing to train on (no document kept, no full training sequence, no SFT example) is a one-line `DataError`
+naming the drop counts, and nothing is committed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from llm import storage
 from llm.config import DataConfig, PipelineConfig
 from llm.data import clean, dedup, pack, report, sft, sources
 from llm.data.tokenizer import copy_tokenizer, tokenizer_unit
+from llm.errors import DataError
 from llm.raycluster import connect
 from llm.stage import Stage, StageResult, execute
 
@@ -80,27 +83,39 @@ class Cleaned:
     read_errors: list[dict[str, str]]
     reasons: dict[str, int]
     """Documents per drop reason (`kept` for the rest)."""
+    first: dict[str, str]
+    """Per drop reason, the source (`file:line`) of its first row in corpus order."""
     pii: dict[str, int]
     utf8: int
+    normalized: int
+    """Documents that normalization changed."""
 
     @property
     def documents(self) -> int:
         return sum(self.reasons.values())
 
+    def funnel(self) -> str:
+        """`N documents read: kept K, <reason> n, ...` (largest first): the counts an error names."""
+        counts = ", ".join(f"{k} {v:,}" for k, v in sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        return f"{self.documents:,} documents read: {counts or 'none'}"
 
-def _clean_counts(cleaned: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int], int]:
-    """Counts per drop reason, PII replacements per kind and invalid UTF-8 replacements: the units' sums."""
-    reasons: dict[str, int] = {}
-    pii: dict[str, int] = {}
-    utf8 = 0
+
+def _clean_counts(cleaned: list[dict[str, Any]]) -> Cleaned:
+    """The units' counts summed: per drop reason (and its first source), PII replacements per kind, invalid
+    UTF-8 replacements, documents normalization changed."""
+    out = Cleaned([r["path"] for r in cleaned], [e for r in cleaned for e in json.loads(r["read_errors"])],
+                  {}, {}, {}, 0, 0)
     for r in cleaned:
         c = json.loads(r["counts"])
         for k, v in c["reasons"].items():
-            reasons[k] = reasons.get(k, 0) + v
+            out.reasons[k] = out.reasons.get(k, 0) + v
+        for k, v in c["first"].items():
+            out.first.setdefault(k, v)
         for k, v in c["pii"].items():
-            pii[k] = pii.get(k, 0) + v
-        utf8 += c["utf8"]
-    return reasons, pii, utf8
+            out.pii[k] = out.pii.get(k, 0) + v
+        out.utf8 += c["utf8"]
+        out.normalized += c["normalized"]
+    return out
 
 
 def _clean(dc: DataConfig, files: list[sources.SourceFile], cpus: int, store: str) -> Cleaned:
@@ -108,9 +123,7 @@ def _clean(dc: DataConfig, files: list[sources.SourceFile], cpus: int, store: st
     groups = units(files, max(4 * cpus, len(files) // 64))
     rows = sorted(map_units(_unit_items(groups), clean.clean_unit, {"cfg": dc, "out_dir": store}),
                   key=lambda r: r["unit"])
-    reasons, pii, utf8 = _clean_counts(rows)
-    return Cleaned([r["path"] for r in rows], [e for r in rows for e in json.loads(r["read_errors"])],
-                   reasons, pii, utf8)
+    return _clean_counts(rows)
 
 
 def _tokenizer(dc: DataConfig, folder: storage.Folder, paths: list[str], marks: list[str]) -> tuple[int, str]:
@@ -127,18 +140,21 @@ def _tokenizer(dc: DataConfig, folder: storage.Folder, paths: list[str], marks: 
 
 
 class Rendered(NamedTuple):
-    """What the SFT step made: its counts summed over the units, and its files that failed to read."""
+    """What the SFT step made: its counts summed over the units, its files that failed to read, and its first
+    dropped records by name (`{"record": "file:line", "reason", "detail"}`)."""
 
     counts: dict[str, int]
     read_errors: list[dict[str, str]]
+    dropped: list[dict[str, str]]
 
 
 def _sft(dc: DataConfig, sft_files: list[sources.SourceFile], cpus: int, tok_src: str, store: str) -> Rendered:
     """Render the SFT sources into `<store>/sft/` with the tokenizer at `tok_src`."""
     counts: dict[str, int] = {}
     errors: list[dict[str, str]] = []
+    named: list[dict[str, str]] = []
     if not sft_files:
-        return Rendered(counts, errors)
+        return Rendered(counts, errors, named)
     items = _unit_items(units(sft_files, max(cpus, len(sft_files) // 64)))
     rendered = map_units(items, sft.sft_unit, {"tokenizer_dir": tok_src, "out_dir": store,
                                                "max_len": dc.sft.max_len, "val_fraction": dc.sft.val_fraction})
@@ -146,7 +162,14 @@ def _sft(dc: DataConfig, sft_files: list[sources.SourceFile], cpus: int, tok_src
         for k, v in json.loads(r["counts"]).items():
             counts[k] = counts.get(k, 0) + v
         errors += json.loads(r["read_errors"])
-    return Rendered(counts, errors)
+        named += json.loads(r["dropped"])[: max(0, sft.NAMED_DROPS - len(named))]
+    return Rendered(counts, errors, named)
+
+
+def _nothing_to_commit(folder: storage.Folder, message: str) -> DataError:
+    """The one-line error of a corpus that leaves nothing to train on; the work files go, nothing is committed."""
+    folder.remove("_work")
+    return DataError(f"data: {message}; nothing committed")
 
 
 def _body(cfg: PipelineConfig, folder: storage.Folder) -> dict[str, Any]:
@@ -158,16 +181,28 @@ def _body(cfg: PipelineConfig, folder: storage.Folder) -> dict[str, Any]:
     # Tasks write the stage's files (and their checksum sidecars) under `folder.uri`, on whatever node they run;
     # the driver gets counts and paths back, never a row.
     cleaned = _clean(dc, files, cpus, folder.uri)
+    if not cleaned.reasons.get("kept"):
+        raise _nothing_to_commit(folder, f"no document passed reading and the filters ({cleaned.funnel()}); "
+                                         "check data.sources, data.text_field and the filter settings")
     t_dedup = time.perf_counter()
-    marks, dedup_stats = dedup.run(cleaned.paths, folder.path("_work", "dedup"), documents=cleaned.documents,
-                                   exact=dc.dedup.exact, fuzzy=dc.dedup.fuzzy, cpus=cpus)
-    dedup_stats["dedup_seconds"] = round(time.perf_counter() - t_dedup, 2)
+    marks, counts = dedup.run(cleaned.paths, folder.path("_work", "dedup"), documents=cleaned.documents,
+                              exact=dc.dedup.exact, fuzzy=dc.dedup.fuzzy, cpus=cpus)
+    dedup_stats: dict[str, Any] = {**counts, "dedup_seconds": round(time.perf_counter() - t_dedup, 2)}
     vocab_size, tok_src = _tokenizer(dc, folder, cleaned.paths, marks)
     packed = map_units([{"unit": i, "paths": "\n".join(g)} for i, g in enumerate(_path_groups(cleaned.paths, cpus))],
                         pack.pack_unit,
                         {"tokenizer_dir": tok_src, "out_dir": folder.uri, "seq_len": dc.seq_len,
                          "val_fraction": dc.val_fraction, "rows_per_shard": dc.rows_per_shard, "marks": marks})
+    if not sum(r["rows_train"] for r in packed):
+        tokens = sum(r["tokens_train"] for r in packed)
+        raise _nothing_to_commit(folder, f"the corpus packs into no training sequence ({tokens:,} training tokens, "
+                                         f"data.seq_len={dc.seq_len}; {cleaned.funnel()})")
     rendered = _sft(dc, sft_files, cpus, tok_src, folder.uri)
+    if sft_files and not rendered.counts.get("train"):
+        first = "; ".join(f"{d['record']}: {d['reason']}" + (f" ({d['detail']})" if d["detail"] else "")
+                          for d in rendered.dropped[:2])
+        raise _nothing_to_commit(folder, f"data.sft.sources: no usable training example ({json.dumps(rendered.counts)}"
+                                         + (f"; first dropped: {first}" if first else "") + ")")
     folder.remove("_work")
     metrics = _metrics(dc, cleaned, dedup_stats, packed, vocab_size, rendered)
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 2)
@@ -183,16 +218,18 @@ def _metrics(dc: DataConfig, cleaned: Cleaned, dedup_stats: dict[str, Any], pack
     total = {k: int(sum(r[k] for r in packed)) for k in packed[0] if k != "unit"}
     tokens = total["tokens_train"] + total["tokens_val"]
     return {
-        "documents_in": cleaned.documents, "documents_kept_after_filters": reasons.get("kept", 0),
+        "documents_in": cleaned.documents, "documents_normalized": cleaned.normalized,
+        "documents_kept_after_filters": reasons.get("kept", 0),
         "documents_out": total["docs_train"] + total["docs_val"],
         "dropped": {k: v for k, v in sorted(reasons.items()) if k != "kept"},
+        "dropped_first": dict(sorted(cleaned.first.items())),
         "read_errors": cleaned.read_errors + rendered.read_errors,
         "pii_redacted": cleaned.pii, "utf8_replacements": cleaned.utf8, **dedup_stats,
         "tokens_train": total["tokens_train"], "tokens_val": total["tokens_val"],
         "sequences_train": total["rows_train"], "sequences_val": total["rows_val"],
         "remainder_tokens_dropped": total["remainder_tokens"],
         "bytes_per_token": round(total["text_bytes"] / max(tokens, 1), 4), "shards": total["shards"],
-        "vocab_size": vocab_size, "seq_len": dc.seq_len, "sft": rendered.counts,
+        "vocab_size": vocab_size, "seq_len": dc.seq_len, "sft": rendered.counts, "sft_dropped": rendered.dropped,
     }
 
 

@@ -7,6 +7,7 @@ Special tokens: `<|endoftext|>` (document separator and eos), `<|pad|>`, and the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from llm import storage
 from llm.data import checksums
 from llm.data.clean import unit_of
 from llm.data.shuffle import marks_of_unit
-from llm.errors import DataError
+from llm.errors import ConfigError, DataError
 from llm.models.chat import CHAT_TEMPLATE, EOS, PAD, SPECIAL
 
 
@@ -100,6 +101,39 @@ def load_tokenizer(data_dir: str | Path) -> Any:
     if (folder / "tokenizer").is_dir():
         folder = folder / "tokenizer"
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def check_model_vocab(model_dir: str | Path, tokenizer: Any, key: str) -> None:
+    """Raise a `ConfigError` naming `key` unless the model directory fits `tokenizer` (the data stage's): its
+    embedding has a row for every token id (`config.json`'s `vocab_size` >= `len(tokenizer)`), and a tokenizer
+    shipped with it has the same vocabulary (the same id for every token string). A model trained with
+    another tokenizer would read every id of the packed data as some other token, without an error."""
+    from transformers import AutoTokenizer
+
+    folder = Path(model_dir)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: {folder}/config.json does not read ({e})") from None
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    fix = "use a model made for this tokenizer, or set data.tokenizer.path to the model's folder and rerun " \
+          "`llmray data`"
+    if isinstance(rows, int) and rows < len(tokenizer):
+        raise ConfigError(f"{key}: the model in {folder} has {rows:,} token embeddings but the data stage's tokenizer "
+                          f"has {len(tokenizer):,} tokens; {fix}")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return
+    try:
+        own = AutoTokenizer.from_pretrained(str(folder), local_files_only=True).get_vocab()
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{key}: the tokenizer in {folder} does not load ({e})") from None
+    theirs = tokenizer.get_vocab()
+    if own != theirs:
+        moved = sorted(t for t in theirs.keys() & own.keys() if theirs[t] != own[t])
+        example = f"e.g. {moved[0]!r} is {own[moved[0]]} there, {theirs[moved[0]]} here" if moved else (
+            f"{len(theirs.keys() - own.keys()):,} of the data's tokens are not in it")
+        raise ConfigError(f"{key}: the model in {folder} was made with another tokenizer ({len(own):,} tokens, "
+                          f"{example}); {fix}")
 
 
 def fast_tokenizer(folder: str | Path) -> Any:

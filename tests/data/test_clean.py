@@ -39,3 +39,18 @@ def test_unit_without_failures_reports_none(tmp_path):
     out = clean_unit({"unit": [0], "files": [json.dumps([f.__dict__ for f in files])]}, cfg=DataConfig(min_chars=10),
                      out_dir=str(tmp_path))
     assert json.loads(out["read_errors"][0]) == [] and out["rows"] == [1]
+
+
+def test_unit_counts_documents_normalization_changed_and_names_first_drops(tmp_path):
+    words = "The quick brown fox jumps over the lazy dog near the quiet river bank. "
+    lines = [{"text": (words * 3).strip()}, {"text": "    indented " + words * 3 + "\n\n\n"}, {"text": "tiny"},
+             {"txt": "no field"}, {"text": "also tiny"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    files = resolve([str(tmp_path / "a.jsonl")])
+    out = clean_unit({"unit": [0], "files": [json.dumps([f.__dict__ for f in files])]}, cfg=DataConfig(min_chars=10),
+                     out_dir=str(tmp_path))
+    counts = json.loads(out["counts"][0])
+    assert counts["normalized"] == 1  # line 2 lost its trailing blank lines; its indentation stays
+    assert counts["first"] == {"too_short": f"{tmp_path / 'a.jsonl'}:3", "missing_field": f"{tmp_path / 'a.jsonl'}:4"}
+    kept = [r["text"] for r in pq.read_table(out["path"][0]).to_pylist() if not r["reason"]]
+    assert kept[1].startswith("    indented The quick")

@@ -14,8 +14,97 @@ def words(text: str) -> list[str]:
 
 
 def test_normalize_nfc_controls_whitespace():
-    text = "Cafe\u0301\x00\x07 is   here\t\tnow \r\n\n\n\nnext\x1b line  "
-    assert filters.normalize(text) == "Caf\u00e9 is here now\n\nnext line"
+    # Inner spacing is kept since issue 20 (it was collapsed to one space, which destroyed code and tables).
+    text = "Cafe\u0301\x00\x07 is   here\t\tnow \r\n\n\n\nnext\x1b line\u00a0 \n\n"
+    assert filters.normalize(text) == "Caf\u00e9 is   here\t\tnow\n\nnext line"
+    assert filters.normalize("a\u00a0\u2009b") == "a  b"  # other spaces become plain ones, one for one
+
+
+# A document with prose, a Python example (indented, with PEP 8's two blank lines), a fenced block, a table and
+# nested lists, with trailing spaces, CRLF line ends and runs of blank lines: what normalization must keep.
+RAW = (
+    "\n\n  \nUsing the API   \r\n"
+    "=============\r\n"
+    "\n\n\n"
+    "Call it like this::\n"
+    "\n"
+    "    def area(w, h):\n"
+    "        \"\"\"Area.\"\"\"   \n"
+    "        if w < 0:\n"
+    "            raise ValueError(w)\n"
+    "\n"
+    "\n"
+    "        return w * h\n"
+    "\n\n\n"
+    "```python\n"
+    "import math\n"
+    "\n"
+    "\n"
+    "print(math.pi)\t\n"
+    "```\n"
+    "\n\n"
+    "| name  | value |\n"
+    "|-------|------:|\n"
+    "| alpha |    10 |\n"
+    "\n"
+    "- first item\n"
+    "  continued here   \n"
+    "  - nested item\n"
+    "    1. deeper\n"
+    "\n\n\n\n"
+    "The end.  \n\n"
+)
+GOLDEN = (
+    "Using the API\n"
+    "=============\n"
+    "\n"
+    "Call it like this::\n"
+    "\n"
+    "    def area(w, h):\n"
+    "        \"\"\"Area.\"\"\"\n"
+    "        if w < 0:\n"
+    "            raise ValueError(w)\n"
+    "\n"
+    "\n"  # two blank lines between indented lines: inside the code block, kept
+    "        return w * h\n"
+    "\n"
+    "```python\n"
+    "import math\n"
+    "\n"
+    "\n"  # inside a fenced block: kept
+    "print(math.pi)\n"
+    "```\n"
+    "\n"
+    "| name  | value |\n"
+    "|-------|------:|\n"
+    "| alpha |    10 |\n"
+    "\n"
+    "- first item\n"
+    "  continued here\n"
+    "  - nested item\n"
+    "    1. deeper\n"
+    "\n"
+    "The end."
+)
+
+
+def test_normalize_keeps_code_tables_and_lists_golden():
+    """Only trailing whitespace goes, line ends become newlines and blank runs outside code collapse to one:
+    indentation, the inside of code blocks and the spacing of a table survive."""
+    assert filters.normalize(RAW) == GOLDEN
+    assert filters.normalize(GOLDEN) == GOLDEN  # idempotent
+
+
+def test_normalize_keeps_python_source_runnable():
+    source = "class A:\n    def f(self):\n        return {\n            'k': [1,  2],\n        }\n"
+    namespace: dict = {}
+    exec(compile(filters.normalize(source), "<doc>", "exec"), namespace)
+    assert namespace["A"]().f() == {"k": [1, 2]}
+
+
+def test_dup_lines_ignore_indentation_as_before():
+    """Lines are compared with their spacing collapsed, as they were when normalization collapsed it."""
+    assert filters.dup_line_filter("x = 1\n    x = 1\n  x  =  1\nother", Q) == "dup_lines"
 
 
 def test_length_filter():

@@ -129,3 +129,60 @@ def test_builtin_units_and_documents():
     json_unit = next(u for u in units if u.path.endswith("/json/__init__.py"))
     [mod] = read_rows(json_unit, text_field="text", max_chars=10**6)
     assert "JSON" in mod["text"] and "dumps(" in mod["text"]
+
+
+def test_deeply_nested_line_is_a_named_drop(tmp_path):
+    """A line nested 100,000 deep raised an uncaught RecursionError: the stage failed without naming it."""
+    p = tmp_path / "deep.jsonl"
+    p.write_text('{"text": "before"}\n' + "[" * 100_000 + "]" * 100_000 + '\n{"text": "after"}\n')
+    out = rows(p, max_chars=10**6)
+    assert [(r["reason"], r["source"]) for r in out] == [("", f"{p}:1"), ("bad_json", f"{p}:2"), ("", f"{p}:3")]
+    assert out[1]["text"] == "nested too deeply"
+
+
+def test_huge_integer_drops_its_line_only(tmp_path):
+    """A 5,000-digit integer (past Python's int max str digits) was caught for the whole file: the lines after
+    it were skipped without a word."""
+    p = tmp_path / "digits.jsonl"
+    p.write_text('{"text": "before"}\n{"n": 1' + "0" * 5000 + ', "text": "x"}\n{"text": "after"}\n')
+    out = rows(p, max_chars=10**6)
+    assert [(r["reason"], r["source"]) for r in out] == [("", f"{p}:1"), ("bad_json", f"{p}:2"), ("", f"{p}:3")]
+    assert "integer string conversion" in out[1]["text"]
+
+
+def test_lone_surrogate_replaced_and_counted(tmp_path):
+    """`\\ud800` is valid JSON but not UTF-8: parquet refuses it, which failed the whole unit."""
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"text": "a \\ud800 b"}\n{"text": "pair \\ud83d\\ude00 ok"}\n')
+    out = rows(p)
+    assert [(r["text"], r["reason"], r["utf8_errors"]) for r in out] == [
+        ("a \ufffd b", "", 1), ("pair \U0001f600 ok", "", 0)]
+    pa.array([r["text"] for r in out])  # writable
+
+
+def test_decompression_bomb_is_capped_and_named(tmp_path, monkeypatch):
+    """A `.parquet.gz` was inflated whole into memory, and a `.txt.gz` or `.jsonl.gz` bomb inflated in full:
+    now a file stops once it inflates past the ratio cap, with a read_error naming it."""
+    from llm.data import compressed
+
+    monkeypatch.setattr(compressed, "FREE_INFLATE_BYTES", 256 << 10)
+    zeros = gzip.compress(b"\0" * (16 << 20))  # ~1000x: a bomb (a real one inflates to terabytes)
+    for name, blob in [("bomb.parquet.gz", zeros), ("bomb.txt.gz", zeros),
+                       ("bomb.jsonl.gz", gzip.compress(b"\n" * (16 << 20)))]:
+        (tmp_path / name).write_bytes(blob)
+        tracemalloc.start()
+        out = rows(tmp_path / name, max_chars=10**6)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert [(r["reason"], r["source"]) for r in out] == [("read_error", str(tmp_path / name))], name
+        assert out[0]["text"].startswith(f"decompression capped: inflates past {compressed.MAX_INFLATE_RATIO}x"), name
+        assert peak < 8 << 20, (name, peak)  # stopped near 100x its ~16 KiB, never holding the 16 MiB
+
+
+def test_compressed_parquet_and_jsonl_still_read(tmp_path):
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(1000)]}), buf)
+    (tmp_path / "t.parquet.gz").write_bytes(gzip.compress(buf.getvalue().to_pybytes()))
+    assert [r["text"] for r in rows(tmp_path / "t.parquet.gz")] == [f"row {i}" for i in range(1000)]
+    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(b'{"text": "one"}\n{"text": "two"}\n'))
+    assert [r["text"] for r in rows(tmp_path / "t.jsonl.gz")] == ["one", "two"]

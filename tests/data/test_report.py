@@ -37,3 +37,15 @@ def test_summary_stays_on_one_screen_with_many_failures():
 
 def test_summary_without_failures_has_no_unreadable_line():
     assert "unreadable" not in summary(metrics([]), "runs/r/data")
+
+
+def test_summary_counts_normalized_documents_and_names_first_drops():
+    m = {**metrics([]), "documents_normalized": 4, "dropped_first": {"too_short": "corpus/a.jsonl:7"},
+         "sft": {"train": 3, "val": 1, "dropped_template_error": 2},
+         "sft_dropped": [{"record": "chat.jsonl:5", "reason": "template_error", "detail": "TemplateError: x"},
+                         {"record": "chat.jsonl:9", "reason": "template_error", "detail": "TemplateError: x"}]}
+    lines = summary(m, "runs/r/data").splitlines()
+    assert lines[2] == "  normalized                     4 changed"
+    assert "    dropped too_short               2  (first: corpus/a.jsonl:7)" in lines
+    assert "    sft dropped template_error        2  (first: chat.jsonl:5)" in lines
+    assert "normalized" not in summary(metrics([]), "runs/r/data")  # stats of older runs

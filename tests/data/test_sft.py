@@ -98,3 +98,56 @@ def test_held_out_names_the_key_of_a_source_that_is_not_sft(tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.sft\.sources: .*notes\.txt: SFT sources are JSONL"):
         sft.held_out([str(tmp_path / "notes.txt")], 0.5, "data.sft.sources", limit=0)
     assert sft.held_out([str(tmp_path / "notes.txt")], 0.5) == []  # compress: read as the data stage reads it
+
+
+STRICT = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+          "{% endif %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}")
+
+
+def test_template_that_refuses_a_record_drops_it_by_name(tok_dir, tmp_path):
+    """A chat template that raises on one record (roles that do not alternate) killed the stage; now that
+    record is dropped as `template_error`, named `file:line` with the template's message, the rest rendered."""
+    strict = tmp_path / "tok"
+    t = load_tokenizer(tok_dir)
+    t.chat_template = STRICT
+    t.save_pretrained(str(strict))
+    good = {"prompt": "What is it?", "response": "The sum."}
+    twice = {"messages": [{"role": "user", "content": "Hi."}, {"role": "user", "content": "Hello?"},
+                          {"role": "assistant", "content": "Hello."}]}
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good, twice, good)))
+    files = [{"path": str(tmp_path / "chat.jsonl"), "kind": "jsonl", "gz": False}]
+    out = sft.sft_unit({"unit": [0], "files": [json.dumps(files)]}, tokenizer_dir=str(strict),
+                       out_dir=str(tmp_path / "out"), max_len=64, val_fraction=0.0)
+    counts = json.loads(out["counts"][0])
+    assert (counts["examples"], counts["dropped_template_error"]) == (2, 1)
+    [named] = json.loads(out["dropped"][0])
+    assert named["record"] == f"{tmp_path / 'chat.jsonl'}:2" and named["reason"] == "template_error"
+    assert named["detail"] == ("TemplateError: Conversation roles must alternate "
+                               "user/assistant/user/assistant/...")
+
+
+def test_hostile_lines_are_bad_records_and_the_file_goes_on(tok_dir, tmp_path):
+    """A line nested 100,000 deep (RecursionError) or with a 5,000-digit integer (ValueError, which ended the
+    file as unreadable) is one `bad_json` record; a JSON string line is no record (it was taken for a reason)."""
+    good = json.dumps({"prompt": "What is it?", "response": "The sum."})
+    lines = [good, "[" * 100_000 + "]" * 100_000, '{"n": 1' + "0" * 5000 + "}", '"bad_messages"', good]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    files = [{"path": str(tmp_path / "chat.jsonl"), "kind": "jsonl", "gz": False}]
+    out = sft.sft_unit({"unit": [0], "files": [json.dumps(files)]}, tokenizer_dir=str(tok_dir),
+                       out_dir=str(tmp_path / "out"), max_len=64, val_fraction=0.0)
+    counts = json.loads(out["counts"][0])
+    assert (counts["examples"], counts["dropped_bad_json"], counts["dropped_not_an_object"]) == (2, 2, 1)
+    assert "dropped_read_error" not in counts and json.loads(out["read_errors"][0]) == []
+    assert [d["record"].rsplit(":", 1)[1] for d in json.loads(out["dropped"][0])] == ["2", "3", "4"]
+
+
+def test_lone_surrogate_in_a_message_is_replaced_not_a_failure(tok_dir, tmp_path):
+    """`\\ud800` is valid JSON, but the tokenizer refuses it (TypeError): replaced by U+FFFD, the record renders."""
+    (tmp_path / "chat.jsonl").write_text('{"prompt": "What is \\ud800?", "response": "A lone surrogate."}\n')
+    assert [rec for _, rec in sft.records(str(tmp_path / "chat.jsonl"), "jsonl", False)] == [
+        {"prompt": "What is \ufffd?", "response": "A lone surrogate."}]
+    files = [{"path": str(tmp_path / "chat.jsonl"), "kind": "jsonl", "gz": False}]
+    out = sft.sft_unit({"unit": [0], "files": [json.dumps(files)]}, tokenizer_dir=str(tok_dir),
+                       out_dir=str(tmp_path / "out"), max_len=64, val_fraction=0.0)
+    assert json.loads(out["counts"][0])["examples"] == 1

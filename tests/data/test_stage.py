@@ -108,6 +108,9 @@ def test_stage_end_to_end(ray_session, corpus, tmp_path, capsys):
     assert "  unreadable files               2" in lines
     assert f"    {root}/cut.jsonl.gz: {truncated}" in lines and f"    {root}/sft/cut.jsonl.gz: {truncated}" in lines
     assert m["utf8_replacements"] == 1
+    # Normalization changed one document: exact.txt's trailing newline (its leading spaces are kept now).
+    assert m["documents_normalized"] == 1 and "  normalized                     1 changed" in lines
+    assert m["dropped_first"]["bad_json"].endswith("good.jsonl:41")
     assert (m["exact_duplicates"], m["fuzzy_duplicates"], m["fuzzy_clusters"]) == (1, 1, 1), m
     assert m["pii_redacted"]["email"] == 1 and m["pii_redacted"]["phone"] == 1
     assert m["documents_out"] == m["documents_kept_after_filters"] - 2
@@ -170,3 +173,28 @@ def test_stage_end_to_end(ray_session, corpus, tmp_path, capsys):
     assert again.skipped
     changed = run(tiny_config(tmp_path, *overrides, "data.seq_len=24").llm)
     assert not changed.skipped and changed.metrics["seq_len"] == 24
+
+
+def test_corpus_with_nothing_to_train_on_is_one_line_error_and_no_commit(ray_session, tmp_path):
+    """An empty corpus committed a data stage that pretrain cannot use, and the rerun was then skipped."""
+    from llm.errors import DataError
+    from llm.manifest import read_manifest
+
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "a.txt").write_text("tiny")
+    (root / "b.jsonl").write_text('{"text": "also tiny"}\n{"text": oops}\n{"text": "short"}\n')
+    cfg = tiny_config(tmp_path, f"data.sources=[{root}/*]", "data.min_chars=50", "data.sft.sources=[]").llm
+    with pytest.raises(DataError, match=r"^data: no document passed reading and the filters \(4 documents read: "
+                                        r"too_short 3, bad_json 1\); check data.sources, .*; nothing committed$"):
+        run(cfg)
+    assert read_manifest(cfg.stage_dir("data")) is None
+    # Documents kept, but fewer tokens than one training sequence: pretrain would have no batch either.
+    (root / "c.txt").write_text(prose(random.Random(1), 60))
+    short = tiny_config(tmp_path, f"data.sources=[{root}/*]", "data.min_chars=50", "data.sft.sources=[]",
+                        "data.seq_len=4096", "data.tokenizer.vocab_size=300", "pretrain.model.context=4096").llm
+    with pytest.raises(DataError, match=r"^data: the corpus packs into no training sequence \(\d+ training tokens, "
+                                        r"data.seq_len=4096; 5 documents read: too_short 3, bad_json 1, kept 1\); "
+                                        r"nothing committed$"):
+        run(short)
+    assert read_manifest(short.stage_dir("data")) is None
