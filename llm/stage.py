@@ -139,10 +139,15 @@ fingerprints (`storage.fingerprint`: size and mtime of every file) are hashed wi
 `files`, so a changed corpus file makes its stage stale as a changed key does."""
 
 
-def _external(value: Any) -> list[str]:
+def _external(cfg: PipelineConfig, value: Any) -> list[str]:
     paths = value if isinstance(value, list) else [value] if isinstance(value, str) else []
-    # `builtin:` sources ship with the package; a path or a file / object-store URI is outside the run
-    return [p for p in paths if "://" in p or ":" not in p]
+    # `builtin:` sources ship with the package; the run's own folders are inputs with manifests already
+    run = cfg.storage.rstrip("/") + "/" + cfg.run + "/"
+    return [p for p in paths if ("://" in p or ":" not in p) and not _absolute(p).startswith(run)]
+
+
+def _absolute(path: str) -> str:
+    return path if storage.is_remote(path) else str(Path(path.removeprefix("file://")).expanduser().resolve())
 
 
 def external_fingerprints(cfg: PipelineConfig, section: str) -> dict[str, dict[str, str]]:
@@ -152,7 +157,7 @@ def external_fingerprints(cfg: PipelineConfig, section: str) -> dict[str, dict[s
         value: Any = getattr(cfg, section)
         for part in key.split("."):
             value = getattr(value, part, None)
-        paths = _external(value)
+        paths = _external(cfg, value)
         if paths:
             out[key] = {p: storage.fingerprint(p) for p in paths}
     return out

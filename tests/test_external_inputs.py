@@ -97,3 +97,12 @@ def test_object_store_globs_match_per_segment() -> None:
     assert not storage._matches("/b/corpus/*.jsonl", "/b/corpus/sub/a.jsonl")
     assert not storage._matches("/b/*.jsonl", "/b/runs/r/pretrain/metrics.jsonl")
     assert storage._matches("/b/**/*.jsonl", "/b/runs/r/metrics.jsonl")
+
+
+def test_a_path_inside_the_run_is_left_to_its_manifest(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path).llm
+    model = Path(cfg.stage_dir("pretrain")) / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    inside = tiny_config(tmp_path, f"finetune.base={model}").llm
+    assert "files" not in hashed_config(inside, "finetune")["finetune"]
