@@ -147,7 +147,7 @@ def test_variant_completion_usage_through_the_app(variant: LoadedModel) -> None:
     body = {"model": "tiny", "prompt": PROMPTS, "max_tokens": TOKENS, "temperature": 0}
 
     async def main() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as http:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
             return await http.post("/v1/completions", json=body)
 
     reply = asyncio.run(main())
