@@ -16,6 +16,7 @@ from typing import Any
 
 from llm import storage
 from llm.config import LLM_PREFIX, ModelConfig, PipelineConfig
+from llm.data.tokenizer import check_model_vocab
 from llm.errors import ConfigError
 from llm.manifest import manifest_hash
 from llm.stage import Stage, StageResult, execute, stage_input
@@ -36,11 +37,14 @@ def loop_spec(cfg: PipelineConfig, folder: storage.Folder, data: storage.Folder)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(data.fetch("tokenizer")))
+    model = model_section(cfg)
+    if model.path is not None and storage.Folder(model.path).on_disk:  # a store URI: checked by its worker copy
+        check_model_vocab(model.path, tokenizer, f"{KEY}.model.path")
     train_files = data_shards(data, "train")
     first = pq.ParquetFile(train_files[0]).read_row_group(0, columns=["input_ids"]).column(0)
     spec = LoopSpec(
         train=train_fields(cfg.pretrain),
-        model=model_section(cfg),
+        model=model,
         vocab_size=len(tokenizer),
         seq_len=len(first[0]),  # what the data stage packed, whatever the config says now
         train_files=train_files,

@@ -150,3 +150,27 @@ def test_model_path_reaches_the_workers_absolute(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     assert model_section(tiny_config(tmp_path, "pretrain.model.path=hf").llm).path == str(folder.resolve())
     assert model_section(tiny_config(tmp_path).llm).path is None
+
+
+def test_model_path_with_another_vocabulary_is_refused_before_training(tmp_path: Path) -> None:
+    """A `pretrain.model.path` with fewer token embeddings than the data stage's tokenizer would read every
+    packed id past its table as garbage (or fail deep inside a worker): refused on the driver, naming the key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm import storage
+    from llm.data.tokenizer import train_tokenizer
+    from llm.train.pretrain import loop_spec
+
+    data = tmp_path / "data"
+    tok = train_tokenizer(["the for statement iterates over a sequence"] * 50, data / "tokenizer", vocab_size=300,
+                          min_frequency=1)
+    (data / "packed" / "train").mkdir(parents=True)
+    pq.write_table(pa.table({"input_ids": [[1, 2, 3, 4]]}), data / "packed" / "train" / "0.parquet")
+    small = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) - 20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(str(small))
+    cfg = tiny_config(tmp_path, f"pretrain.model.path={small}").llm
+    with pytest.raises(ConfigError, match=r"pretrain\.model\.path: the model in .* has \d+ token embeddings"):
+        loop_spec(cfg, storage.Folder(str(tmp_path / "out")), storage.Folder(str(data)))
