@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from llm.serve.engine import Engine
+from llm.serve.engine import Engine, GenerateRequest
 from llm.serve.http import host_allowed, read_body
 from llm.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_body
 from llm.serve.responses import (
@@ -93,22 +94,9 @@ def _error(status: int, message: str, type_: str = "invalid_request_error") -> J
     return JSONResponse(ApiError(status, message, type_).body(), status_code=status)
 
 
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI app over a `Service`."""
-    app = FastAPI(title="llmray", description="OpenAI-compatible completions and chat", docs_url=None,
-                  redoc_url=None, openapi_url=None)
-    limit = service.cfg.max_body_bytes
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        if not host_allowed(service.cfg.host, request.headers.get("host")):
-            response: Any = _error(403, f"Host {request.headers.get('host')!r} is not served here")
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        service.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
-        return response
-
+def add_error_handlers(app: FastAPI) -> None:
+    """Every failure as OpenAI's error JSON: ours with their status, FastAPI's and Starlette's as 4xx, anything
+    else a logged 500."""
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": "1"} if e.status == 429 else None)
@@ -125,6 +113,25 @@ def create_app(service: Service) -> FastAPI:
     async def internal(_: Request, e: Exception) -> JSONResponse:
         log.exception("request failed")
         return _error(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI app over a `Service`."""
+    app = FastAPI(title="llmray", description="OpenAI-compatible completions and chat", docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    limit = service.cfg.max_body_bytes
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        if not host_allowed(service.cfg.host, request.headers.get("host")):
+            response: Any = _error(403, f"Host {request.headers.get('host')!r} is not served here")
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        service.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
+        return response
+
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -180,75 +187,91 @@ def _usage_extra(req: CompletionRequest | ChatRequest, prompt: int, completion: 
     return {"usage": usage(prompt, completion)} if req.continuous_usage() else {}
 
 
+@dataclass
+class _Choices:
+    """What a completions request's choices share: engine requests, echoed texts, logprob books."""
+
+    gens: list[GenerateRequest]
+    texts: list[str]
+    books: list[CompletionLogprobs]
+    top: int | None
+
+    def logprobs_of(self, piece: Piece) -> dict[str, Any] | None:
+        if self.top is None:
+            return None
+        head = None
+        if piece.prompt is not None:  # echo: the prompt's tokens first; the very first has no logprob
+            first = Choice(self.gens[piece.index].prompt[0])
+            head = self.books[piece.index].block([first, *piece.prompt], first_is_unscored=True)
+        return merge_logprobs(head, self.books[piece.index].block(piece.tokens))
+
+
 async def _completions(service: Service, req: CompletionRequest) -> JSONResponse | StreamingResponse:
     engine = service.engine(req.model)
     prompts = [service.prompt_ids(engine, p) for p in req.prompts()]
-    top = req.logprobs
-    per, keep = req.candidates(), req.choices()
+    per = req.candidates()
+    echo = bool(req.echo) and req.logprobs is not None
     gens = [service.generate_request(engine, req, ids, service.budget(engine, len(ids), req.max_tokens,
                                                                        COMPLETION_DEFAULT_MAX_TOKENS),
-                                      j, top, echo=bool(req.echo) and top is not None)
+                                      j, req.logprobs, echo=echo)
             for ids in prompts for j in range(per)]
     service.admit(engine, gens)
     prompt_texts = [engine.tokenizer.decode(ids) for ids in prompts]
     token_text = TokenText(engine.tokenizer)
     # Choice i is prompt i // per; OpenAI's text_offset counts from the start of the prompt, echoed or not.
-    texts = [prompt_texts[i // per] if req.echo else "" for i in range(len(gens))]
-    books = [CompletionLogprobs(token_text, 0 if req.echo else len(prompt_texts[i // per])) for i in range(len(gens))]
-    rid, opts = new_id("cmpl"), _text_options(req)
+    choices = _Choices(gens, [prompt_texts[i // per] if req.echo else "" for i in range(len(gens))],
+                       [CompletionLogprobs(token_text, 0 if req.echo else len(prompt_texts[i // per]))
+                        for i in range(len(gens))], req.logprobs)
+    opts = _text_options(req)
     stream = within(merged([run_choice(engine, i, g, opts) for i, g in enumerate(gens)]),
                     service.cfg.request_timeout_s)
     prompt_total = sum(len(p) for p in prompts)
-
-    def logprobs_of(piece: Piece) -> dict[str, Any] | None:
-        if top is None:
-            return None
-        head = None
-        if piece.prompt is not None:  # echo: the prompt's tokens first; the very first has no logprob
-            first = Choice(gens[piece.index].prompt[0])
-            head = books[piece.index].block([first, *piece.prompt], first_is_unscored=True)
-        return merge_logprobs(head, books[piece.index].block(piece.tokens))
-
     if req.stream:
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
-            sent_echo: set[int] = set()
-            done = [0] * len(gens)
-            async for piece in stream:
-                if not (piece.text or piece.finish_reason or piece.index not in sent_echo or top is not None):
-                    continue  # text held back (partial character, possible stop string): nothing to send
-                text = piece.text
-                if piece.index not in sent_echo:
-                    sent_echo.add(piece.index)
-                    text = texts[piece.index] + text
-                done[piece.index] = piece.completion_tokens
-                choice = {"index": piece.index, "text": text, "logprobs": logprobs_of(piece),
-                          "finish_reason": piece.finish_reason}
-                yield envelope("text_completion", rid, req.model, [choice],
-                               **_usage_extra(req, prompt_total, sum(done)))
-            if req.include_usage():
-                yield envelope("text_completion", rid, req.model, [], usage=usage(prompt_total, sum(done)))
+        return StreamingResponse(sse_stream(_completion_chunks(req, stream, choices, prompt_total)),
+                                 media_type="text/event-stream")
+    return JSONResponse(await _whole_completion(req, stream, choices, prompt_total))
 
-        return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
 
-    out: list[dict[str, Any]] = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": None}
-                                 for i in range(len(gens))]
-    score = [0.0] * len(gens)
+async def _completion_chunks(req: CompletionRequest, stream: AsyncIterator[Piece], choices: _Choices,
+                             prompt_total: int) -> AsyncIterator[dict[str, Any]]:
+    rid, sent_echo, done = new_id("cmpl"), set(), [0] * len(choices.gens)
+    async for piece in stream:
+        if not (piece.text or piece.finish_reason or piece.index not in sent_echo or choices.top is not None):
+            continue  # text held back (partial character, possible stop string): nothing to send
+        text = piece.text
+        if piece.index not in sent_echo:
+            sent_echo.add(piece.index)
+            text = choices.texts[piece.index] + text
+        done[piece.index] = piece.completion_tokens
+        choice = {"index": piece.index, "text": text, "logprobs": choices.logprobs_of(piece),
+                  "finish_reason": piece.finish_reason}
+        yield envelope("text_completion", rid, req.model, [choice], **_usage_extra(req, prompt_total, sum(done)))
+    if req.include_usage():
+        yield envelope("text_completion", rid, req.model, [], usage=usage(prompt_total, sum(done)))
+
+
+async def _whole_completion(req: CompletionRequest, stream: AsyncIterator[Piece], choices: _Choices,
+                            prompt_total: int) -> dict[str, Any]:
+    out: list[dict[str, Any]] = [{"index": i, "text": choices.texts[i], "logprobs": None, "finish_reason": None}
+                                 for i in range(len(choices.gens))]
+    score = [0.0] * len(out)
     completion_total = 0
     async for piece in stream:
         choice = out[piece.index]
         choice["text"] += piece.text
         score[piece.index] += sum(c.logprob or 0.0 for c in piece.tokens)
-        if top is not None:
-            choice["logprobs"] = merge_logprobs(choice["logprobs"], logprobs_of(piece) or {})
+        if choices.top is not None:
+            choice["logprobs"] = merge_logprobs(choice["logprobs"], choices.logprobs_of(piece) or {})
         if piece.finish_reason is not None:
             choice["finish_reason"] = piece.finish_reason
             completion_total += piece.completion_tokens
+    per, keep = req.candidates(), req.choices()
     if per > keep:  # best_of: the `n` candidates of each prompt with the highest total logprob
-        out = [c for p in range(len(prompts))
+        out = [c for p in range(len(out) // per)
                for c in sorted(out[p * per:(p + 1) * per], key=lambda c: -score[c["index"]])[:keep]]
         for i, c in enumerate(out):
             c["index"] = i
-    return JSONResponse(envelope("text_completion", rid, req.model, out, usage=usage(prompt_total, completion_total)))
+    return envelope("text_completion", new_id("cmpl"), req.model, out, usage=usage(prompt_total, completion_total))
 
 
 async def _chat(service: Service, req: ChatRequest) -> JSONResponse | StreamingResponse:

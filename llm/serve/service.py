@@ -140,7 +140,9 @@ class Service:
 
     def generate_request(self, engine: Engine, req: ChatRequest | CompletionRequest, ids: list[int], budget: int,
                          index: int, top: int | None, echo: bool = False) -> GenerateRequest:
-        """One choice as the engine's request."""
+        """One choice as the engine's request: choice `index` of `req` on prompt `ids`, `budget` tokens, `top`
+        alternatives per logprob (None: no logprobs), `echo` the prompt's logprobs too. (The seven arguments are
+        the request and what a route worked out for this one choice; bundling them would only rename them.)"""
         vocab = engine.loaded.model.config.vocab_size
         if any(t >= vocab for t in req.stop_token_ids or []):
             raise ApiError(400, f"stop_token_ids: token ids must be < {vocab}", param="stop_token_ids")
