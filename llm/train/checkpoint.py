@@ -162,8 +162,10 @@ def universal(folder: str | Path, rank: int, shared: bool = True) -> tuple[str, 
 
     With `shared` (a folder of the run's storage that every worker reads), rank 0 converts it once into
     `<folder>/ds_universal` (`deepspeed.checkpoint.ds_to_universal`) while the other ranks wait; a later
-    resume from it reuses that. Otherwise (a copy Ray Train downloaded for this worker) each rank converts
-    its own copy into a temporary folder. The conversion writes `ds_universal.tmp-<pid>` and renames it: a
+    resume from it reuses that. A rank that then does not see it reads a copy of its own (the checkpoint came
+    from an object store, each node downloaded it) and converts that copy itself. Otherwise (a copy Ray Train
+    downloaded for this worker) each rank converts its own copy into a temporary folder. The conversion
+    writes `ds_universal.tmp-<pid>` and renames it: a
     kill mid-way leaves a temporary folder the next attempt replaces, never a half-converted `ds_universal`.
     """
     import tempfile
@@ -179,9 +181,8 @@ def universal(folder: str | Path, rank: int, shared: bool = True) -> tuple[str, 
         _convert(Path(folder), target)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-    if not (target / "zero").is_dir():
-        raise RuntimeError(f"{target}: missing after rank 0 converted it; is {folder} on storage every "
-                           "worker reads (storage, not a node's local disk)?")
+    if not (target / "zero").is_dir():  # this rank reads its own copy (an object store's download): convert it
+        _convert(Path(folder), target)
     return str(folder), UNIVERSAL
 
 
