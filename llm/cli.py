@@ -30,6 +30,7 @@ from llm.report import format_status, run_status, write_report
 from llm.sizing import check_live, derive
 from llm.stage import StageResult
 from llm.stages import STAGES, by_name, run_stage, stages_to_run
+from llm.tracking import pipeline_run
 
 
 @dataclass(frozen=True)
@@ -112,12 +113,13 @@ def cmd_run(ns: argparse.Namespace, loaded: LoadedConfig | None) -> int:
     assert loaded is not None
     t0 = time.perf_counter()
     results = []
-    for name in stages_to_run(loaded.llm):
-        if by_name(name).foreground:  # it may hold the foreground until Ctrl-C: the report is written first
-            _write_report(loaded)
-        results.append(run_stage(loaded.llm, name, force=ns.force, verbose=ns.verbose, quiet=False))
-        _print_result(results[-1])
-        write_report(loaded)
+    with pipeline_run(loaded.llm):  # one parent tracking run; the last report.html is logged to it
+        for name in stages_to_run(loaded.llm):
+            if by_name(name).foreground:  # it may hold the foreground until Ctrl-C: the report is written first
+                _write_report(loaded)
+            results.append(run_stage(loaded.llm, name, force=ns.force, verbose=ns.verbose, quiet=False))
+            _print_result(results[-1])
+            write_report(loaded)
     print(f"llmray run: {len(results)} stages in {time.perf_counter() - t0:.0f}s "
           f"({sum(r.skipped for r in results)} skipped); status: llmray status {loaded.path}")
     return 0

@@ -15,6 +15,7 @@ from llm.data import stage as data
 from llm.errors import ConfigError
 from llm.serve import stage as serve
 from llm.stage import Stage, StageResult
+from llm.tracking import pipeline_run, tracked
 from llm.train import finetune, pretrain
 from llm.tune import stage as sweep
 
@@ -43,15 +44,18 @@ def stages_to_run(cfg: PipelineConfig) -> list[str]:
 def run_stage(cfg: PipelineConfig, name: str, force: bool = False, verbose: bool = False,
               quiet: bool = False) -> StageResult:
     """Run one stage (its own skip-if-done applies) under the calm console; `quiet` skips the routing
-    (library callers and tests that capture output themselves)."""
+    (library callers and tests that capture output themselves). With `tracking` on, the stage is a run in
+    MLflow / W&B (`llm.tracking`), nested under its pipeline's."""
     stage = by_name(name)
     if quiet:
-        return stage.run(cfg, force=force)
+        return tracked(cfg, stage, lambda: stage.run(cfg, force=force))
     with stage_console(cfg, stage.name, stage.what, verbose):
-        return stage.run(cfg, force=force)
+        return tracked(cfg, stage, lambda: stage.run(cfg, force=force))
 
 
 def run_pipeline(cfg: PipelineConfig, force: bool = False, verbose: bool = False,
                  quiet: bool = True) -> list[StageResult]:
-    """Run every enabled stage in order; `force` reruns stages whose manifests match."""
-    return [run_stage(cfg, name, force=force, verbose=verbose, quiet=quiet) for name in stages_to_run(cfg)]
+    """Run every enabled stage in order, under one tracking run (`llm.tracking.pipeline_run`); `force` reruns
+    stages whose manifests match."""
+    with pipeline_run(cfg):
+        return [run_stage(cfg, name, force=force, verbose=verbose, quiet=quiet) for name in stages_to_run(cfg)]

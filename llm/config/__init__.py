@@ -25,6 +25,7 @@ from llm.config.data import (
 from llm.config.pipeline import LoadedConfig, PipelineConfig, PlanConfig, RayConfig
 from llm.config.serve import ServeConfig
 from llm.config.sweep import SweepConfig
+from llm.config.tracking import MlflowConfig, TrackingConfig, WandbConfig
 from llm.config.train import (
     FinetuneConfig,
     ModelConfig,
@@ -39,5 +40,5 @@ __all__ = [
     "LLM_PREFIX", "Section", "CompressConfig", "DataConfig", "DedupConfig", "FuzzyDedupConfig",
     "LanguageConfig", "PiiConfig", "QualityConfig", "SftConfig", "TokenizerConfig", "LoadedConfig", "PipelineConfig",
     "PlanConfig", "RayConfig", "ServeConfig", "SweepConfig", "FinetuneConfig", "ModelConfig", "PretrainConfig",
-    "ScheduleConfig", "SizingOverride", "TrainConfig", "ConfigError",
+    "ScheduleConfig", "SizingOverride", "TrainConfig", "ConfigError", "MlflowConfig", "TrackingConfig", "WandbConfig",
 ]

@@ -12,6 +12,7 @@ from llm.config.compress import CompressConfig
 from llm.config.data import DataConfig
 from llm.config.serve import ServeConfig
 from llm.config.sweep import SweepConfig
+from llm.config.tracking import TrackingConfig
 from llm.config.train import FinetuneConfig, PretrainConfig
 
 
@@ -79,6 +80,8 @@ class PipelineConfig(Section):
     """Compression stage."""
     serve: ServeConfig = Field(default_factory=ServeConfig)
     """Serving stage."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment tracking (MLflow, W&B, TensorBoard) of every stage; off by default."""
 
     _cluster: dict[str, Any] | None = PrivateAttr(None)
     """The Ray half of the cluster file this config came from: the sizing source at run time."""

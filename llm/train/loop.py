@@ -129,8 +129,10 @@ def setup(spec: LoopSpec, rt: Runtime) -> Fit:
     state.micro, state.accum = micro, ds_cfg["gradient_accumulation_steps"]
     loss_fn = spec.loss_hook(spec) if spec.loss_hook else None
     part = RankSlice(index, rt.rank, rt.world_size, micro, state.layout)
-    log = MetricsLog(spec.out_dir, train.max_steps, train.log_every, state.step, train.tensorboard,
-                     train.mlflow_uri, spec.stage) if rt.rank == 0 else None
+    sinks = spec.tracking  # the pipeline's `tracking` section wins over the stage section's own keys
+    log = MetricsLog(spec.out_dir, train.max_steps, train.log_every, state.step,
+                     train.tensorboard or bool(sinks.get("tensorboard")), sinks.get("mlflow_uri") or train.mlflow_uri,
+                     spec.stage, mlflow_run_id=sinks.get("mlflow_run_id")) if rt.rank == 0 else None
     collate = collate_packed if spec.pad_id is None else collate_padded(spec.pad_id)
     return Fit(spec=spec, rt=rt, engine=engine, optimizer=optimizer, state=state, part=part,
                batches=micro_batches(part, state.epoch, state.position, collate, spec.columns), fpt=fpt,

@@ -77,12 +77,14 @@ class MetricsLog:
     """Rank 0's sinks: a JSON line per step, the live line every `log_every` steps, TensorBoard, MLflow.
 
     On resume, records after the restored step are dropped first, so the file reads as one clean run.
-    Seven arguments: the file's place and the live line's cadence, then one per optional sink, each off by
-    default (tests and benchmarks open a log without a config section).
+    Eight arguments: the file's place and the live line's cadence, then one per optional sink, each off by
+    default (tests and benchmarks open a log without a config section); with `mlflow_run_id`, the steps go
+    into that run (the stage's tracked run, `llm.tracking`), otherwise `mlflow_uri` opens a run of its own.
     """
 
     def __init__(self, out_dir: str | Path | None, max_steps: int, log_every: int, resumed_step: int = 0,
-                 tensorboard: bool = False, mlflow_uri: str | None = None, name: str = "pretrain") -> None:
+                 tensorboard: bool = False, mlflow_uri: str | None = None, name: str = "pretrain",
+                 mlflow_run_id: str | None = None) -> None:
         self.max_steps, self.log_every, self.name = max_steps, log_every, name
         self.path = Path(out_dir) / "metrics.jsonl" if out_dir else None
         self._ema: float | None = None
@@ -103,16 +105,20 @@ class MetricsLog:
                                   "(pip install 'llmray[tracking]')") from None
             self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resumed_step + 1)
         self._mlflow = None
+        self._mlflow_run: tuple[Any, str] | None = None
         if mlflow_uri:
             try:
                 import mlflow
             except ImportError:
                 raise ConfigError(f"metadata.llm.{name}.mlflow_uri: needs the `mlflow` package "
                                   "(pip install 'llmray[tracking]')") from None
-            mlflow.set_tracking_uri(mlflow_uri)
-            mlflow.set_experiment(f"llmray-{name}")
-            mlflow.start_run()
-            self._mlflow = mlflow
+            if mlflow_run_id:  # the stage's run, opened and ended by the driver (`llm.tracking`): logged by id
+                self._mlflow_run = (mlflow.MlflowClient(mlflow_uri), mlflow_run_id)
+            else:  # the stage section's own `mlflow_uri`: a run of this process alone
+                mlflow.set_tracking_uri(mlflow_uri)
+                mlflow.set_experiment(f"llmray-{name}")
+                mlflow.start_run()
+                self._mlflow = mlflow
         self._t0 = time.perf_counter()
         self._logged = 0
 
@@ -133,6 +139,12 @@ class MetricsLog:
                 self._tb.add_scalar(f"{self.name}/{k}", v, step)
         if self._mlflow is not None:
             self._mlflow.log_metrics(numeric, step=step)
+        if self._mlflow_run is not None:
+            from mlflow.entities import Metric
+
+            client, run_id = self._mlflow_run
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in numeric.items()])
         if step % self.log_every == 0 or step == self.max_steps or "val_loss" in record:
             # Written, not printed: Ray Train V2 patches `print` in workers to tee into its logger as well,
             # and both copies reached the driver. One write to stdout is forwarded once.

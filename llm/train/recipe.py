@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import replace
 from typing import Any
 
-from llm import storage
+from llm import storage, tracking
 from llm.config import LLM_PREFIX, PipelineConfig
 from llm.sizing import planned
 from llm.train import ds_config
@@ -58,6 +58,7 @@ def fit(cfg: PipelineConfig, job: TrainJob, spec: LoopSpec, folder: storage.Fold
     ds_config.build(job.train, max(1, job.sizing.workers), job.section)  # a bad `deepspeed:` fails before workers
     root = folder.path(RAY_DIR)
     spec.resume_from = resume_point(root, job.train.keep_checkpoints, job.name)
+    spec.tracking = tracking.worker_sinks()  # rank 0 logs its steps into the stage's tracked run
     if job.sizing.workers < 1:
         folder.require_disk(f"{LLM_PREFIX}.{job.name}.sizing.workers: 0 trains without Ray and needs a local "
                             f"`storage` (got {cfg.storage})")

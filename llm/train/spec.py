@@ -71,6 +71,9 @@ class LoopSpec:
     """Testing hook: raise once after this step (and its checkpoint) to simulate an interruption."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings of a stage's hooks (`lora`, the distillation teacher), JSON values."""
+    tracking: dict[str, Any] = field(default_factory=dict)
+    """Where rank 0 logs per-step metrics besides `metrics.jsonl`: the stage's MLflow run (`mlflow_uri`,
+    `mlflow_run_id`) and `tensorboard`, from `llm.tracking.worker_sinks` ({}: the stage section's own keys)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as Ray Train's `train_loop_config`: config sections as pydantic's JSON dump."""

@@ -1,0 +1,184 @@
+"""Experiment tracking (`llm.tracking`) against a real MLflow tracking server (SQLite backend, started here) and
+W&B in offline mode (its run files checked). The stage is a trivial body under the real stage contract
+(`llm.stage.execute`) run through `llm.stages.run_stage`, so the hooks are the ones `llmray` uses; its
+"training" steps go through rank 0's real `MetricsLog` with the sinks a training stage hands its workers."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llm import stages, tracking
+from llm.stage import Stage, StageResult, execute
+from llm.train.metrics import MetricsLog
+from tests.conftest import tiny_config
+
+mlflow = pytest.importorskip("mlflow")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server` on a free port with a SQLite backend and local artifacts, waited for (`/health`)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    # The job runner starts seven huey consumers, each importing mlflow: a minute of start-up on two cores.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
+         str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _fake_stage(monkeypatch: pytest.MonkeyPatch, fail: list[bool]) -> Stage:
+    """A stage named `data` (its section is the hashed config) whose body writes an eval table and a plot,
+    logs three steps through `MetricsLog` with the stage's worker sinks, and raises once while `fail[0]`."""
+
+    def body(folder: Any) -> dict[str, Any]:
+        out = Path(folder.local)
+        (out / "eval.json").write_text(json.dumps({"ppl": 12.5}))
+        (out / "plots").mkdir(exist_ok=True)
+        (out / "plots" / "curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+        (out / "ray").mkdir(exist_ok=True)
+        (out / "ray" / "skip.png").write_bytes(b"not an artifact")
+        sinks = tracking.worker_sinks()
+        log = MetricsLog(out, max_steps=3, log_every=10, mlflow_uri=sinks.get("mlflow_uri"), name="data",
+                         mlflow_run_id=sinks.get("mlflow_run_id"))
+        for step in (1, 2, 3):
+            log.log({"step": step, "loss": 4.0 / step, "lr": 1e-3, "tokens_per_s": 100.0, "mfu": 0.01})
+        log.close()
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("interrupted")
+        return {"rows": 7, "funnel": {"kept": 5, "dropped": 2}, "note": "text is not a metric"}
+
+    def run(cfg: Any, force: bool = False) -> StageResult:
+        return execute(cfg, stage, body, force=force)
+
+    stage = Stage("data", "a trivial stage", run, sections=("data",), resumable=True)
+    monkeypatch.setattr(stages, "by_name", lambda name: stage)
+    return stage
+
+
+def test_mlflow_parent_nested_params_metrics_artifacts_and_resume(mlflow_server: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(tmp_path, f"tracking.mlflow.uri={mlflow_server}", "tracking.mlflow.experiment=t-tracking").llm
+    fail = [True]
+    _fake_stage(monkeypatch, fail)
+    with pytest.raises(RuntimeError), tracking.pipeline_run(cfg):
+        stages.run_stage(cfg, "data", quiet=True)
+    with tracking.pipeline_run(cfg):  # `llmray run` again: the same parent, the stage's run continued
+        stages.run_stage(cfg, "data", quiet=True)
+        Path(cfg.storage, cfg.run, "report.html").write_text("<html>report</html>")
+    stages.run_stage(cfg, "data", quiet=True)  # the stage alone (skipped: done), still its own run
+
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("t-tracking")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 1, [r.data.tags for r in runs]
+    parent, child = parents[0], children[0]
+    assert parent.info.run_name == cfg.run and parent.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.info.run_name == "data" and child.info.status == "FINISHED"
+
+    tags = child.data.tags
+    assert tags["llmray.run"] == cfg.run and tags["llmray.stage"] == "data"
+    params, digest = tracking.stage_params(cfg, stages.by_name("data"))
+    assert tags["llmray.config_hash"] == digest
+    assert len(tags["llmray.git_commit"]) == 40  # the tests run in a git checkout
+    assert child.data.params["data.seq_len"] == str(cfg.data.seq_len)
+    assert set(child.data.params) == set(params) and "data.dedup.exact" in child.data.params
+
+    metrics = child.data.metrics
+    assert metrics["rows"] == 7 and metrics["funnel.kept"] == 5 and "note" not in metrics
+    history = client.get_metric_history(child.info.run_id, "loss")
+    assert sorted({(m.step, m.value) for m in history}) == [(1, 4.0), (2, 2.0), (3, 4.0 / 3)]
+
+    arts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert arts == {"eval.json", "plots"}, arts
+    assert [a.path for a in client.list_artifacts(child.info.run_id, "plots")] == ["plots/curve.png"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["report.html"]
+
+    ids = json.loads(Path(cfg.storage, cfg.run, tracking.RUNS_FILE).read_text())
+    stored = ids["mlflow"][f"{mlflow_server} t-tracking"]
+    assert stored["data"]["run_id"] == child.info.run_id and stored["pipeline"]["run_id"] == parent.info.run_id
+
+
+def test_a_failed_stage_ends_its_run_failed(mlflow_server: str, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(tmp_path, f"tracking.mlflow.uri={mlflow_server}", "tracking.mlflow.experiment=t-failed").llm
+    _fake_stage(monkeypatch, [True])
+    with pytest.raises(RuntimeError):
+        stages.run_stage(cfg, "data", quiet=True)
+    client = mlflow.MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("t-failed").experiment_id])
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status == {"data": "FAILED", cfg.run: "FAILED"}
+    assert tracking.worker_sinks() == {}
+
+
+def test_wandb_offline_run_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_config(tmp_path, "tracking.wandb.project=llmray-test").llm
+    _fake_stage(monkeypatch, [False])
+    with tracking.pipeline_run(cfg):
+        stages.run_stage(cfg, "data", quiet=True)
+        Path(cfg.storage, cfg.run, "report.html").write_text("<html>report</html>")
+    stages.run_stage(cfg, "data", force=True, quiet=True)  # rerun, same config: the same W&B run id
+
+    ids = json.loads(Path(cfg.storage, cfg.run, tracking.RUNS_FILE).read_text())["wandb"]["llmray-test"]
+    run_id = ids["data"]["run_id"]
+    root = Path(cfg.storage, cfg.run, "wandb")
+    dirs = sorted(glob.glob(str(root / f"offline-run-*-{run_id}")))
+    assert len(dirs) == 2, os.listdir(root)
+    first = Path(dirs[0])
+    assert (first / "files" / "eval.json").is_file() and (first / "files" / "plots" / "curve.png").is_file()
+    # The run record is protobuf in W&B's log format: the names and config keys are there as bytes.
+    blob = (first / f"run-{run_id}.wandb").read_bytes()
+    for needle in (b"llmray-test", cfg.run.encode(), b"data.seq_len", b"rows", b"funnel.kept", b"loss"):
+        assert needle in blob, needle
+    pipeline = glob.glob(str(root / f"offline-run-*-{ids['pipeline']['run_id']}" / "files" / "report.html"))
+    assert len(pipeline) == 1
