@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from llm import stages, tracking
@@ -182,3 +183,55 @@ def test_wandb_offline_run_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         assert needle in blob, needle
     pipeline = glob.glob(str(root / f"offline-run-*-{ids['pipeline']['run_id']}" / "files" / "report.html"))
     assert len(pipeline) == 1
+
+
+@pytest.mark.multiprocess  # DeepSpeed's gloo group in this process
+def test_training_steps_land_in_the_stage_run(mlflow_server: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one loop in this process (as `sizing.workers: 0` runs it) with the sinks `recipe.fit` puts in its
+    spec, sent through the spec's dict form (what Ray Train hands each worker): rank 0 logs every step into
+    the tracked stage's run."""
+    from llm.config import ModelConfig, ScheduleConfig, TrainConfig
+    from llm.train.data import write_rows
+    from llm.train.loop import run_loop
+    from llm.train.runtime import LocalRuntime
+    from llm.train.spec import LoopSpec
+
+    cfg = tiny_config(tmp_path, f"tracking.mlflow.uri={mlflow_server}", "tracking.mlflow.experiment=t-loop").llm
+    rows = (np.arange(64)[:, None] + np.arange(16)[None, :]) % 64
+    files = write_rows(rows.astype(np.int32), tmp_path / "shards", shards=1)
+    train = TrainConfig(max_steps=3, micro_batch_size=8, zero_stage=0, precision="fp32", eval_every=100,
+                        log_every=10, max_failures=0, lr=ScheduleConfig(kind="constant", peak=1e-3, warmup_steps=0))
+    model = ModelConfig(arch="llama", n_layers=1, d_model=32, n_heads=2, context=16)
+
+    def fit() -> StageResult:
+        spec = LoopSpec(train=train, model=model, vocab_size=64, seq_len=16, train_files=files, export=False,
+                        out_dir=str(tmp_path / "run"), peak_flops=1e12, tracking=tracking.worker_sinks())
+        spec = LoopSpec.from_dict(spec.to_dict())
+        run_loop(spec, LocalRuntime(checkpoint_root=str(tmp_path / "ckpt"), keep=2, device="cpu"))
+        return StageResult("pretrain", str(tmp_path / "run"), skipped=False)
+
+    stage = Stage("pretrain", "a training stage", lambda cfg, force=False: fit(), sections=("pretrain",))
+    tracking.tracked(cfg, stage, fit)
+    client = mlflow.MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("t-loop").experiment_id],
+                              "tags.`llmray.stage` = 'pretrain'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    for key in ("loss", "lr", "tokens_per_s", "mfu"):
+        assert [m.step for m in client.get_metric_history(runs[0].info.run_id, key)] == [1, 2, 3], key
+
+
+def test_tracking_is_off_by_default_and_tensorboard_reaches_the_workers(tmp_path: Path) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def call() -> StageResult:
+        seen.append(tracking.worker_sinks())
+        return StageResult("data", "", skipped=False)
+
+    stage = Stage("data", "x", lambda cfg, force=False: call(), sections=("data",))
+    for overrides, sinks in (((), {}), (("tracking.tensorboard=true",), {"tensorboard": True})):
+        cfg = tiny_config(tmp_path, *overrides).llm
+        assert not cfg.tracking.enabled
+        tracking.tracked(cfg, stage, call)
+        assert seen.pop() == sinks and tracking.worker_sinks() == {}
+    assert not Path(cfg.storage, cfg.run, tracking.RUNS_FILE).exists()
