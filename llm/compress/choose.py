@@ -1,10 +1,14 @@
-"""The rule that names the variant to serve: among variants within the quality limits, the best by `prefer`.
+"""The rule that names the variant to serve: among variants within the quality and speed limits, the best by
+`prefer`.
 
 A variant passes when every perplexity measured for both it and the original (val, SFT) rose by at most
-`max_ppl_increase` (relative) and its ROUGE-L fell by at most `max_rouge_drop` (absolute). A figure the
-original lacks is not a limit; a figure the variant lacks while the original has it fails the variant
-(an unmeasured model is not a safe choice). With no variant passing, the original is served and the
-reason says why each variant failed.
+`max_ppl_increase` (relative), its ROUGE-L fell by at most `max_rouge_drop` (absolute), and it generates at
+least `min_speed_ratio` of the original's tokens/s at the serving batch (`tok_s_serve`): a smaller file that
+serves slower is no saving (int8 on a CPU without fast kernels decoded 916 vs 1,103 tokens/s at batch 1 in
+the quickstart). A figure the original lacks is not a limit; a figure the variant lacks while the original
+has it fails the variant (an unmeasured model is not a safe choice). With no variant passing, the original is
+served and the reason says why each variant failed; otherwise the reason gives the chosen variant's figures
+beside the original's, and names the variants left out and why.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from llm.errors import ConfigError
 from llm.models.load import CHOSEN, ORIGINAL
 
 EPS = 1e-9  # a figure exactly at a limit passes, whatever the float rounding of the subtraction
-PREFER = {"smallest_disk": ("disk_mb", min), "fewest_params": ("params", min), "fastest": ("tok_s_b1", max)}
+PREFER = {"smallest_disk": ("disk_mb", min), "fewest_params": ("params", min), "fastest": ("tok_s_serve", max)}
+SPEED = "tok_s_serve"
 
 
 def failures(row: Mapping[str, Any], original: Mapping[str, Any], rule: ChooseConfig) -> list[str]:
@@ -40,12 +45,26 @@ def failures(row: Mapping[str, Any], original: Mapping[str, Any], rule: ChooseCo
             why.append("rouge_l not measured")
         elif base - value > rule.max_rouge_drop + EPS:
             why.append(f"rouge_l {value:.3f} dropped {base - value:.3f} > {rule.max_rouge_drop:g}")
+    base, value = original.get(SPEED), row.get(SPEED)
+    if base is not None and rule.min_speed_ratio > 0:
+        if value is None:
+            why.append(f"{SPEED} not measured")
+        elif value < base * rule.min_speed_ratio - EPS:
+            why.append(f"{SPEED} {value:.1f} < {base:.1f} x {rule.min_speed_ratio:g} (slower to serve)")
     return why
 
 
-def choose(rows: Sequence[Mapping[str, Any]], rule: ChooseConfig) -> dict[str, Any]:
-    """`{"variant", "reason", "rule", "checks"}` for evaluation rows whose first row named `original` is the
-    model compressed.
+def _figures(row: Mapping[str, Any], original: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """`key value (original value)` for each key measured for the row, 4 significant digits."""
+    parts = [f"{k} {row[k]:.4g} (original {original[k]:.4g})" if original.get(k) is not None else f"{k} {row[k]:.4g}"
+             for k in keys if row.get(k) is not None]
+    return ", ".join(parts)
+
+
+def choose(rows: Sequence[Mapping[str, Any]], rule: ChooseConfig, serve_batch: int | None = None) -> dict[str, Any]:
+    """`{"variant", "reason", "rule", "checks", "serve_batch"}` for evaluation rows whose first row named
+    `original` is the model compressed; `serve_batch` is the batch `tok_s_serve` was measured at (for the
+    reason and `chosen.json`).
 
     Raises:
         ConfigError: no `original` row, or the `prefer` figure missing from a passing variant.
@@ -57,20 +76,25 @@ def choose(rows: Sequence[Mapping[str, Any]], rule: ChooseConfig) -> dict[str, A
     checks = {name: failures(r, original, rule) for name, r in by_name.items() if name != ORIGINAL}
     passing = [by_name[name] for name, why in checks.items() if not why]
     key, best = PREFER[rule.prefer]
+    at = f" at batch {serve_batch}" if serve_batch else ""
     limits = f"perplexity within +{rule.max_ppl_increase:.0%}, ROUGE-L drop <= {rule.max_rouge_drop:g}"
+    if rule.min_speed_ratio > 0:
+        limits += f", serving tokens/s{at} >= {rule.min_speed_ratio:g} x the original's"
+    out = {"rule": rule.model_dump(mode="json"), "checks": checks, "serve_batch": serve_batch}
     if not passing:
         failed = "; ".join(f"{name}: {', '.join(why)}" for name, why in checks.items()) or "no variants"
         return {"variant": ORIGINAL, "reason": f"no variant passed ({limits}): {failed}; serving the original",
-                "rule": rule.model_dump(mode="json"), "checks": checks}
+                **out}
     missing = [r["model"] for r in passing if r.get(key) is None]
     if missing:
         raise ConfigError(f"metadata.llm.compress.choose.prefer: {rule.prefer} needs {key}, not measured for "
                           f"{', '.join(missing)}")
     pick = best(passing, key=lambda r: r[key])
-    return {"variant": pick["model"],
-            "reason": f"{rule.prefer.replace('_', ' ')} ({key} {pick[key]:.4g}) of {len(passing)} passing "
-                      f"variant(s) ({limits})",
-            "rule": rule.model_dump(mode="json"), "checks": checks}
+    shown = [key, *(k for k in ("disk_mb", SPEED) if k != key)]
+    left_out = "; ".join(f"{name}: {', '.join(why)}" for name, why in checks.items() if why)
+    reason = (f"{rule.prefer.replace('_', ' ')} of {len(passing)} passing variant(s) ({limits}): "
+              f"{_figures(pick, original, shown)}" + (f"; left out: {left_out}" if left_out else ""))
+    return {"variant": pick["model"], "reason": reason, **out}
 
 
 def write_chosen(folder: Path, choice: dict[str, Any], original_dir: Path | str, stage_uri: str | None = None) -> Path:

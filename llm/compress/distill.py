@@ -19,7 +19,6 @@ from typing import Any
 
 from llm import storage
 from llm.config import ModelConfig, PipelineConfig
-from llm.errors import ConfigError
 from llm.manifest import manifest_hash
 from llm.models.chat import IGNORE
 from llm.sizing import planned
@@ -36,7 +35,8 @@ class DistillJob:
     work: storage.Folder
     """Its folder: checkpoints under `ray/`, `metrics.jsonl`, the exported `model/`."""
     data: storage.Folder
-    """The data stage's folder; packed or SFT shards are read from there (an object store included)."""
+    """The folder holding the tokens (`llm.compress.tokens`: the data stage's, finetune's, or chat records
+    rendered under compress/_work); packed or SFT shards are read from there (an object store included)."""
     teacher: Path
     """The original on this machine (its tokenizer is the student's)."""
     teacher_uri: str
@@ -98,15 +98,6 @@ def kd_loss(spec: LoopSpec) -> Any:
         return distill_loss(outputs.logits, t_logits, batch["labels"], temperature, alpha)
 
     return loss_fn
-
-
-def use_sft(cfg: PipelineConfig, data: storage.Folder, from_finetune: bool) -> bool:
-    """Whether distillation reads SFT rows (loss on assistant tokens) instead of packed text."""
-    has_sft = bool(data_shards(data, "train", "sft"))
-    choice = cfg.compress.distill.data
-    if choice == "sft" and not has_sft:
-        raise ConfigError(f"metadata.llm.compress.distill.data: sft, but {data.uri}/sft/train has no shards")
-    return choice == "sft" or (choice == "auto" and from_finetune and has_sft)
 
 
 def distill_spec(cfg: PipelineConfig, job: DistillJob) -> LoopSpec:

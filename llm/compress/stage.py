@@ -1,15 +1,21 @@
 """The compress stage: variants of the fine-tuned (else pretrained) model, one eval table, one choice.
 
 Writes under `<storage>/<run>/compress/`: `<variant>/` for each of `compress.variants` (each opens with
-`llm.models.load.load_model`), `_work/` (distillation runs with their checkpoints, and intermediate
-models a variant is built from but that is not listed itself), `eval.json` (the original and every variant
-on the same tokens and prompts), `chosen.json` (the variant the rule picks, read by the serve stage), then
-the manifest. A rerun after an interruption keeps the variants already finished and checked.
+`llm.models.load.load_model`), `_work/` (distillation runs with their checkpoints, intermediate models a
+variant is built from but that is not listed itself, and chat records rendered here when no earlier stage
+holds tokens in the original's tokenizer), `eval.json` (the original and every variant on the same tokens and
+prompts), `chosen.json` (the variant the rule picks, with its figures beside the original's, read by the
+serve stage), then the manifest. A rerun after an interruption keeps the variants already finished and
+checked.
+
+The tokens come from `llm.compress.tokens`: the data stage's when it tokenized with the original's tokenizer,
+else the fine-tuning data as finetune rendered it with the base's tokenizer, else the chat records rendered
+here; a user who brings a base and chat data needs no data stage.
 
 With `storage` in an object store the original comes from a checked cache copy of its committed folder and
-the data stage's shards are read from the store (only the val splits are copied, for the table); int8 and
-pruned variants are built here and each is uploaded as soon as it is checked (its `.done` object last, so an
-interrupted stage keeps it); distillation runs on Ray Train with its checkpoints and export in the store.
+shards are read from the store (only the val splits are copied, for the table); int8 and pruned variants are
+built here and each is uploaded as soon as it is checked (its `.done` object last, so an interrupted stage
+keeps it); distillation runs on Ray Train with its checkpoints and export in the store.
 """
 
 from __future__ import annotations
@@ -19,15 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from llm import storage
+from llm.compress import tokens as token_source
 from llm.compress import variants as build
 from llm.compress.choose import choose, write_chosen
 from llm.compress.compare import compare, write_eval
-from llm.compress.distill import DistillJob, distill, use_sft
+from llm.compress.distill import DistillJob, distill
+from llm.compress.tokens import Tokens
 from llm.config import ModelConfig, PipelineConfig
 from llm.errors import ConfigError, StageInputError
 from llm.eval import format_table
 from llm.manifest import read_manifest
-from llm.stage import Stage, StageResult, committed_folder, execute, stage_input
+from llm.stage import Stage, StageResult, committed_folder, execute
 
 WORK = "_work"
 
@@ -95,12 +103,12 @@ def _ordered(names: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Sources:
-    """What the variants are built from: the original, the data stage's folder, the calibration tokens."""
+    """What the variants are built from: the original, the tokens' folder, the calibration tokens."""
 
     original: Original
-    data: storage.Folder
+    tokens: Tokens
     calib: Any
-    """The first `compress.prune.calib_rows` packed train rows (`variants.calibration_rows`)."""
+    """`compress.prune.calib_rows` rows of tokens (`llm.compress.tokens.calibration_rows`)."""
 
 
 def _build(cfg: PipelineConfig, folder: storage.Folder, name: str, rels: dict[str, str], src: Sources) -> None:
@@ -119,18 +127,19 @@ def _build(cfg: PipelineConfig, folder: storage.Folder, name: str, rels: dict[st
     else:
         student = comp.distill.student if parent is None else ModelConfig(path=folder.path(rels[parent]))
         assert student is not None  # the config requires distill.student for student-distilled
-        job = DistillJob(work=folder.child(WORK, f"{name}-train"), data=src.data, teacher=src.original.local,
-                         teacher_uri=src.original.uri, student=student,
-                         sft=use_sft(cfg, src.data, src.original.stage == "finetune"))
+        rows, sft = token_source.distill_rows(cfg, src.tokens, src.original.stage == "finetune")
+        job = DistillJob(work=folder.child(WORK, f"{name}-train"), data=rows, teacher=src.original.local,
+                         teacher_uri=src.original.uri, student=student, sft=sft)
         build.place_export(distill(cfg, job), target)
 
 
 def make_variants(cfg: PipelineConfig, folder: storage.Folder, original: Original,
-                  data: storage.Folder) -> dict[str, Path]:
+                  tokens: Tokens) -> dict[str, Path]:
     """Build every listed variant (and what it is built from) that is not done yet; name -> local folder.
-    `data` is the data stage's folder (shards are read from there, a store included)."""
+    `tokens` says where the shards are read from (a store included)."""
     comp = cfg.compress
-    src = Sources(original, data, build.calibration_rows(data, comp.prune.calib_rows))
+    calib = token_source.calibration_rows(tokens, comp.prune.calib_rows, cfg.data.seq_len, original.local)
+    src = Sources(original, tokens, calib)
     rels = {name: name if name in comp.variants else f"{WORK}/{name}" for name in _ordered(list(comp.variants))}
     for name, rel in rels.items():
         if _done_before(folder, rel):
@@ -142,7 +151,7 @@ def make_variants(cfg: PipelineConfig, folder: storage.Folder, original: Origina
 
 
 def _summary(rows: list[dict[str, Any]], choice: dict[str, Any]) -> dict[str, Any]:
-    figures = ("params", "disk_mb", "val_ppl", "sft_ppl", "rouge_l", "tok_s_b1", "tok_s_b8")
+    figures = ("params", "disk_mb", "val_ppl", "sft_ppl", "rouge_l", "tok_s_b1", "tok_s_b8", "tok_s_serve")
     return {"chosen": choice["variant"], "reason": choice["reason"],
             "models": {r["model"]: {k: r[k] for k in figures} for r in rows}}
 
@@ -155,15 +164,17 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
         force: rebuild everything (the committed folder is kept aside).
     """
     original = base_model(cfg)
-    inputs = ("data",) + ((original.stage,) if original.stage else ())
+    planned = token_source.plan(cfg, original.local, original.stage)
+    inputs = tuple(dict.fromkeys((*planned.stages, *((original.stage,) if original.stage else ()))))
 
     def body(folder: storage.Folder) -> dict[str, Any]:
-        data = stage_input(cfg, "data")
-        made = make_variants(cfg, folder, original, data)
+        tokens = token_source.render(cfg, planned, folder.child(WORK), original.local)
+        print(f"compress: {tokens.describe()}", flush=True)
+        made = make_variants(cfg, folder, original, tokens)
         print("compress: evaluating the original and every variant on the same tokens and prompts", flush=True)
-        rows = compare(cfg, {"original": original.local, **made}, data)
+        rows = compare(cfg, {"original": original.local, **made}, tokens)
         write_eval(folder.local, rows)
-        choice = choose(rows, cfg.compress.choose)
+        choice = choose(rows, cfg.compress.choose, cfg.compress.eval.serve_batch)
         write_chosen(folder.local, choice, original.uri, folder.uri)
         print(format_table(rows), flush=True)
         print(f"compress: chosen {choice['variant']}: {choice['reason']}\n  table: {folder.path('eval.json')}"

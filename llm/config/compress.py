@@ -55,8 +55,8 @@ class DistillConfig(TrainConfig):
     alpha: float = Field(0.5, ge=0, le=1)
     """Weight of the KL term; the plain next-token loss gets 1 - alpha."""
     data: Literal["auto", "packed", "sft"] = "auto"
-    """Training rows: packed text, SFT rows (loss on assistant tokens), or auto (SFT when the input model is the
-    fine-tuned one and the data stage has SFT shards)."""
+    """Training rows: packed text, SFT rows (loss on assistant tokens), or auto (SFT rows when the original is the
+    fine-tuned model and there are chat rows, or when there is no packed text in its tokenizer)."""
     student: ModelConfig | None = None
     """A smaller model built from this config for the `student-distilled` variant (random init)."""
 
@@ -65,7 +65,12 @@ class ChooseConfig(Section):
     """The rule that names the variant to serve."""
 
     prefer: Literal["smallest_disk", "fewest_params", "fastest"] = "smallest_disk"
-    """Among variants that pass: least `disk_mb`, least `params`, or most `tok_s_b1`."""
+    """Among variants that pass: least `disk_mb`, least `params`, or most `tok_s_serve` (serving tokens/s at
+    `compress.eval.serve_batch`, by default `serve.max_batch_size`)."""
+    min_speed_ratio: float = Field(1.0, ge=0)
+    """A variant passes only when it generates at least this fraction of the original's `tok_s_serve`: 1.0 (the
+    default) keeps a variant that is smaller but slower to serve (int8 on a CPU without fast kernels, at some
+    batch sizes) from being chosen; 0 turns the check off."""
     max_ppl_increase: float = Field(0.10, ge=0)
     """Largest relative perplexity increase over the original (val and SFT perplexity, each where measured)."""
     max_rouge_drop: float = Field(0.05, ge=0)
@@ -80,13 +85,17 @@ class CompressEvalConfig(Section):
     val_rows: int = Field(64, ge=1)
     """Packed val rows scored."""
     sft_rows: int = Field(64, ge=1)
-    """SFT val rows scored (when the data stage made them)."""
+    """SFT val rows scored (where there are chat rows in the original's tokenizer: `llm.compress.tokens`)."""
     prompts: int = Field(16, ge=0)
-    """Held-out SFT prompts answered for ROUGE-L (the data stage's val side of `data.sft.sources`)."""
+    """Held-out chat prompts answered for ROUGE-L (the val side of the chat records compress reads:
+    `data.sft.sources`, or `finetune.data` when the chat rows come from fine-tuning)."""
     max_new_tokens: int = Field(32, ge=1)
     """Most tokens generated per prompt."""
     speed_tokens: int = Field(32, ge=1)
-    """Tokens generated per row when measuring tokens/s at batch 1 and 8."""
+    """Tokens generated per row when measuring tokens/s at batch 1, 8 and the serving batch."""
+    serve_batch: int | None = Field(None, ge=1)
+    """Batch at which serving tokens/s (`tok_s_serve`, what `choose` weighs) is measured; default:
+    `serve.max_batch_size`, filled in when the config loads (so changing it makes the choice stale)."""
     batch_size: int = Field(8, ge=1)
     """Rows per forward pass for the losses."""
 

@@ -107,6 +107,13 @@ class PipelineConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _serve_batch(self) -> PipelineConfig:
+        # The choice weighs serving speed at the batch serve runs; a filled-in value is hashed with compress.
+        if self.compress.eval.serve_batch is None:
+            self.compress.eval.serve_batch = self.serve.max_batch_size
+        return self
+
     def cluster(self) -> dict[str, Any]:
         """The cluster file's Ray half (node types); `{}` for a config not loaded from a file."""
         return self._cluster or {}

@@ -200,7 +200,8 @@ class FinetuneConfig(TrainConfig):
     enabled: bool = False
     """Run this stage in `llmray run`."""
     base: str | None = None
-    """A local Hugging Face causal LM directory (Llama-style or GPT-2) with its tokenizer; default: the
+    """A local Hugging Face causal LM directory with its tokenizer (any decoder family `transformers`
+    implements: Llama, Qwen, Mistral, Gemma, Phi-3, OLMo 2, GPT-2, ...; checked before Ray starts); default: the
     pretrain stage's `model/`. Nothing is downloaded."""
     data: list[str] = Field(default_factory=list)
     """JSONL files or globs (`messages` or `prompt`/`response` records) or Hugging Face `datasets` folders

@@ -49,6 +49,7 @@ ROW_DOC: dict[str, str] = {
     "prompts": "held-out prompts answered",
     "tok_s_b1": "greedy tokens/s, batch 1",
     "tok_s_b8": "greedy tokens/s, batch 8",
+    "tok_s_serve": "greedy tokens/s at the serving batch (compress.eval.serve_batch: serve.max_batch_size)",
     "peak_mem_mb": "peak memory growth while decoding at batch 8 (MiB): CUDA allocated, or CPU RSS",
 }
 ROW_KEYS = tuple(ROW_DOC)
@@ -76,6 +77,8 @@ class EvalSettings:
     """Tokens generated per row when measuring tokens/s and peak memory."""
     measure_speed: bool = True
     """Measure tokens/s and peak memory (needs prompts); off leaves those keys None."""
+    serve_batch: int | None = None
+    """Also measure tokens/s at this batch (`tok_s_serve`: what serving a variant costs); None: not measured."""
     device: str = "cpu"
     """Where models given as directories are loaded (in-memory models stay where they are)."""
 
@@ -118,7 +121,11 @@ def _speed(model: Any, tokenizer: Any, prompts: Sequence[PromptPair], settings: 
     b1 = tokens_per_second(model, prompt, 1, settings.speed_tokens, pad)
     with PeakMemory(model_device(model)) as peak:
         b8 = tokens_per_second(model, prompt, 8, settings.speed_tokens, pad)
-    return {"tok_s_b1": b1, "tok_s_b8": b8, "peak_mem_mb": peak.bytes / MB}
+    batch = settings.serve_batch
+    serve = {1: b1, 8: b8}.get(batch) if batch else None  # batch 1 or 8: measured already
+    if batch and serve is None:  # one more batch size, fewer repeats: it is one figure
+        serve = tokens_per_second(model, prompt, batch, settings.speed_tokens, pad, repeats=2)
+    return {"tok_s_b1": b1, "tok_s_b8": b8, "tok_s_serve": serve, "peak_mem_mb": peak.bytes / MB}
 
 
 def evaluate_model(name: str, model: Any, tokenizer: Any, *, packed_val: np.ndarray | None = None,
@@ -217,6 +224,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("load_s", "load s", ".2f"), ("val_ppl", "val ppl", ".2f"), ("sft_loss", "sft loss", ".3f"),
     ("sft_ppl", "sft ppl", ".2f"), ("rouge_l", "ROUGE-L", ".3f"), ("bleu", "BLEU", ".1f"),
     ("exact_match", "EM", ".2f"), ("tok_s_b1", "tok/s b1", ".1f"), ("tok_s_b8", "tok/s b8", ".1f"),
+    ("tok_s_serve", "tok/s serve", ".1f"),
     ("peak_mem_mb", "peak MB", ".1f"),
 ]
 

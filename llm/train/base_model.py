@@ -49,7 +49,7 @@ def _config(folder: Path, key: str) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:  # unknown model_type, remote code asked, a broken file
         raise ConfigError(f"{key}: {folder}/config.json does not load with this transformers ({_first_line(e)}); "
                           "llmray runs the families transformers implements, without remote code") from None
@@ -81,7 +81,7 @@ def check_base(folder: Path, key: str, max_len: int, max_len_key: str) -> BaseFa
 
     config = _config(folder, key)
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"{key}: {folder} has no tokenizer that loads ({_first_line(e)})") from None
     rows = getattr(config, "vocab_size", None)

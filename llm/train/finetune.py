@@ -76,13 +76,16 @@ def base_source(cfg: PipelineConfig, base: Path) -> str:
     return stage_input(cfg, "pretrain").path("model") if cfg.finetune.base is None else str(base)
 
 
-def same_tokenizer(a: Any, b: Any) -> bool:
-    """Whether two tokenizers turn every text into the same ids (same model, vocabulary and template)."""
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two tokenizers turn every plain text into the same ids (same model and vocabulary)."""
     if getattr(a, "is_fast", False) and getattr(b, "is_fast", False):
-        same = a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
-    else:
-        same = a.get_vocab() == b.get_vocab()
-    return same and a.chat_template == b.chat_template
+        return bool(a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str())
+    return bool(a.get_vocab() == b.get_vocab())
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers turn every text and conversation into the same ids (vocabulary and template)."""
+    return same_vocabulary(a, b) and a.chat_template == b.chat_template
 
 
 def examples(cfg: PipelineConfig, folder: storage.Folder, tok: Any) -> Examples:
@@ -102,13 +105,19 @@ def examples(cfg: PipelineConfig, folder: storage.Folder, tok: Any) -> Examples:
     return _rendered(cfg, folder, tok, limit)
 
 
-def _rendered(cfg: PipelineConfig, folder: storage.Folder, tok: Any, limit: int) -> Examples:
-    """The sources rendered with `tok` into `<folder>/sft/`, published for workers on any node."""
+def chat_sources(cfg: PipelineConfig) -> tuple[list[str], float, str]:
+    """The chat records fine-tuning renders, their held-out fraction and the key naming them: `finetune.data`,
+    else the data stage's `data.sft.sources` (compress renders the same ones when there is no data stage)."""
     ft, sft = cfg.finetune, cfg.data.sft
     val_fraction = ft.val_fraction if ft.val_fraction is not None else sft.val_fraction
-    key = f"{KEY}.data" if ft.data else SOURCES_KEY
+    return (ft.data or sft.sources), val_fraction, (f"{KEY}.data" if ft.data else SOURCES_KEY)
+
+
+def _rendered(cfg: PipelineConfig, folder: storage.Folder, tok: Any, limit: int) -> Examples:
+    """The sources rendered with `tok` into `<folder>/sft/`, published for workers on any node."""
+    sources, val_fraction, key = chat_sources(cfg)
     out = folder.local / "sft"
-    done = render_sources(tok, ft.data or sft.sources, out, ft.max_len or sft.max_len, val_fraction, key)
+    done = render_sources(tok, sources, out, cfg.finetune.max_len or cfg.data.sft.max_len, val_fraction, key)
     for d in done.dropped[:5]:
         print(f"finetune: dropped {d['record']}: {d['reason']}", flush=True)
     folder.publish("sft")

@@ -13,6 +13,7 @@ counted by reason and named (`path:line`, `folder[split][index]`), as in the dat
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,18 +88,32 @@ class Rendered:
 
 
 def render_sources(tok: Any, sources: list[str], out_dir: str | Path, max_len: int, val_fraction: float,
-                   key: str) -> Rendered:
+                   key: str, *, train_tokens: int | None = None, val_rows: int | None = None) -> Rendered:
     """Render every record with `tok`'s own template (`llm.eval.turns.render_chat`: labels end at its
     end-of-turn token) into `<out_dir>/{train,val}/part-*.parquet` (`input_ids`, `labels`); the split is the
     data stage's (`llm.eval.split.is_held_out`). A system message the template refuses joins the first user
-    turn (counted as `system_merged`); a record the template refuses otherwise is dropped (`template_error`)."""
+    turn (counted as `system_merged`); a record the template refuses otherwise is dropped (`template_error`).
+
+    `train_tokens` and `val_rows` stop a side once it holds that many tokens or rows (compress calibrating and
+    evaluating without distillation needs a few rows, not a whole data set rendered); None: every record.
+    """
     result = Rendered(counts={"examples": 0, "truncated": 0, "system_merged": 0})
     rows: dict[str, list[tuple[list[int], list[int]]]] = {"train": [], "val": []}
     ends = end_of_turn_ids(tok)
+    have = {"train": 0, "val": 0}  # tokens on the train side, rows on the val side
+    full = {"train": math.inf if train_tokens is None else train_tokens,
+            "val": math.inf if val_rows is None else val_rows}
     for rec_key, rec in source_records(sources, key):
+        if all(have[side] >= full[side] for side in have):
+            result.counts["stopped_early"] = 1
+            break
         msgs = rec if isinstance(rec, str) else to_messages(rec)
         if isinstance(msgs, str):
             result.drop(rec_key, msgs)
+            continue
+        held = is_held_out(msgs, val_fraction)
+        if have["val" if held else "train"] >= full["val" if held else "train"]:
+            result.counts["not_rendered"] = result.counts.get("not_rendered", 0) + 1  # that side has enough
             continue
         try:
             ids, labels, merged = render_chat(tok, msgs, ends)
@@ -112,8 +127,8 @@ def render_sources(tok: Any, sources: list[str], out_dir: str | Path, max_len: i
         if not has_answer(labels):  # truncation cut every answer token: nothing to learn
             result.drop(rec_key, "no_answer_tokens")
             continue
-        held = is_held_out(msgs, val_fraction)
         rows["val" if held else "train"].append((ids, labels))
+        have["val" if held else "train"] += 1 if held else len(ids)
         if held:
             result.val_records.append(msgs)
         result.counts["examples"] += 1

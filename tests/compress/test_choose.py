@@ -16,12 +16,12 @@ RULE = ChooseConfig(max_ppl_increase=0.05, max_rouge_drop=0.02)
 
 
 def row(name: str, disk: float, val: float | None, rouge: float | None, sft: float | None = None,
-        params: int = 100, tok_s: float = 10.0) -> dict[str, Any]:
+        params: int = 100, tok_s: float | None = 10.0, tok_s_b1: float = 10.0) -> dict[str, Any]:
     return {"model": name, "disk_mb": disk, "val_ppl": val, "sft_ppl": sft, "rouge_l": rouge, "params": params,
-            "tok_s_b1": tok_s}
+            "tok_s_b1": tok_s_b1, "tok_s_serve": tok_s}
 
 
-ORIGINAL = row("original", 100.0, 20.0, 0.50, sft=10.0)
+ORIGINAL = row("original", 100.0, 20.0, 0.50, sft=10.0, tok_s=5.0)
 
 
 def test_smallest_passing_variant_is_chosen() -> None:
@@ -85,3 +85,48 @@ def test_chosen_json_is_read_by_serve(tmp_path: Path) -> None:
     write_manifest(folder, "compress", "h", {}, {})  # the manifest checks the files it lists
     assert json.loads((folder / "chosen.json").read_text())["path"] == str(original.resolve())
     assert Path(chosen_model_dir(cfg)) == original.resolve()
+
+
+def test_a_smaller_variant_that_serves_slower_is_not_chosen() -> None:
+    """The quickstart's case: int8 is the smallest file and within the quality limits, but generates slower than
+    the original at the serving batch; the default rule picks the smallest variant that is not slower, and
+    chosen.json says why in numbers."""
+    original = row("original", 100.0, 20.0, 0.50, sft=10.0, tok_s=1103.0)
+    int8 = row("int8", 30.0, 20.2, 0.50, sft=10.1, tok_s=916.0)
+    pruned = row("pruned", 55.0, 20.9, 0.49, sft=10.4, tok_s=1540.0)
+    choice = choose([original, int8, pruned], ChooseConfig(), serve_batch=16)
+    assert choice["variant"] == "pruned" and choice["serve_batch"] == 16
+    assert choice["checks"]["int8"] == ["tok_s_serve 916.0 < 1103.0 x 1 (slower to serve)"]
+    reason = choice["reason"]
+    assert "serving tokens/s at batch 16 >= 1 x the original's" in reason
+    assert "disk_mb 55 (original 100), tok_s_serve 1540 (original 1103)" in reason
+    assert "left out: int8: tok_s_serve 916.0 < 1103.0 x 1 (slower to serve)" in reason
+    # Only int8: the original is served, and the reason names the speed.
+    alone = choose([original, int8], ChooseConfig(), serve_batch=16)
+    assert alone["variant"] == "original" and "slower to serve" in alone["reason"]
+    # The speed limit can be relaxed or turned off.
+    assert choose([original, int8, pruned], ChooseConfig(min_speed_ratio=0.8))["variant"] == "int8"
+    assert choose([original, int8, pruned], ChooseConfig(min_speed_ratio=0))["variant"] == "int8"
+
+
+def test_fastest_weighs_the_serving_batch_not_batch_one() -> None:
+    original = row("original", 100.0, 20.0, 0.50, sft=10.0, tok_s=100.0)
+    quick_alone = row("quick-alone", 40.0, 20.0, 0.50, sft=10.0, tok_s=110.0, tok_s_b1=90.0)
+    quick_batched = row("quick-batched", 50.0, 20.0, 0.50, sft=10.0, tok_s=180.0, tok_s_b1=40.0)
+    choice = choose([original, quick_alone, quick_batched], ChooseConfig(prefer="fastest"), serve_batch=8)
+    assert choice["variant"] == "quick-batched" and choice["reason"].startswith("fastest of 2 passing")
+    assert "tok_s_serve 180 (original 100)" in choice["reason"]
+
+
+def test_an_unmeasured_serving_speed_fails_a_variant() -> None:
+    original = row("original", 100.0, 20.0, 0.50, sft=10.0, tok_s=100.0)
+    why = failures(row("v", 1.0, 20.0, 0.50, sft=10.0, tok_s=None), original, ChooseConfig())
+    assert why == ["tok_s_serve not measured"]
+
+
+def test_serve_batch_defaults_to_serves_batch(tmp_path: Path) -> None:
+    from tests.conftest import tiny_config
+
+    assert tiny_config(tmp_path, "serve.max_batch_size=12").llm.compress.eval.serve_batch == 12
+    assert tiny_config(tmp_path, "serve.max_batch_size=12",
+                       "compress.eval.serve_batch=3").llm.compress.eval.serve_batch == 3

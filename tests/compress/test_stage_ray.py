@@ -48,7 +48,8 @@ def test_compress_stage_builds_evaluates_chooses_and_skips(tmp_path: Path, ray_s
         "compress.distill.eval_batches=1", "compress.distill.max_failures=0", "compress.distill.log_every=1",
         "compress.sizing.workers=2", "compress.sizing.cpus_per_worker=1", "compress.eval.val_rows=16",
         "compress.eval.prompts=4", "compress.eval.max_new_tokens=8", "compress.eval.speed_tokens=8",
-        "compress.prune.calib_rows=8", "compress.choose.max_ppl_increase=1000", "compress.choose.max_rouge_drop=1")
+        "compress.prune.calib_rows=8", "compress.choose.max_ppl_increase=1000", "compress.choose.max_rouge_drop=1",
+        "compress.choose.min_speed_ratio=0", "compress.eval.serve_batch=4")
     cfg = loaded.llm
     data = build_data_stage(loaded)
     base = _pretrained(cfg, data)
@@ -61,7 +62,7 @@ def test_compress_stage_builds_evaluates_chooses_and_skips(tmp_path: Path, ray_s
     by = {r["model"]: r for r in rows}
     assert by["int8"]["disk_mb"] < by["original"]["disk_mb"] and by["pruned"]["params"] < by["original"]["params"]
     assert by["pruned-distilled"]["params"] == by["pruned"]["params"]
-    assert all(r["val_ppl"] and r["prompts"] == 4 and r["tok_s_b8"] for r in rows)
+    assert all(r["val_ppl"] and r["prompts"] == 4 and r["tok_s_b8"] and r["tok_s_serve"] for r in rows)
     # Distillation ran on Ray Train with both workers, and training moved the pruned weights.
     work = folder / "_work" / "pruned-distilled-train"
     assert sorted(p.name for p in (work / "ranks").iterdir()) == ["rank0.json", "rank1.json"]

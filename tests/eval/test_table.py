@@ -91,6 +91,30 @@ def test_speed_can_be_left_out(model, tok):
     assert row["tok_s_b1"] is None and row["tok_s_b8"] is None and row["peak_mem_mb"] is None
 
 
+def test_serving_speed_is_measured_at_the_serving_batch(model, tok, monkeypatch):
+    """`tok_s_serve` is decoding at `serve_batch` (what compress weighs); batch 1 and 8 reuse their figure."""
+    from dataclasses import replace
+
+    import llm.eval.table as table
+
+    batches = []
+    real = table.tokens_per_second
+
+    def spy(model, prompt, batch, *args, **kwargs):
+        batches.append(batch)
+        return real(model, prompt, batch, *args, **kwargs)
+
+    monkeypatch.setattr(table, "tokens_per_second", spy)
+    pairs = prompt_pairs(RECORDS)[0]
+    [row] = evaluate_models({"m": (model, tok)}, prompts=pairs, settings=replace(SETTINGS, serve_batch=3))
+    assert batches == [1, 8, 3] and row["tok_s_serve"] > 0
+    batches.clear()
+    [row] = evaluate_models({"m": (model, tok)}, prompts=pairs, settings=replace(SETTINGS, serve_batch=8))
+    assert batches == [1, 8] and row["tok_s_serve"] == row["tok_s_b8"]
+    [row] = evaluate_models({"m": (model, tok)}, prompts=pairs, settings=SETTINGS)
+    assert row["tok_s_serve"] is None  # not asked for (fine-tuning's table)
+
+
 def test_model_directory_without_weights_is_one_line(tmp_path, model_dir):
     broken = tmp_path / "broken"
     shutil.copytree(model_dir, broken)

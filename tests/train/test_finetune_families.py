@@ -203,6 +203,10 @@ def test_a_base_is_checked_before_ray_starts(zoo, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"^metadata\.llm\.finetune\.base: .*config.json does not load") as e:
         base_dir(finetune_config(tmp_path, f"finetune.base={odd}").llm)
     assert "\n" not in str(e.value)
+    remote = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
+    (odd / "config.json").write_text(json.dumps({**config, "model_type": "custom", "auto_map": remote}))
+    with pytest.raises(ConfigError, match=r"custom code"):  # refused at once, no interactive prompt
+        base_dir(finetune_config(tmp_path, f"finetune.base={odd}").llm)
     (odd / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
     with pytest.raises(ConfigError, match=r"tokens but the model 100 embedding rows"):
         base_dir(finetune_config(tmp_path, f"finetune.base={odd}").llm)
