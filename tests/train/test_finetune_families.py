@@ -76,6 +76,19 @@ def test_labels_are_the_answers_closed_by_the_families_end_of_turn(prepared, nam
     assert "Be brief." in prompt_side and "And river?" in prompt_side  # the system text is kept, not trained
 
 
+def test_eval_prompts_with_a_system_message_render_for_gemma2(prepared):
+    """The before/after evaluation prompts a Gemma 2 model as training rendered it: system text in the first
+    user turn (the template itself would raise)."""
+    from llm.eval.data import PromptPair
+    from llm.eval.generate import encode_prompts
+
+    tok = prepared("gemma2")
+    [ids] = encode_prompts(tok, [PromptPair(MULTI[:4], "river river")])
+    text = tok.decode(ids)
+    assert "<start_of_turn>user\nBe brief.\n\nSay apple.<end_of_turn>" in text
+    assert text.endswith("<start_of_turn>model\n")
+
+
 @pytest.mark.parametrize("name", ["gemma2", "mistral"])
 def test_template_refusals_are_merged_or_counted(prepared, name, tmp_path):
     """Gemma 2: records with a system prompt are kept (merged into the first user turn) and counted; it renders
@@ -191,10 +204,12 @@ def test_a_base_is_checked_before_ray_starts(zoo, tmp_path, capsys):
     base_dir(cfg)
     assert "base gpt2 (a tested family), no chat template: the generic one, turns end at eos" in capsys.readouterr().out
 
-    long = finetune_config(tmp_path, f"finetune.base={zoo('llama')}", "finetune.max_len=512").llm
-    with pytest.raises(ConfigError, match=r"^metadata\.llm\.finetune\.max_len: 512 tokens, but the base .* at most "
-                                          r"256 positions"):
+    long = finetune_config(tmp_path, f"finetune.base={zoo('gpt2')}", "finetune.max_len=512").llm
+    with pytest.raises(ConfigError, match=r"^metadata\.llm\.finetune\.max_len: 512 tokens, but the base .* has 256 "
+                                          r"learned positions"):
         base_dir(long)
+    base_dir(finetune_config(tmp_path, f"finetune.base={zoo('llama')}", "finetune.max_len=512").llm)
+    assert "context 256; metadata.llm.finetune.max_len=512 runs past it (rotary positions" in capsys.readouterr().out
 
     odd = tmp_path / "odd"
     shutil.copytree(zoo("llama"), odd)
