@@ -6,7 +6,6 @@ end-of-turn token with `finish_reason: "stop"` (the token forced with `logit_bia
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import openai
