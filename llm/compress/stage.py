@@ -168,7 +168,7 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
     inputs = tuple(dict.fromkeys((*planned.stages, *((original.stage,) if original.stage else ()))))
 
     def body(folder: storage.Folder) -> dict[str, Any]:
-        tokens = token_source.render(cfg, planned, folder.child(WORK), original.local)
+        tokens = token_source.render(cfg, planned, folder.child(WORK), original.local, original.stage == "finetune")
         print(f"compress: {tokens.describe()}", flush=True)
         made = make_variants(cfg, folder, original, tokens)
         print("compress: evaluating the original and every variant on the same tokens and prompts", flush=True)

@@ -107,7 +107,8 @@ def plan(cfg: PipelineConfig, original_dir: Path, original_stage: str | None) ->
         f"`llmray data` with that tokenizer, or set {LLM_PREFIX}.finetune.data (chat records) to render them")
 
 
-def render(cfg: PipelineConfig, tokens: Tokens, work: storage.Folder, original_dir: Path) -> Tokens:
+def render(cfg: PipelineConfig, tokens: Tokens, work: storage.Folder, original_dir: Path,
+           from_finetune: bool) -> Tokens:
     """`tokens` with its chat rows: for `rendered`, the records rendered with the original's tokenizer into
     `<work>/sft/` and published for the distillation workers; otherwise as planned."""
     if tokens.sft_from != "rendered":
@@ -115,8 +116,9 @@ def render(cfg: PipelineConfig, tokens: Tokens, work: storage.Folder, original_d
     _, _, key = chat_sources(cfg)
     comp = cfg.compress
     tok = prepare_tokenizer(original_dir, work.local / "tokenizer")
-    # Without distillation only calibration and the table read these rows: render that many, not a data set.
-    distils = any("distilled" in v for v in comp.variants)
+    # Unless distillation trains on them, only calibration and the table read these rows: render that many.
+    distils = any("distilled" in v for v in comp.variants) and _wants_sft(cfg, tokens.packed is not None, True,
+                                                                         from_finetune)
     budget = {} if distils else {"train_tokens": comp.prune.calib_rows * cfg.data.seq_len,
                                  "val_rows": comp.eval.sft_rows}
     done = render_sources(tok, tokens.sources, work.local / "sft", cfg.finetune.max_len or cfg.data.sft.max_len,
@@ -127,13 +129,17 @@ def render(cfg: PipelineConfig, tokens: Tokens, work: storage.Folder, original_d
     return replace(tokens, sft=work)
 
 
+def _wants_sft(cfg: PipelineConfig, has_packed: bool, has_sft: bool, from_finetune: bool) -> bool:
+    choice = cfg.compress.distill.data
+    return choice == "sft" or (choice == "auto" and has_sft and (from_finetune or not has_packed))
+
+
 def distill_rows(cfg: PipelineConfig, tokens: Tokens, from_finetune: bool) -> tuple[storage.Folder, bool]:
     """(the folder distillation reads, whether it reads SFT rows): `compress.distill.data` where both kinds are
     there (`auto`: SFT rows for a fine-tuned original), else the kind there is; asking for a kind that is not
     there is a one-line error."""
     choice = cfg.compress.distill.data
-    has_sft = tokens.sft is not None
-    want_sft = choice == "sft" or (choice == "auto" and has_sft and (from_finetune or tokens.packed is None))
+    want_sft = _wants_sft(cfg, tokens.packed is not None, tokens.sft is not None, from_finetune)
     folder = tokens.sft if want_sft else tokens.packed
     if folder is None:
         kind = "chat (SFT) rows" if want_sft else "packed text"

@@ -95,7 +95,7 @@ def test_without_distillation_only_the_rows_compress_reads_are_rendered(zoo, tmp
     cfg = _config(tmp_path, f"compress.base={zoo('qwen2')}", "compress.variants=[int8]")
     planned = token_source.plan(cfg, zoo("qwen2"), None)
     work = storage.Folder(tmp_path / "work")
-    made = token_source.render(cfg, planned, work, zoo("qwen2"))
+    made = token_source.render(cfg, planned, work, zoo("qwen2"), from_finetune=False)
     stats = json.loads((tmp_path / "work" / "sft" / "stats.json").read_text())["counts"]
     # 4 calibration rows x 64 tokens need a few train records; the held-out ones are all rendered (16 at most).
     assert 0 < stats["train"] < 20 and stats["not_rendered"] == 80 - stats["train"] - stats["val"]
