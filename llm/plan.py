@@ -71,7 +71,7 @@ def param_counts(model: ModelConfig, vocab: int) -> dict[str, int]:
     the output projection included even when tied, and no embedding lookups (Kaplan et al. 2020).
     """
     d, layers, ff = model.d_model, model.n_layers, model.ff_width()
-    if model.arch == "gpt2":
+    if model.family == "gpt2":
         block = (d * 3 * d + 3 * d) + (d * d + d) + (2 * d * ff + ff + d) + 4 * d
         embed = vocab * d + model.context * d
         total = embed + layers * block + 2 * d + (0 if model.tie_embeddings else vocab * d)
@@ -83,6 +83,11 @@ def param_counts(model: ModelConfig, vocab: int) -> dict[str, int]:
         total = embed + layers * block + d + (0 if model.tie_embeddings else vocab * d)
         matmuls = layers * (2 * d * d + 2 * d * kv + 3 * d * ff)
     return {"total": total, "compute": matmuls + vocab * d}
+
+
+def built_here(model: ModelConfig) -> bool:
+    """Whether the shape fields describe the model (not a directory's or a config file's)."""
+    return model.path is None and model.config_file is None
 
 
 def flops_per_token(model: ModelConfig, vocab: int, seq_len: int, method: str = "full") -> float:
@@ -101,28 +106,30 @@ def model_shape(model: ModelConfig, vocab: int, lora_rank: int | None = None) ->
     largest = max(vocab * d, d * ff + ff, 3 * d * d + 3 * d)
     trainable = total
     if lora_rank:
-        if model.arch == "gpt2":  # c_attn (d -> 3d), c_proj (d -> d), c_fc (d -> ff), mlp c_proj (ff -> d)
+        if model.family == "gpt2":  # c_attn (d -> 3d), c_proj (d -> d), c_fc (d -> ff), mlp c_proj (ff -> d)
             per_layer = (d + 3 * d) + 2 * d + 2 * (d + ff)
         else:  # q, o (d -> d); k, v (d -> kv); gate, up (d -> ff); down (ff -> d)
             per_layer = 2 * 2 * d + 2 * (d + kv) + 3 * (d + ff)
         trainable = model.n_layers * lora_rank * per_layer
     return ModelShape(total=total, trainable=trainable, largest_layer=largest, n_layers=model.n_layers,
                       d_model=d, vocab=vocab, compute=param_counts(model, vocab)["compute"], ff=ff,
-                      arch="gpt2" if model.arch == "gpt2" else "llama")
+                      arch="gpt2" if model.family == "gpt2" else "llama")
 
 
 def dir_shape(path: str, lora_rank: int | None = None, targets: list[str] | None = None) -> ModelShape | None:
-    """The shape of a local Hugging Face model directory, from its config on the meta device (no weights
-    read, nothing allocated); None when the directory is not readable here (e.g. it exists on the cluster)."""
+    """The shape of a local Hugging Face model directory (or of a `config.json` file), from its config on the
+    meta device (no weights read, nothing allocated); None when it is not readable here (e.g. it exists on
+    the cluster)."""
     from pathlib import Path
 
-    if not (Path(path).expanduser() / "config.json").is_file():
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file() and not (folder.name.endswith(".json") and folder.is_file()):
         return None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    conf = AutoConfig.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
+    conf = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(conf)
     total = sum(p.numel() for p in model.parameters())
@@ -197,8 +204,9 @@ def _training_stages(loaded: LoadedConfig, sizing: Sizing) -> list[TrainingRun]:
     cfg = loaded.llm
     vocab, seq, sft_len = cfg.data.tokenizer.vocab_size, cfg.data.seq_len, cfg.data.sft.max_len
     pre, fin = cfg.pretrain, cfg.finetune
-    built = pre.model if pre.model.path is None else None
-    pre_shape = model_shape(built, vocab) if built else dir_shape(pre.model.path or "")
+    built = pre.model if built_here(pre.model) else None
+    pre_dir = pre.model.path or pre.model.config_file or ""  # a config.json file is read like its directory
+    pre_shape = model_shape(built, vocab) if built else dir_shape(pre_dir)
     lora = fin.lora.rank if fin.method == "lora" else None
     out: list[TrainingRun] = []
 
@@ -207,7 +215,7 @@ def _training_stages(loaded: LoadedConfig, sizing: Sizing) -> list[TrainingRun]:
             return dir_shape(fin.base, rank, fin.lora.target_modules)
         if built is not None:
             return model_shape(built, vocab, rank) if not (rank and fin.lora.target_modules) else None
-        return dir_shape(pre.model.path or "", rank, fin.lora.target_modules)
+        return dir_shape(pre_dir, rank, fin.lora.target_modules)
 
     if cfg.sweep.enabled:
         target = getattr(cfg, cfg.sweep.target)
@@ -320,7 +328,7 @@ def build_plan(loaded: LoadedConfig, sizing: Sizing | None = None,
     fpt = flops_per_token(pre.model, vocab, cfg.data.seq_len)
     total_flops = fpt * tokens_per_step * pre.max_steps
     arithmetic: dict[str, Any] = {
-        "params": param_counts(pre.model, vocab)["total"] if pre.model.path is None else None,
+        "params": param_counts(pre.model, vocab)["total"] if built_here(pre.model) else None,
         "global_batch_sequences": global_batch,
         "tokens_per_step": tokens_per_step,
         "steps": pre.max_steps,

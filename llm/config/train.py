@@ -2,51 +2,100 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import Field, model_validator
 
 from llm.config.base import Section
 
+Family = Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "gpt2"]
+FAMILIES: tuple[str, ...] = get_args(Family)
+"""Decoder families a model is built as (`ModelConfig.type`); `gemma3` is Gemma 3's text model (`gemma3_text`)."""
+SHAPE_NAMES: dict[str, tuple[str, ...]] = {
+    "d_model": ("hidden_size", "n_embd"), "n_layers": ("num_hidden_layers", "n_layer"),
+    "n_heads": ("num_attention_heads", "n_head"), "n_kv_heads": ("num_key_value_heads",),
+    "d_ff": ("intermediate_size", "n_inner"), "context": ("max_position_embeddings", "n_positions"),
+    "tie_embeddings": ("tie_word_embeddings",),
+}
+"""Shape field -> what a family's `transformers` config class may call it (the first name it takes is set)."""
+_FROM_TOKENIZER = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def hf_model_type(family: str) -> str:
+    """The `transformers` model_type of a family name (`gemma3` builds Gemma 3's text-only model)."""
+    return "gemma3_text" if family == "gemma3" else family
+
 
 class ModelConfig(Section):
-    """A Hugging Face causal LM built from a config, or loaded from a local directory."""
+    """A Hugging Face causal LM built from a config (any family in `FAMILIES`), or loaded from a local directory.
+
+    The shape fields (`n_layers`, `d_model`, ...) are set on the family's own `transformers` config class
+    under its names (`hidden_size`, or GPT-2's `n_embd`); `config` carries the family's other fields.
+    """
 
     path: str | None = None
     """A local directory that `AutoModelForCausalLM.from_pretrained` loads; when set, the fields below are
     ignored. Nothing is downloaded."""
+    type: Family | None = None
+    """The decoder family to build, through its own `transformers` config class (Qwen2's biases, Qwen3's
+    q/k norms, Gemma's soft-capping and sliding windows, Phi-3's fused projections come with it);
+    `gemma3` is Gemma 3's text model. Default: `arch`."""
+    config_file: str | None = None
+    """A local `config.json` (e.g. a published model's, or its directory) to build from with fresh weights:
+    its family, shape and fields as written, `config` over them; the shape fields below are ignored. The
+    vocabulary and special tokens always come from the data stage's tokenizer."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """The family's own config fields, passed to its config class (e.g. `{head_dim: 64, rope_theta:
+    1000000.0, sliding_window: 512}`); a name the class does not take is an error, and so, without
+    `config_file`, are the names the shape fields set (use `d_model`, not `hidden_size`)."""
     arch: Literal["llama", "gpt2"] = "llama"
-    """Architecture family. llama (nn.Linear everywhere) quantizes better than gpt2 (Conv1D)."""
+    """The family when `type` is not set (the older spelling; `type` wins). llama (nn.Linear everywhere)
+    quantizes better than gpt2 (Conv1D)."""
     n_layers: int = Field(2, ge=1)
     """Transformer blocks."""
     d_model: int = Field(64, ge=8)
     """Hidden width."""
     n_heads: int = Field(4, ge=1)
-    """Attention heads; must divide `d_model`."""
+    """Attention heads; must divide `d_model` unless `config` sets `head_dim`."""
     n_kv_heads: int | None = Field(None, ge=1)
-    """Key/value heads for grouped-query attention (llama only); default: `n_heads`."""
+    """Key/value heads for grouped-query attention (not gpt2); default: `n_heads`."""
     d_ff: int | None = Field(None, ge=8)
-    """MLP width; default 4 x d_model for gpt2, 8/3 x d_model rounded up to 64 for llama."""
+    """MLP width; default 4 x d_model for gpt2, 8/3 x d_model rounded up to 64 otherwise."""
     context: int = Field(512, ge=8)
     """Maximum positions; at least `data.seq_len`."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on attention and residuals."""
+    """Dropout on attention and residuals (every dropout the family's config class has)."""
     tie_embeddings: bool = True
     """Share input and output embeddings."""
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> ModelConfig:
-        if self.d_model % self.n_heads:
+    def _consistent(self) -> ModelConfig:
+        if "head_dim" not in self.config and self.d_model % self.n_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.path is not None and self.config_file is not None:
+            raise ValueError("set one of path (a model with its weights) and config_file (fresh weights)")
+        if self.family == "gpt2" and self.n_kv_heads not in (None, self.n_heads):
+            raise ValueError("n_kv_heads: gpt2 has no grouped-query attention")
+        owned = {name: field for field, names in SHAPE_NAMES.items() for name in names}
+        for key in self.config:
+            if key in owned and self.config_file is None:
+                raise ValueError(f"config.{key}: set by the shape field `{owned[key]}`")
+            if key in _FROM_TOKENIZER or key == "model_type":
+                raise ValueError(f"config.{key}: comes from the data stage's tokenizer and `type`, not from here")
         return self
+
+    @property
+    def family(self) -> str:
+        """The family built (`type`, else `arch`); a `config_file`'s own family is read when building."""
+        return self.type or self.arch
 
     def ff_width(self) -> int:
         """The MLP width actually used."""
         if self.d_ff is not None:
             return self.d_ff
-        if self.arch == "gpt2":
+        if self.family == "gpt2":
             return 4 * self.d_model
         return -(-int(8 * self.d_model / 3) // 64) * 64
 

@@ -25,7 +25,7 @@ from llm.train import recipe
 from llm.train.best_lr import with_best
 from llm.train.data import data_shards
 from llm.train.fit import outside_run, resolve_init
-from llm.train.model import check_model_dir
+from llm.train.model import check_build, check_model_dir
 from llm.train.spec import LoopSpec, train_fields
 
 KEY = f"{LLM_PREFIX}.pretrain"
@@ -59,9 +59,12 @@ def loop_spec(cfg: PipelineConfig, folder: storage.Folder, data: storage.Folder)
 
 def model_section(cfg: PipelineConfig) -> ModelConfig:
     """The spec's model; a `pretrain.model.path` on this machine's disk is checked here, on the driver, and
-    made absolute (the workers' cwd is not the driver's). A store URI is left to the worker's cached copy."""
+    made absolute (the workers' cwd is not the driver's). A store URI is left to the worker's cached copy.
+    A model to build has its family's config made here once (a `config_file` made absolute)."""
     model = cfg.pretrain.model
-    if model.path is not None and storage.Folder(model.path).on_disk:
+    if model.path is None:
+        return check_build(model, f"{KEY}.model")
+    if storage.Folder(model.path).on_disk:
         model = model.model_copy(update={"path": str(check_model_dir(model.path, f"{KEY}.model.path"))})
     return model
 
