@@ -776,7 +776,15 @@ def _matches(pattern: str, path: str) -> bool:
 def fingerprint(pattern: str | Path) -> str:
     """What an input outside the run is now, for a stage's hash: `<n> files, <bytes> bytes, <digest>` of
     the size and modification time (ns) of every file a path, folder or glob names (local or object
-    store); `missing` when none. Cheap: nothing is read, so a corpus of any size is fingerprinted by listing."""
+    store); `missing` when none. Cheap: nothing is read, so a corpus of any size is fingerprinted by listing.
+    A storage that cannot be listed is one line naming the input (`StorageError`)."""
+    try:
+        return retrying(pattern, "listing", lambda: _fingerprint(pattern))
+    except OSError as e:
+        raise StorageError(f"{pattern}: cannot list this input to fingerprint it: {one_line(e)}") from e
+
+
+def _fingerprint(pattern: str | Path) -> str:
     text = str(pattern).removeprefix("file://")
     if not is_remote(text):
         text = os.path.expanduser(text)

@@ -17,7 +17,10 @@ CLOUD = ROOT / "cluster" / "config.yaml"
 
 
 def cloud(tmp_path: Path, *overrides: str):
-    return load_config(CLOUD, [f"storage={tmp_path / 'runs'}", "data.seq_len=32", *overrides])
+    # The bucket is not reachable here: storage and the corpus are local, the cluster is the file's.
+    local = [f"storage={tmp_path / 'runs'}", "data.sources=[builtin:python-docs]"]
+    local.append("data.sft.sources=[builtin:python-sft]")
+    return load_config(CLOUD, [*local, "data.seq_len=32", *overrides])
 
 
 def test_gpu_nodes_with_min_workers_0_give_one_gpu_worker_per_gpu(tmp_path: Path) -> None:
