@@ -238,7 +238,7 @@ class FinetuneEvalConfig(Section):
     sft_rows: int = Field(256, ge=1)
     """Held-out SFT rows scored for the assistant-token loss."""
     prompts: int = Field(32, ge=0)
-    """Held-out prompts answered greedily for ROUGE-L, BLEU and exact match (0: none)."""
+    """Held-out prompts answered greedily for ROUGE-L, BLEU, exact match and token F1 (0: none)."""
     max_new_tokens: int = Field(64, ge=1)
     """Most tokens generated per prompt."""
 

@@ -1,7 +1,7 @@
 """Evaluation: one module that fine-tuning and compression both call, so that their numbers share a table.
 
 Perplexity on packed val tokens, loss over assistant tokens on SFT val, greedy generation scored with
-ROUGE-L, BLEU and exact match, and model facts (size, load time, tokens/s, peak memory). Every model in a
+ROUGE-L, BLEU, exact match and token F1, and model facts (size, load time, tokens/s, peak memory). Every model in a
 comparison sees the same rows in the same order and the same prompts with the same decoding.
 """
 
@@ -12,12 +12,12 @@ from llm.eval.facts import PeakMemory, dir_bytes, param_count, tokens_per_second
 from llm.eval.generate import encode_prompts, generate_texts, generation_metrics, greedy_generate
 from llm.eval.loss import assistant_loss, packed_perplexity, token_nll
 from llm.eval.table import ROW_KEYS, EvalSettings, evaluate_model, evaluate_models, format_table
-from llm.eval.text import bleu, exact_match, normalize, rouge_l, text_metrics
+from llm.eval.text import bleu, exact_match, normalize, rouge_l, text_metrics, token_f1
 
 __all__ = [
     "ROW_KEYS", "EvalSettings", "PeakMemory", "PromptPair", "assistant_loss", "bleu", "dir_bytes",
     "encode_prompts", "evaluate_model", "evaluate_models", "exact_match", "format_table", "generate_texts",
     "generation_metrics", "greedy_generate", "normalize", "packed_perplexity", "packed_rows", "param_count",
-    "prompt_pairs", "read_jsonl", "render_rows", "rouge_l", "sft_rows", "text_metrics", "token_nll",
+    "prompt_pairs", "read_jsonl", "render_rows", "rouge_l", "sft_rows", "text_metrics", "token_f1", "token_nll",
     "tokens_per_second", "weights_bytes",
 ]

@@ -111,7 +111,7 @@ def generation_metrics(model: Any, tokenizer: Any, pairs: Sequence[PromptPair], 
     """ROUGE-L F1, corpus BLEU and exact match of greedy answers against the pairs' references.
 
     Returns:
-        `{"rouge_l", "bleu", "exact_match", "prompts"}` (see `llm.eval.text`).
+        `{"rouge_l", "bleu", "exact_match", "token_f1", "prompts"}` (see `llm.eval.text`).
     """
     predictions = generate_texts(model, tokenizer, pairs, max_new_tokens, batch_size)
     return text_metrics(predictions, [p.reference for p in pairs])

@@ -46,6 +46,7 @@ ROW_DOC: dict[str, str] = {
     "rouge_l": "mean ROUGE-L F1 of greedy answers (0-1)",
     "bleu": "corpus BLEU of greedy answers (0-100)",
     "exact_match": "fraction of answers equal to the reference, whitespace normalised",
+    "token_f1": "mean token-level F1 of greedy answers against the reference (0-1, SQuAD normalisation)",
     "prompts": "held-out prompts answered",
     "tok_s_b1": "greedy tokens/s, batch 1",
     "tok_s_b8": "greedy tokens/s, batch 8",
@@ -223,7 +224,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("model", "model", "s"), ("params", "params", "count"), ("disk_mb", "disk MB", ".1f"),
     ("load_s", "load s", ".2f"), ("val_ppl", "val ppl", ".2f"), ("sft_loss", "sft loss", ".3f"),
     ("sft_ppl", "sft ppl", ".2f"), ("rouge_l", "ROUGE-L", ".3f"), ("bleu", "BLEU", ".1f"),
-    ("exact_match", "EM", ".2f"), ("tok_s_b1", "tok/s b1", ".1f"), ("tok_s_b8", "tok/s b8", ".1f"),
+    ("exact_match", "EM", ".2f"), ("token_f1", "F1", ".2f"), ("tok_s_b1", "tok/s b1", ".1f"),
+    ("tok_s_b8", "tok/s b8", ".1f"),
     ("tok_s_serve", "tok/s serve", ".1f"),
     ("peak_mem_mb", "peak MB", ".1f"),
 ]

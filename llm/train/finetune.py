@@ -216,7 +216,7 @@ def evaluate(cfg: PipelineConfig, folder: storage.Folder, base: Path, ex: Exampl
                            prompts=pairs, settings=settings, loader=loader)
     folder.write_text("eval.json", json.dumps(rows, indent=2))
     print(format_table(rows, ["model", "params", "sft_loss", "sft_ppl", "rouge_l", "bleu", "exact_match",
-                              "prompts"]), flush=True)
+                              "token_f1", "prompts"]), flush=True)
     return rows
 
 
@@ -247,7 +247,8 @@ def finish(cfg: PipelineConfig, folder: storage.Folder, base: Path, ex: Examples
     if ft.eval.enabled:
         for row in evaluate(cfg, folder, base, ex, tuned):
             prefix = "base_" if row["model"] == "base" else ""
-            summary.update({f"{prefix}{k}": row[k] for k in ("sft_loss", "sft_ppl", "rouge_l", "bleu", "exact_match")})
+            figures = ("sft_loss", "sft_ppl", "rouge_l", "bleu", "exact_match", "token_f1")
+            summary.update({f"{prefix}{k}": row[k] for k in figures})
     return summary
 
 
