@@ -13,7 +13,7 @@ LABELS: dict[str, str] = {
     "val_loss": "val loss", "val_ppl": "val perplexity", "val_tokens": "val tokens",
     "sft_loss": "chat loss", "sft_ppl": "chat perplexity", "sft_tokens": "chat tokens",
     "sft_skipped": "chat rows skipped", "rouge_l": "ROUGE-L", "bleu": "BLEU", "exact_match": "exact match",
-    "token_f1": "token F1",    "prompts": "prompts", "tok_s_b1": "tokens/s (batch 1)", "tok_s_b8": "tokens/s (batch 8)",
+    "token_f1": "token F1", "prompts": "prompts", "tok_s_b1": "tokens/s (batch 1)", "tok_s_b8": "tokens/s (batch 8)",
     "tok_s_serve": "tokens/s (serving batch)",
     "peak_mem_mb": "peak decode memory (MiB)", "seconds": "time (s)", "final_loss": "final loss",
     "best_val_loss": "best val loss", "final_val_loss": "final val loss", "first_loss": "first loss",
