@@ -132,7 +132,8 @@ def committed_folder(uri: str, manifest: Manifest | None = None) -> storage.Fold
 EXTERNAL: dict[str, tuple[str, ...]] = {
     "data": ("sources", "sft.sources", "tokenizer.path"),
     "pretrain": ("model.path",),
-    "finetune": ("base", "data"),
+    "finetune": ("base", "data", "eval.lm_eval.include_path"),
+    "compress": ("eval.lm_eval.include_path",),
 }
 """Keys of each section that name files outside the run (a corpus, a model or tokenizer directory): their
 fingerprints (`storage.fingerprint`: size and mtime of every file) are hashed with the section, under

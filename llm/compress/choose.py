@@ -2,7 +2,8 @@
 `prefer`.
 
 A variant passes when every perplexity measured for both it and the original (val, SFT) rose by at most
-`max_ppl_increase` (relative), its ROUGE-L fell by at most `max_rouge_drop` (absolute), and it generates at
+`max_ppl_increase` (relative), its ROUGE-L fell by at most `max_rouge_drop` (absolute), every lm-eval column
+named in `min_task_scores` reaches its least value, and it generates at
 least `min_speed_ratio` of the original's tokens/s at the serving batch (`tok_s_serve`): a smaller file that
 serves slower is no saving (int8 on a CPU without fast kernels decoded 916 vs 1,103 tokens/s at batch 1 in
 the quickstart). A figure the original lacks is not a limit; a figure the variant lacks while the original
@@ -51,6 +52,12 @@ def failures(row: Mapping[str, Any], original: Mapping[str, Any], rule: ChooseCo
             why.append(f"{SPEED} not measured")
         elif value < base * rule.min_speed_ratio - EPS:
             why.append(f"{SPEED} {value:.1f} < {base:.1f} x {rule.min_speed_ratio:g} (slower to serve)")
+    for key, least in rule.min_task_scores.items():
+        value = row.get(key)
+        if value is None:
+            why.append(f"{key} not measured")
+        elif value < least - EPS:
+            why.append(f"{key} {value:.4g} < {least:g}")
     return why
 
 
@@ -80,6 +87,7 @@ def choose(rows: Sequence[Mapping[str, Any]], rule: ChooseConfig, serve_batch: i
     limits = f"perplexity within +{rule.max_ppl_increase:.0%}, ROUGE-L drop <= {rule.max_rouge_drop:g}"
     if rule.min_speed_ratio > 0:
         limits += f", serving tokens/s{at} >= {rule.min_speed_ratio:g} x the original's"
+    limits += "".join(f", {k} >= {v:g}" for k, v in rule.min_task_scores.items())
     out = {"rule": rule.model_dump(mode="json"), "checks": checks, "serve_batch": serve_batch}
     if not passing:
         failed = "; ".join(f"{name}: {', '.join(why)}" for name, why in checks.items()) or "no variants"

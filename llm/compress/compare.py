@@ -18,8 +18,18 @@ from llm import storage
 from llm.compress.tokens import Tokens
 from llm.config import PipelineConfig
 from llm.data.sft import held_out
-from llm.eval import EvalSettings, evaluate_models, prompt_pairs
-from llm.eval.table import ROW_DOC
+from llm.eval import (
+    DOCS,
+    EvalSettings,
+    HarnessSettings,
+    conversation_text,
+    evaluate_models,
+    needs_text,
+    packed_rows,
+    prompt_pairs,
+    write_tasks,
+)
+from llm.eval.table import ROW_DOC, task_columns
 
 
 def heldout_records(tokens: Tokens, limit: int) -> list[Any]:
@@ -27,32 +37,51 @@ def heldout_records(tokens: Tokens, limit: int) -> list[Any]:
     return [{"messages": msgs} for msgs in held_out(tokens.sources, tokens.val_fraction, limit=limit)]
 
 
-def settings(cfg: PipelineConfig) -> EvalSettings:
-    """`EvalSettings` of the compress section: every model in the table is measured with these."""
+def settings(cfg: PipelineConfig, task_dir: Path) -> EvalSettings:
+    """`EvalSettings` of the compress section: every model in the table is measured with these (`task_dir`:
+    where the built-in lm-eval tasks were written, when asked for)."""
     ev = cfg.compress.eval
+    harness = HarnessSettings.of(ev.lm_eval, task_dir, "metadata.llm.compress.eval.lm_eval")
     return EvalSettings(batch_size=ev.batch_size, val_rows=ev.val_rows, sft_rows=ev.sft_rows,
                         max_new_tokens=ev.max_new_tokens, speed_tokens=ev.speed_tokens, device=cfg.compress.device,
-                        serve_batch=ev.serve_batch)
+                        serve_batch=ev.serve_batch, harness=harness)
 
 
-def compare(cfg: PipelineConfig, models: dict[str, Path], tokens: Tokens) -> list[dict[str, Any]]:
+def heldout_text(original: Path, packed_val: Path | None, records: list[Any]) -> list[str]:
+    """Held-out text for the built-in lm-eval tasks: packed val rows decoded with the original's tokenizer
+    where there are some (the pretraining distribution), else the held-out conversations' text."""
+    if packed_val is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(original))
+        return list(tokenizer.batch_decode(packed_rows(packed_val, DOCS).tolist(), skip_special_tokens=True))
+    return conversation_text([r["messages"] for r in records])
+
+
+def compare(cfg: PipelineConfig, models: dict[str, Path], tokens: Tokens, task_dir: Path) -> list[dict[str, Any]]:
     """Rows of `llm.eval.evaluate_models` for `models` (name -> directory), the original first, on the val
     splits of `tokens` (checked local copies of them with `storage` in a store): packed val text where there
-    is some, SFT val rows where there are some."""
+    is some, SFT val rows where there are some; the built-in lm-eval tasks, when asked for, are written from
+    the same held-out text into `task_dir`."""
 
     def val(folder: storage.Folder | None, kind: str) -> Path | None:
         if folder is None or not any(rel.endswith(".parquet") and "/" not in rel for rel in folder.list(kind, "val")):
             return None
         return folder.fetch(kind, "val")
 
-    pairs, _ = prompt_pairs(heldout_records(tokens, cfg.compress.eval.prompts))
-    return evaluate_models({name: str(path) for name, path in models.items()},
-                           packed_val=val(tokens.packed, "packed"), sft_val=val(tokens.sft, "sft"), prompts=pairs,
-                           settings=settings(cfg))
+    records = heldout_records(tokens, cfg.compress.eval.prompts)
+    pairs, _ = prompt_pairs(records)
+    packed = val(tokens.packed, "packed")
+    if needs_text(cfg.compress.eval.lm_eval):
+        chats = heldout_records(tokens, DOCS) if packed is None else []
+        write_tasks(task_dir, heldout_text(next(iter(models.values())), packed, chats))
+    return evaluate_models({name: str(path) for name, path in models.items()}, packed_val=packed,
+                           sft_val=val(tokens.sft, "sft"), prompts=pairs, settings=settings(cfg, task_dir))
 
 
 def write_eval(folder: Path, rows: list[dict[str, Any]]) -> Path:
     """`compress/eval.json` in the local folder `folder`: the rows and what each key means."""
     path = folder / "eval.json"
-    path.write_text(json.dumps({"rows": rows, "keys": ROW_DOC}, indent=2) + "\n")
+    tasks = {k: f"lm-eval task {k.split('/')[0]}, metric {k.split('/', 1)[1]}" for k in task_columns(rows)}
+    path.write_text(json.dumps({"rows": rows, "keys": {**ROW_DOC, **tasks}}, indent=2) + "\n")
     return path

@@ -172,7 +172,7 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
         print(f"compress: {tokens.describe()}", flush=True)
         made = make_variants(cfg, folder, original, tokens)
         print("compress: evaluating the original and every variant on the same tokens and prompts", flush=True)
-        rows = compare(cfg, {"original": original.local, **made}, tokens)
+        rows = compare(cfg, {"original": original.local, **made}, tokens, folder.local / "lm_eval")
         write_eval(folder.local, rows)
         choice = choose(rows, cfg.compress.choose, cfg.compress.eval.serve_batch)
         write_chosen(folder.local, choice, original.uri, folder.uri)

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from llm.config.base import Section
-from llm.config.train import ModelConfig, ScheduleConfig, SizingOverride, TrainConfig
+from llm.config.train import LmEvalConfig, ModelConfig, ScheduleConfig, SizingOverride, TrainConfig
 
 Variant = Literal["int8", "pruned", "pruned-distilled", "student-distilled", "pruned-distilled-int8"]
 DEFAULT_VARIANTS: tuple[Variant, ...] = ("int8", "pruned", "pruned-distilled")
@@ -75,6 +75,9 @@ class ChooseConfig(Section):
     """Largest relative perplexity increase over the original (val and SFT perplexity, each where measured)."""
     max_rouge_drop: float = Field(0.05, ge=0)
     """Largest drop of ROUGE-L (0-1, absolute) below the original's."""
+    min_task_scores: dict[str, float] = Field(default_factory=dict)
+    """lm-eval gates: `{"<task>/<metric>": least value}` (e.g. `{llmray_cloze/acc: 0.3}`); a variant below one,
+    or without the column, fails. The task must be in `compress.eval.lm_eval.tasks`."""
 
 
 class CompressEvalConfig(Section):
@@ -98,6 +101,9 @@ class CompressEvalConfig(Section):
     `serve.max_batch_size`, filled in when the config loads (so changing it makes the choice stale)."""
     batch_size: int = Field(8, ge=1)
     """Rows per forward pass for the losses."""
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+    """lm-evaluation-harness tasks on the original and every variant (built-in ones from the packed val text,
+    else the held-out chat records' text)."""
 
 
 class CompressConfig(Section):
@@ -132,4 +138,9 @@ class CompressConfig(Section):
             raise ValueError(f"variants: listed twice: {self.variants}")
         if "student-distilled" in self.variants and self.distill.student is None:
             raise ValueError("variants: student-distilled needs distill.student (a ModelConfig)")
+        for key in self.choose.min_task_scores:
+            task, slash, metric = key.partition("/")
+            if not slash or not metric or task not in self.eval.lm_eval.tasks:
+                raise ValueError(f"choose.min_task_scores: {key!r}: name a column `<task>/<metric>` of a task in "
+                                 f"eval.lm_eval.tasks ({self.eval.lm_eval.tasks or 'none'})")
         return self

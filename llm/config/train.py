@@ -230,6 +230,25 @@ class LoraSettings(Section):
     """Module names to adapt (e.g. `[q_proj, v_proj]`); default: every linear layer of attention and MLP."""
 
 
+class LmEvalConfig(Section):
+    """lm-evaluation-harness tasks scored on every model of an eval table, one column per task metric
+    (`<task>/<metric>`, in the printed table, `eval.json` and the report)."""
+
+    NOT_HASHED: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+
+    tasks: list[str] = Field(default_factory=list)
+    """Task names. `llmray_ppl` (rolling perplexity of held-out passages: word and byte perplexity, bits per
+    byte) and `llmray_cloze` (the true ending of a held-out passage among four: acc, acc_norm) are written from
+    the table's own held-out text into `<stage>/lm_eval/`; any task of the installed lm-eval whose data is on
+    this machine (`lm_eval --tasks list`), or one in `include_path`. Empty: none."""
+    include_path: str | None = None
+    """A folder of your own lm-eval task YAML files (their data local)."""
+    limit: int | None = Field(64, ge=1)
+    """Documents per task, the first ones (None: all)."""
+    batch_size: int = Field(8, ge=1)
+    """Requests per forward pass (the scores do not depend on it)."""
+
+
 class FinetuneEvalConfig(Section):
     """Before/after evaluation of the base and the fine-tuned model on the held-out SFT split."""
 
@@ -241,6 +260,9 @@ class FinetuneEvalConfig(Section):
     """Held-out prompts answered greedily for ROUGE-L, BLEU, exact match and token F1 (0: none)."""
     max_new_tokens: int = Field(64, ge=1)
     """Most tokens generated per prompt."""
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+    """lm-evaluation-harness tasks on the base and the fine-tuned model (built-in ones from the held-out
+    conversations' text)."""
 
 
 class FinetuneConfig(TrainConfig):

@@ -22,6 +22,7 @@ import numpy as np
 from llm.eval.data import PromptPair, packed_rows, sft_rows
 from llm.eval.facts import PeakMemory, dir_bytes, param_count, tokens_per_second, weights_bytes
 from llm.eval.generate import encode_prompts, generation_metrics, pad_id
+from llm.eval.harness import HarnessSettings, check_tasks, task_scores
 from llm.eval.loss import assistant_loss, model_device, packed_perplexity
 from llm.models.load import load_model
 
@@ -82,6 +83,9 @@ class EvalSettings:
     """Also measure tokens/s at this batch (`tok_s_serve`: what serving a variant costs); None: not measured."""
     device: str = "cpu"
     """Where models given as directories are loaded (in-memory models stay where they are)."""
+    harness: HarnessSettings | None = None
+    """lm-evaluation-harness tasks run on every model: one column per task metric after `ROW_KEYS`
+    (`llm.eval.harness`); None: none."""
 
 
 def _load_dir(path: Path, device: str) -> tuple[Any, Any]:
@@ -162,13 +166,15 @@ def evaluate_model(name: str, model: Any, tokenizer: Any, *, packed_val: np.ndar
             row.update(generation_metrics(model, tokenizer, prompts, settings.max_new_tokens, settings.gen_batch_size))
             if settings.measure_speed:
                 row.update(_speed(model, tokenizer, prompts, settings))
-    return {k: _plain(row[k]) for k in ROW_KEYS}
+        tasks = task_scores(model, tokenizer, settings.harness) if settings.harness else {}
+    return {k: _plain(v) for k, v in {**{k: row[k] for k in ROW_KEYS}, **tasks}.items()}
 
 
 def evaluate_models(models: Mapping[str, ModelSpec], *, packed_val: str | Path | np.ndarray | None = None,
                     sft_val: str | Path | SftVal | None = None, prompts: Sequence[PromptPair] = (),
                     settings: EvalSettings | None = None, loader: Loader | None = None) -> list[dict[str, Any]]:
-    """Evaluate every model on the same inputs: one `eval.json`-ready row each, all with `ROW_KEYS`.
+    """Evaluate every model on the same inputs: one `eval.json`-ready row each, all with `ROW_KEYS` (and the
+    lm-eval task columns of `settings.harness`, checked before any model loads).
 
     Args:
         models: name -> a model directory (any compress variant or Hugging Face directory with its tokenizer)
@@ -184,6 +190,8 @@ def evaluate_models(models: Mapping[str, ModelSpec], *, packed_val: str | Path |
         LLMRayError: a model directory that does not load, or missing or malformed val data (one line).
     """
     settings = settings or EvalSettings()
+    if settings.harness:
+        check_tasks(settings.harness)
     if isinstance(packed_val, (str, Path)):
         packed_val = packed_rows(packed_val, settings.val_rows)
     if isinstance(sft_val, (str, Path)):
@@ -244,15 +252,20 @@ def _cell(value: Any, fmt: str) -> str:
     return str(value)
 
 
+def task_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The lm-eval task columns (`<task>/<metric>`) of `rows`, in first-seen order."""
+    return list(dict.fromkeys(k for row in rows for k in row if k not in ROW_DOC and "/" in k))
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """A plain-text table of evaluation rows, one model per line, columns aligned (no terminal needed).
 
     Args:
         rows: rows from `evaluate_models` (or read back from `eval.json`).
-        columns: keys to show, in order; defaults to the one-screen set in `COLUMNS`.
+        columns: keys to show, in order; defaults to the one-screen set in `COLUMNS` and the task columns.
     """
     known = {key: (header, fmt) for key, header, fmt in COLUMNS}
-    keys = list(columns) if columns is not None else [key for key, _, _ in COLUMNS]
+    keys = list(columns) if columns is not None else [key for key, _, _ in COLUMNS] + task_columns(rows)
     specs = [(key, *known.get(key, (key, ".4g"))) for key in keys]
     grid = [[header for _, header, _ in specs]]
     grid += [[_cell(row.get(key), fmt) for key, _, fmt in specs] for row in rows]

@@ -27,7 +27,10 @@ _UNINFORMATIVE = {"-", "", "0", "0.0", "None"}
 
 
 def label(key: str) -> str:
-    """The column name a reader sees for a raw key."""
+    """The column name a reader sees for a raw key (an lm-eval column `<task>/<metric>` as `<task>: <metric>`)."""
+    task, slash, metric = key.partition("/")
+    if slash:
+        return f"{task}: {metric.replace('_', ' ')}"
     return LABELS.get(key, key.replace("_", " "))
 
 

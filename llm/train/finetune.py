@@ -24,7 +24,18 @@ from llm.config import LLM_PREFIX, ModelConfig, PipelineConfig
 from llm.data.sft import held_out
 from llm.data.tokenizer import load_tokenizer
 from llm.errors import ConfigError, StageInputError
-from llm.eval import EvalSettings, evaluate_models, format_table, prompt_pairs
+from llm.eval import (
+    DOCS,
+    EvalSettings,
+    HarnessSettings,
+    conversation_text,
+    evaluate_models,
+    format_table,
+    needs_text,
+    prompt_pairs,
+    task_columns,
+    write_tasks,
+)
 from llm.models.load import load_model
 from llm.stage import Stage, StageResult, execute, stage_input
 from llm.train import checkpoint as ckpt
@@ -210,13 +221,16 @@ def evaluate(cfg: PipelineConfig, folder: storage.Folder, base: Path, ex: Exampl
         return load_model(path, device).model, AutoTokenizer.from_pretrained(str(folder.local / "tokenizer"))
 
     pairs, _ = prompt_pairs([{"messages": c} for c in ex.convs])
+    if needs_text(ft.eval.lm_eval):  # the held-out conversations' text
+        write_tasks(folder.local / "lm_eval", conversation_text(held_out(*chat_sources(cfg), limit=DOCS)))
+    harness = HarnessSettings.of(ft.eval.lm_eval, folder.local / "lm_eval", f"{KEY}.eval.lm_eval")
     settings = EvalSettings(sft_rows=ft.eval.sft_rows, max_new_tokens=ft.eval.max_new_tokens, measure_speed=False,
-                            batch_size=8)
+                            batch_size=8, harness=harness)
     rows = evaluate_models({"base": base, "finetuned": tuned}, sft_val=_local_val(cfg, folder, ex.val),
                            prompts=pairs, settings=settings, loader=loader)
     folder.write_text("eval.json", json.dumps(rows, indent=2))
     print(format_table(rows, ["model", "params", "sft_loss", "sft_ppl", "rouge_l", "bleu", "exact_match",
-                              "token_f1", "prompts"]), flush=True)
+                              "token_f1", "prompts", *task_columns(rows)]), flush=True)
     return rows
 
 

@@ -130,3 +130,26 @@ def test_serve_batch_defaults_to_serves_batch(tmp_path: Path) -> None:
     assert tiny_config(tmp_path, "serve.max_batch_size=12").llm.compress.eval.serve_batch == 12
     assert tiny_config(tmp_path, "serve.max_batch_size=12",
                        "compress.eval.serve_batch=3").llm.compress.eval.serve_batch == 3
+
+
+def test_lm_eval_task_scores_gate_the_choice() -> None:
+    rule = ChooseConfig(max_ppl_increase=0.05, max_rouge_drop=0.02, min_task_scores={"llmray_cloze/acc": 0.5})
+    original = {**ORIGINAL, "llmray_cloze/acc": 0.75}
+    small = {**row("small", 10.0, 20.0, 0.50, sft=10.0), "llmray_cloze/acc": 0.25}
+    larger = {**row("larger", 50.0, 20.0, 0.50, sft=10.0), "llmray_cloze/acc": 0.5}  # exactly at the least: passes
+    unscored = row("unscored", 1.0, 20.0, 0.50, sft=10.0)
+    choice = choose([original, small, larger, unscored], rule)
+    assert choice["variant"] == "larger" and "llmray_cloze/acc >= 0.5" in choice["reason"]
+    assert choice["checks"]["small"] == ["llmray_cloze/acc 0.25 < 0.5"]
+    assert choice["checks"]["unscored"] == ["llmray_cloze/acc not measured"]
+
+
+def test_a_task_gate_must_name_a_task_that_runs(tmp_path: Path) -> None:
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ConfigError, match=r"min_task_scores: 'llmray_cloze/acc': name a column .* \(none\)"):
+        tiny_config(tmp_path, "compress.eval.lm_eval.tasks=[]",
+                    "compress.choose.min_task_scores={llmray_cloze/acc: 0.3}")
+    cfg = tiny_config(tmp_path, "compress.eval.lm_eval.tasks=[llmray_cloze]",
+                      "compress.choose.min_task_scores={llmray_cloze/acc: 0.3}").llm
+    assert cfg.compress.choose.min_task_scores == {"llmray_cloze/acc": 0.3}
