@@ -24,10 +24,8 @@ from llm.eval import (
     HarnessSettings,
     conversation_text,
     evaluate_models,
-    needs_text,
     packed_rows,
     prompt_pairs,
-    write_tasks,
 )
 from llm.eval.table import ROW_DOC, task_columns
 
@@ -37,24 +35,28 @@ def heldout_records(tokens: Tokens, limit: int) -> list[Any]:
     return [{"messages": msgs} for msgs in held_out(tokens.sources, tokens.val_fraction, limit=limit)]
 
 
-def settings(cfg: PipelineConfig, task_dir: Path) -> EvalSettings:
-    """`EvalSettings` of the compress section: every model in the table is measured with these (`task_dir`:
-    where the built-in lm-eval tasks were written, when asked for)."""
+HELD_OUT_TOKENS = 32_768
+"""Packed val tokens decoded for the built-in lm-eval tasks (about `DOCS` passages of 64 words)."""
+
+
+def settings(cfg: PipelineConfig, harness: HarnessSettings | None = None) -> EvalSettings:
+    """`EvalSettings` of the compress section: every model in the table is measured with these."""
     ev = cfg.compress.eval
-    harness = HarnessSettings.of(ev.lm_eval, task_dir, "metadata.llm.compress.eval.lm_eval")
     return EvalSettings(batch_size=ev.batch_size, val_rows=ev.val_rows, sft_rows=ev.sft_rows,
                         max_new_tokens=ev.max_new_tokens, speed_tokens=ev.speed_tokens, device=cfg.compress.device,
                         serve_batch=ev.serve_batch, harness=harness)
 
 
 def heldout_text(original: Path, packed_val: Path | None, records: list[Any]) -> list[str]:
-    """Held-out text for the built-in lm-eval tasks: packed val rows decoded with the original's tokenizer
-    where there are some (the pretraining distribution), else the held-out conversations' text."""
+    """Held-out text for the built-in lm-eval tasks: the packed val stream (rows are consecutive windows of it)
+    decoded with the original's tokenizer where there is one (the pretraining distribution; enough tokens for
+    `DOCS` passages), else the held-out conversations' text."""
     if packed_val is not None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(original))
-        return list(tokenizer.batch_decode(packed_rows(packed_val, DOCS).tolist(), skip_special_tokens=True))
+        stream = packed_rows(packed_val, DOCS).ravel()[:HELD_OUT_TOKENS]
+        return [str(tokenizer.decode(stream.tolist(), skip_special_tokens=True))]
     return conversation_text([r["messages"] for r in records])
 
 
@@ -72,11 +74,14 @@ def compare(cfg: PipelineConfig, models: dict[str, Path], tokens: Tokens, task_d
     records = heldout_records(tokens, cfg.compress.eval.prompts)
     pairs, _ = prompt_pairs(records)
     packed = val(tokens.packed, "packed")
-    if needs_text(cfg.compress.eval.lm_eval):
+
+    def text() -> list[str]:
         chats = heldout_records(tokens, DOCS) if packed is None else []
-        write_tasks(task_dir, heldout_text(next(iter(models.values())), packed, chats))
+        return heldout_text(next(iter(models.values())), packed, chats)
+
+    harness = HarnessSettings.of(cfg.compress.eval.lm_eval, task_dir, text, "metadata.llm.compress.eval.lm_eval")
     return evaluate_models({name: str(path) for name, path in models.items()}, packed_val=packed,
-                           sft_val=val(tokens.sft, "sft"), prompts=pairs, settings=settings(cfg, task_dir))
+                           sft_val=val(tokens.sft, "sft"), prompts=pairs, settings=settings(cfg, harness))
 
 
 def write_eval(folder: Path, rows: list[dict[str, Any]]) -> Path:

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,23 +68,28 @@ class HarnessSettings:
         return [str(p) for p in (self.task_dir, self.include_path) if p is not None]
 
     @classmethod
-    def of(cls, section: LmEvalConfig, task_dir: Path, key: str) -> HarnessSettings | None:
-        """The settings of a config's `lm_eval` section (None: no task asked for); `task_dir` is where the
-        built-in tasks are written (`needs_text`)."""
-        if not section.tasks:
+    def of(cls, section: LmEvalConfig, task_dir: Path, text: Callable[[], Sequence[str]],
+           key: str) -> HarnessSettings | None:
+        """The settings of a config's `lm_eval` section (None: no task asked for). Built-in tasks asked for
+        are written into `task_dir` from `text()` (held-out text, read only then); where it is too little,
+        they are left out of the table with one printed line (the other tasks still run)."""
+        tasks = tuple(section.tasks)
+        written = None
+        if set(tasks) & set(BUILTIN_TASKS):
+            try:
+                written = write_tasks(task_dir, text())
+            except DataError as e:
+                print(f"{key}: {e}; left out of the table", flush=True)
+                tasks = tuple(t for t in tasks if t not in BUILTIN_TASKS)
+        if not tasks:
             return None
-        return cls(tuple(section.tasks), task_dir if needs_text(section) else None, section.include_path,
-                   section.limit, section.batch_size, key)
-
-
-def needs_text(section: LmEvalConfig) -> bool:
-    """Whether a built-in task is asked for (its data is then written from held-out text: `write_tasks`)."""
-    return bool(set(section.tasks) & set(BUILTIN_TASKS))
+        return cls(tasks, written, section.include_path, section.limit, section.batch_size, key)
 
 
 def conversation_text(conversations: Sequence[Any]) -> list[str]:
-    """Each conversation's messages' text joined: held-out text where there are only chat records."""
-    return [" ".join(str(m.get("content") or "") for m in c) for c in conversations]
+    """Held-out text where there are only chat records: every message of every conversation, one stream (chat
+    turns are short; passages are cut from the stream)."""
+    return [" ".join(str(m.get("content") or "") for c in conversations for m in c)]
 
 
 def passages(texts: Sequence[str]) -> list[str]:

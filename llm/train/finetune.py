@@ -31,10 +31,8 @@ from llm.eval import (
     conversation_text,
     evaluate_models,
     format_table,
-    needs_text,
     prompt_pairs,
     task_columns,
-    write_tasks,
 )
 from llm.models.load import load_model
 from llm.stage import Stage, StageResult, execute, stage_input
@@ -221,9 +219,9 @@ def evaluate(cfg: PipelineConfig, folder: storage.Folder, base: Path, ex: Exampl
         return load_model(path, device).model, AutoTokenizer.from_pretrained(str(folder.local / "tokenizer"))
 
     pairs, _ = prompt_pairs([{"messages": c} for c in ex.convs])
-    if needs_text(ft.eval.lm_eval):  # the held-out conversations' text
-        write_tasks(folder.local / "lm_eval", conversation_text(held_out(*chat_sources(cfg), limit=DOCS)))
-    harness = HarnessSettings.of(ft.eval.lm_eval, folder.local / "lm_eval", f"{KEY}.eval.lm_eval")
+    harness = HarnessSettings.of(ft.eval.lm_eval, folder.local / "lm_eval",  # from the held-out conversations
+                                 lambda: conversation_text(held_out(*chat_sources(cfg), limit=DOCS)),
+                                 f"{KEY}.eval.lm_eval")
     settings = EvalSettings(sft_rows=ft.eval.sft_rows, max_new_tokens=ft.eval.max_new_tokens, measure_speed=False,
                             batch_size=8, harness=harness)
     rows = evaluate_models({"base": base, "finetuned": tuned}, sft_val=_local_val(cfg, folder, ex.val),

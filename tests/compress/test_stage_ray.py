@@ -49,7 +49,9 @@ def test_compress_stage_builds_evaluates_chooses_and_skips(tmp_path: Path, ray_s
         "compress.sizing.workers=2", "compress.sizing.cpus_per_worker=1", "compress.eval.val_rows=16",
         "compress.eval.prompts=4", "compress.eval.max_new_tokens=8", "compress.eval.speed_tokens=8",
         "compress.prune.calib_rows=8", "compress.choose.max_ppl_increase=1000", "compress.choose.max_rouge_drop=1",
-        "compress.choose.min_speed_ratio=0", "compress.eval.serve_batch=4")
+        "compress.choose.min_speed_ratio=0", "compress.eval.serve_batch=4", "compress.eval.lm_eval.limit=8",
+        "compress.eval.lm_eval.tasks=[llmray_ppl, llmray_cloze]",
+        "compress.choose.min_task_scores={llmray_cloze/acc: 0}")
     cfg = loaded.llm
     data = build_data_stage(loaded)
     base = _pretrained(cfg, data)
@@ -58,7 +60,11 @@ def test_compress_stage_builds_evaluates_chooses_and_skips(tmp_path: Path, ray_s
     assert not result.skipped
     rows = json.loads((folder / "eval.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["original", "int8", "pruned", "pruned-distilled"]
-    assert all(tuple(r) == ROW_KEYS for r in rows)
+    tasks = ("llmray_cloze/acc", "llmray_cloze/acc_norm", "llmray_ppl/bits_per_byte", "llmray_ppl/byte_perplexity",
+             "llmray_ppl/word_perplexity")
+    assert all(tuple(r) == ROW_KEYS + tasks for r in rows)  # lm-eval's columns after ours, for every model
+    assert all(r["llmray_ppl/byte_perplexity"] > 1 and 0 <= r["llmray_cloze/acc"] <= 1 for r in rows)
+    assert (folder / "lm_eval" / "llmray_cloze.yaml").is_file()  # the tasks run again with the lm_eval CLI
     by = {r["model"]: r for r in rows}
     assert by["int8"]["disk_mb"] < by["original"]["disk_mb"] and by["pruned"]["params"] < by["original"]["params"]
     assert by["pruned-distilled"]["params"] == by["pruned"]["params"]
@@ -71,6 +77,7 @@ def test_compress_stage_builds_evaluates_chooses_and_skips(tmp_path: Path, ray_s
     assert by["pruned-distilled"]["val_ppl"] != by["pruned"]["val_ppl"]
     chosen = json.loads((folder / "chosen.json").read_text())
     assert chosen["variant"] == "int8" and "disk" in chosen["reason"]  # loose limits: smallest file wins
+    assert "llmray_cloze/acc >= 0" in chosen["reason"]
     assert Path(chosen_model_dir(cfg)) == folder / "int8"
     for name in ("int8", "pruned", "pruned-distilled"):
         loaded_model = load_model(folder / name)

@@ -102,3 +102,19 @@ def test_scores_through_lm_eval_match_our_own_and_int8_is_scored_as_loaded(zoo: 
     assert not hasattr(int8, "__dict__") or "tie_weights" not in int8.__dict__  # the model is given back as it was
     table = format_table([{"model": "original", **got}, {"model": "int8", **quantized}])
     assert "llmray_cloze/acc" in table.splitlines()[0]
+
+
+def test_too_little_text_leaves_the_built_in_tasks_out_with_one_line(tmp_path: Path, capsys) -> None:
+    from llm.config.train import LmEvalConfig
+    from llm.eval import conversation_text
+
+    section = LmEvalConfig(tasks=["llmray_ppl", "hellaswag"], limit=4)
+    chats = [[{"role": "user", "content": "Say apple twice."}, {"role": "assistant", "content": "apple apple"}]]
+    settings = HarnessSettings.of(section, tmp_path / "t", lambda: conversation_text(chats * 2), "ft.lm_eval")
+    assert settings is not None and settings.tasks == ("hellaswag",) and settings.task_dir is None
+    said = capsys.readouterr().out
+    assert "ft.lm_eval: lm-eval tasks llmray_ppl, llmray_cloze: the held-out text gives 0 passages" in said
+    # Chat turns are short: passages are cut from all the conversations as one stream.
+    settings = HarnessSettings.of(section, tmp_path / "t", lambda: conversation_text(chats * 60), "k")
+    assert settings is not None and settings.task_dir == tmp_path / "t" and settings.tasks == tuple(section.tasks)
+    assert HarnessSettings.of(LmEvalConfig(), tmp_path, lambda: [], "k") is None
