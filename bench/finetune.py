@@ -1,14 +1,17 @@
 """Fine-tuning costs, LoRA against full, measured side by side (not a pass/fail test).
 
     python bench/finetune.py [--steps 10] [--threads N] [--precision bf16|fp32]
+    python bench/finetune.py --shape qwen2.5-0.5b [--steps 5] [--precision fp32]
 
-A Llama-style model of ~24M parameters, padded SFT-shaped batches (labels only on the second half of each
-row), the same precision (bf16 by default), micro batch and threads for every run. On CPUs without native
-bf16 the weight-gradient matmuls of full fine-tuning take a slow bf16 path, which LoRA (frozen base
-weights) never runs: `--precision fp32` shows the ratios without that effect. Each run is its own fresh process, so peak
-memory is that of one training worker: the growth of the process's resident set from just before the
-model is loaded to the end of training (`llm.eval.PeakMemory`), i.e. weights, DeepSpeed's copies,
-gradients, optimizer state and activations. Step times are medians after warm-up.
+A Llama-style model of ~24M parameters (or, with `--shape`, a model of a published shape with random
+weights, built on the meta device from the family's own config class as bench/compress.py builds it, at
+micro batch 1), padded SFT-shaped batches (labels only on the second half of each row), the same precision
+(bf16 by default), micro batch and threads for every run. On CPUs without native bf16 the weight-gradient
+matmuls of full fine-tuning take a slow bf16 path, which LoRA (frozen base weights) never runs:
+`--precision fp32` shows the ratios without that effect. Each run is its own fresh process, so peak memory
+is that of one training worker: the growth of the process's resident set from just before the model is
+loaded to the end of training (`llm.eval.PeakMemory`), i.e. weights, DeepSpeed's copies, gradients,
+optimizer state and activations. Step times are medians after warm-up.
 
 - `ours full` / `ours lora`: the one loop (`llm.train.loop.run_loop`, DeepSpeed ZeRO-2, world size 1,
   in-process runtime: Ray Train runs this same function in its workers).
@@ -33,6 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 VOCAB, SEQ, MICRO, WARMUP = 8192, 256, 4, 2
 MODEL = {"arch": "llama", "n_layers": 6, "d_model": 512, "n_heads": 8, "context": SEQ}
 LORA = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": None}
+SHAPE: str | None = None
+"""`--shape`: a published shape from bench/compress.py's `SHAPES` (its vocabulary, micro batch 1)."""
+
+
+def use_shape(name: str | None) -> None:
+    global SHAPE, VOCAB, MICRO
+    if name:
+        from bench.compress import SHAPES
+
+        SHAPE, VOCAB, MICRO = name, SHAPES[name]["vocab"], 1
 
 
 def _setup(root: Path) -> tuple[Path, list[str]]:
@@ -45,7 +58,11 @@ def _setup(root: Path) -> tuple[Path, list[str]]:
     from llm.train.model import build_model
 
     base = root / "base"
-    if not base.exists():
+    if not base.exists() and SHAPE:
+        from bench.compress import shaped_model
+
+        shaped_model(SHAPE).save_pretrained(str(base), safe_serialization=True)
+    elif not base.exists():
         build_model(ModelConfig(**MODEL), VOCAB, seed=0).save_pretrained(str(base), safe_serialization=True)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, VOCAB, size=(256, SEQ), dtype=np.int32)
@@ -121,8 +138,8 @@ def plain(root: Path, steps: int, precision: str) -> dict[str, Any]:
     batches = [collate({k: v[i * MICRO:(i + 1) * MICRO] for k, v in rows.items()}) for i in range(steps)]
     times = []
     with PeakMemory("cpu") as peak:
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-                               lora_config(AutoModelForCausalLM.from_config(_cfg(base)), LORA))
+        loaded = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        model = get_peft_model(loaded, lora_config(loaded, LORA))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
@@ -138,15 +155,10 @@ def plain(root: Path, steps: int, precision: str) -> dict[str, Any]:
     return {"step_s": statistics.median(times[WARMUP:]), "peak_mb": peak.bytes / 2**20}
 
 
-def _cfg(base: Path) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(base))
-
-
 def one(kind: str, root: Path, steps: int, threads: int, precision: str) -> None:
     import torch
 
+    torch.manual_seed(0)
     torch.set_num_threads(threads)
     result = plain(root, steps, precision) if kind == "plain" else ours(kind, root, steps, precision)
     print("RESULT " + json.dumps(result), flush=True)
@@ -155,7 +167,8 @@ def one(kind: str, root: Path, steps: int, threads: int, precision: str) -> None
 def run_one(kind: str, root: Path, steps: int, threads: int, precision: str) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, __file__, "--one", kind, "--root", str(root), "--steps", str(steps),
-                          "--threads", str(threads), "--precision", precision],
+                          "--threads", str(threads), "--precision", precision,
+                          *(["--shape", SHAPE] if SHAPE else [])],
                          capture_output=True, text=True, env=env, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -171,7 +184,10 @@ def main() -> None:
     ap.add_argument("--one", choices=["full", "lora", "plain"])
     ap.add_argument("--root")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--shape", choices=["qwen2.5-0.5b", "llama-3.2-1b"], default=None,
+                    help="a published shape with random weights (bench/compress.py SHAPES), micro batch 1")
     args = ap.parse_args()
+    use_shape(args.shape)
     if args.one:
         one(args.one, Path(args.root), args.steps, args.threads, args.precision)
         return
@@ -179,7 +195,8 @@ def main() -> None:
         root = Path(tmp)
         full, lora, base = (run_one(kind, root, args.steps, args.threads, args.precision)
                             for kind in ("full", "lora", "plain"))
-    print(f"model: llama {MODEL['n_layers']}x{MODEL['d_model']}, {full['params'] / 1e6:.1f}M parameters, "
+    what = f"{SHAPE} shape" if SHAPE else f"llama {MODEL['n_layers']}x{MODEL['d_model']}"
+    print(f"model: {what}, {full['params'] / 1e6:.1f}M parameters, vocabulary {VOCAB:,}, "
           f"seq {SEQ}, micro {MICRO}, {args.precision}, {args.threads} threads, {args.steps} steps "
           f"(median after {WARMUP})")
     print(f"step s: full {full['step_s']:.3f}, lora {lora['step_s']:.3f}, plain peft lora {base['step_s']:.3f}; "
