@@ -131,7 +131,7 @@ def committed_folder(uri: str, manifest: Manifest | None = None) -> storage.Fold
 
 EXTERNAL: dict[str, tuple[str, ...]] = {
     "data": ("sources", "sft.sources", "tokenizer.path"),
-    "pretrain": ("model.path",),
+    "pretrain": ("model.path", "model.config_file"),
     "finetune": ("base", "data", "eval.lm_eval.include_path"),
     "compress": ("eval.lm_eval.include_path",),
 }

@@ -74,16 +74,20 @@ def test_a_new_corpus_file_and_a_removed_one_count(tmp_path: Path) -> None:
     assert added["sources"][f"{corpus}/*.jsonl"].startswith("3 files")
 
 
-@pytest.mark.parametrize("section, key", [("finetune", "base"), ("data", "tokenizer.path")])
-def test_model_and_tokenizer_directories_are_fingerprinted(tmp_path: Path, section: str, key: str) -> None:
+@pytest.mark.parametrize("section, key, name", [
+    ("finetune", "base", ""), ("data", "tokenizer.path", ""), ("pretrain", "model.config_file", "config.json"),
+    ("compress", "eval.lm_eval.include_path", ""), ("finetune", "eval.lm_eval.include_path", "")])
+def test_model_tokenizer_config_and_task_paths_are_fingerprinted(tmp_path: Path, section: str, key: str,
+                                                                  name: str) -> None:
     folder = tmp_path / "dir"
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    cfg = tiny_config(tmp_path, f"{section}.{key}={folder}").llm
+    (folder / "config.json").write_text('{"model_type": "qwen3"}')
+    target = folder / name if name else folder
+    cfg = tiny_config(tmp_path, f"{section}.{key}={target}").llm
     before = hashed_config(cfg, section)[section]["files"][key]
-    _bump(folder / "config.json", '{"changed": 1}')
+    _bump(folder / "config.json", '{"model_type": "qwen3", "changed": 1}')
     after = hashed_config(cfg, section)[section]["files"][key]
-    assert before != after and before[str(folder)].startswith("1 files")
+    assert before != after and before[str(target)].startswith("1 files")
 
 
 def test_builtin_sources_and_unset_paths_add_nothing(tmp_path: Path) -> None:

@@ -29,7 +29,9 @@ from llm.data.sources import SourceFile, hf_rows, resolve
 from llm.data.tokenizer import load_tokenizer
 from llm.errors import ConfigError
 from llm.eval.split import is_held_out
-from llm.models.chat import IGNORE, render, to_messages
+from llm.eval.turns import render_chat
+from llm.models.chat import IGNORE, to_messages
+from llm.models.stops import end_of_turn_ids
 
 SFT_KINDS = ("jsonl", "builtin-sft", "hf-arrow")
 """The kinds of file an SFT source may resolve to (fine-tuning refuses the others by name)."""
@@ -128,12 +130,15 @@ def held_out(sources: list[str], val_fraction: float, key: str | None = None,
     return out
 
 
-def render_or_reason(tok: Any, msgs: list[dict[str, str]]) -> tuple[list[int], list[int]] | str:
-    """`render(tok, msgs)`, or the one-line error of a chat template that refuses the conversation (a Jinja
-    `raise_exception` such as "roles must alternate"): the record is dropped as `template_error`, the stage
-    goes on."""
+def render_or_reason(tok: Any, msgs: list[dict[str, str]],
+                     end_ids: list[int]) -> tuple[list[int], list[int]] | str:
+    """`msgs` rendered as fine-tuning renders them (`llm.eval.turns.render_chat`: a system message a template
+    refuses joins the first user turn; labels stop at the end-of-turn token `end_ids`), or the one-line
+    error of a chat template that refuses the conversation (a Jinja `raise_exception` such as "roles must
+    alternate"): the record is dropped as `template_error`, the stage goes on."""
     try:
-        return render(tok, msgs)
+        ids, labels, _ = render_chat(tok, msgs, end_ids)
+        return ids, labels
     except Exception as e:  # the template is the tokenizer's own code (Jinja): what it raises is this record's
         return " ".join(f"{type(e).__name__}: {e}".split())[:200]
 
@@ -146,6 +151,7 @@ def sft_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, max_len
     `NAMED_DROPS` dropped records (`dropped`: JSON list of `{"record": "file:line", "reason", "detail"}`)."""
     unit = int(batch["unit"][0])
     tok = load_tokenizer(storage.fetch(tokenizer_dir))  # the store's copy, cached on this node
+    ends = end_of_turn_ids(tok)  # probed once per unit, not per record
     out: dict[bool, list[tuple[list[int], list[int]]]] = {False: [], True: []}
     counts: dict[str, int] = {"examples": 0, "truncated": 0}
     errors: list[dict[str, str]] = []
@@ -165,7 +171,7 @@ def sft_unit(batch: dict[str, Any], *, tokenizer_dir: str, out_dir: str, max_len
             if isinstance(msgs, str):
                 drop(key, msgs)
                 continue
-            rendered = render_or_reason(tok, msgs)
+            rendered = render_or_reason(tok, msgs, ends)
             if isinstance(rendered, str):
                 drop(key, "template_error", rendered)
                 continue

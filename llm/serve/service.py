@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llm.config import ServeConfig
+from llm.eval.turns import fit_roles
 from llm.serve.engine import Engine, GenerateRequest, RequestStats
 from llm.serve.metrics import ReplicaMetrics
 from llm.serve.protocol import ApiError, ChatRequest, CompletionRequest
@@ -87,7 +88,10 @@ class Service:
         forged = any(t in c for c in contents for t in self.special[id(engine)])
 
         def render(texts: list[str]) -> str:
-            messages = [{"role": m.role, "content": t} for m, t in zip(req.messages, texts, strict=True)]
+            # A system message the template refuses (Gemma 2) joins the first user turn, as fine-tuning and
+            # the eval table render it (`llm.eval.turns.fit_roles`): the model sees what it was tuned on.
+            messages, _ = fit_roles(tok, [{"role": m.role, "content": t}
+                                          for m, t in zip(req.messages, texts, strict=True)])
             try:
                 return str(tok.apply_chat_template(messages, tokenize=False, chat_template=template,
                                                    add_generation_prompt=bool(req.add_generation_prompt) and

@@ -11,6 +11,7 @@ from llm.data import sft
 from llm.data.tokenizer import load_tokenizer, train_tokenizer
 from llm.errors import ConfigError
 from llm.eval.split import is_held_out
+from llm.models.stops import end_of_turn_ids
 
 TEXT = ["The user asks a question and the assistant answers it politely. " * 20,
         "What does the function return? It returns the sum of its arguments. " * 20]
@@ -40,13 +41,16 @@ def test_labels_mask_everything_but_assistant(tok):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does it return?"},
             {"role": "assistant", "content": "The sum."}, {"role": "user", "content": "And then?"},
             {"role": "assistant", "content": "Nothing."}]
-    ids, labels = sft.render(tok, msgs)
+    rendered = sft.render_or_reason(tok, msgs, end_of_turn_ids(tok))
+    assert not isinstance(rendered, str)
+    ids, labels = rendered
     full = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
     assert ids == full and len(labels) == len(ids)
     kept = [i for i, x in enumerate(labels) if x != sft.IGNORE]
     assert all(labels[i] == ids[i] for i in kept)
     answer = tok.decode([ids[i] for i in kept])
-    assert answer == "The sum.<|end|>\nNothing.<|end|>\n"
+    # Each answer up to its end-of-turn token, as fine-tuning renders and serving stops: not the newline after.
+    assert answer == "The sum.<|end|>Nothing.<|end|>"
     assert "question" not in answer and "Be brief" not in answer
 
 
