@@ -76,13 +76,27 @@ def param_counts(model: ModelConfig, vocab: int) -> dict[str, int]:
         embed = vocab * d + model.context * d
         total = embed + layers * block + 2 * d + (0 if model.tie_embeddings else vocab * d)
         matmuls = layers * (4 * d * d + 2 * d * ff)
-    else:
-        kv = d // model.n_heads * (model.n_kv_heads or model.n_heads)
-        block = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d
-        embed = vocab * d
-        total = embed + layers * block + d + (0 if model.tie_embeddings else vocab * d)
-        matmuls = layers * (2 * d * d + 2 * d * kv + 3 * d * ff)
-    return {"total": total, "compute": matmuls + vocab * d}
+        return {"total": total, "compute": matmuls + vocab * d}
+    head_dim, q, kv = _heads(model)
+    matmul = 2 * d * q + 2 * d * kv + 3 * d * ff  # q, o; k, v; gate, up, down (Phi-3 fuses them: same sizes)
+    block = matmul + 2 * d + _FAMILY_EXTRA.get(model.family, lambda d, q, kv, hd: 0)(d, q, kv, head_dim)
+    total = vocab * d + layers * block + d + (0 if model.tie_embeddings else vocab * d)
+    return {"total": total, "compute": layers * matmul + vocab * d}
+
+
+_FAMILY_EXTRA = {  # parameters of a block beyond the Llama layout's (d: width, q / kv: q and kv widths)
+    "qwen2": lambda d, q, kv, hd: q + 2 * kv,  # q, k, v biases
+    "qwen3": lambda d, q, kv, hd: 2 * hd,  # per-head q_norm, k_norm
+    "olmo2": lambda d, q, kv, hd: q + kv,  # whole-projection q_norm, k_norm
+    "gemma2": lambda d, q, kv, hd: 2 * d,  # norms before and after attention and MLP: four, not two
+    "gemma3": lambda d, q, kv, hd: 2 * d + 2 * hd,  # Gemma 2's norms and per-head q_norm, k_norm
+}
+
+
+def _heads(model: ModelConfig) -> tuple[int, int, int]:
+    """`head_dim`, the width of q (`n_heads x head_dim`) and of k and v each (`n_kv_heads x head_dim`)."""
+    head_dim = int(model.config.get("head_dim", model.d_model // model.n_heads))
+    return head_dim, model.n_heads * head_dim, (model.n_kv_heads or model.n_heads) * head_dim
 
 
 def built_here(model: ModelConfig) -> bool:
@@ -102,14 +116,16 @@ def model_shape(model: ModelConfig, vocab: int, lora_rank: int | None = None) ->
     linear layer of the blocks train (the stage's default targets)."""
     total = param_counts(model, vocab)["total"]
     d, ff = model.d_model, model.ff_width()
-    kv = d // model.n_heads * (model.n_kv_heads or model.n_heads)
+    _, q, kv = _heads(model)
     largest = max(vocab * d, d * ff + ff, 3 * d * d + 3 * d)
     trainable = total
     if lora_rank:
         if model.family == "gpt2":  # c_attn (d -> 3d), c_proj (d -> d), c_fc (d -> ff), mlp c_proj (ff -> d)
             per_layer = (d + 3 * d) + 2 * d + 2 * (d + ff)
-        else:  # q, o (d -> d); k, v (d -> kv); gate, up (d -> ff); down (ff -> d)
-            per_layer = 2 * 2 * d + 2 * (d + kv) + 3 * (d + ff)
+        elif model.family == "phi3":  # qkv_proj (d -> q + 2kv), o (q -> d), gate_up (d -> 2ff), down (ff -> d)
+            per_layer = (d + q + 2 * kv) + (q + d) + (d + 2 * ff) + (ff + d)
+        else:  # q (d -> q), o (q -> d); k, v (d -> kv); gate, up (d -> ff); down (ff -> d)
+            per_layer = 2 * (d + q) + 2 * (d + kv) + 3 * (d + ff)
         trainable = model.n_layers * lora_rank * per_layer
     return ModelShape(total=total, trainable=trainable, largest_layer=largest, n_layers=model.n_layers,
                       d_model=d, vocab=vocab, compute=param_counts(model, vocab)["compute"], ff=ff,

@@ -81,3 +81,25 @@ def test_lora_trainable_count_matches_peft(arch: str) -> None:
                                                   fan_in_fan_out=arch == "gpt2"))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert model_shape(m, 1000, lora_rank=4).trainable == trainable
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2"])
+def test_plan_counts_every_family_as_transformers_builds_it(family: str) -> None:
+    """`llmray plan` sizes `pretrain.model.type: <family>` exactly: total parameters (biases, per-head and
+    whole-projection norms, Gemma's four norms per block) and LoRA's trainable count (Phi-3's fused layers)."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from llm.plan import model_shape
+    from llm.train.lora import default_targets
+    from llm.train.model import hf_config
+
+    extra = {"config": {"head_dim": 24}} if family == "gemma2" else {}  # a head_dim other than d_model / heads
+    m = ModelConfig(type=family, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, context=128, **extra)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(m, 1000))
+    assert param_counts(m, 1000)["total"] == sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=default_targets(model)))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert model_shape(m, 1000, lora_rank=4).trainable == trainable
