@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent("""
         "finetune.eval.prompts=2", "finetune.eval.max_new_tokens=4", "finetune.eval.sft_rows=8",
         "compress.variants=[int8]", "compress.eval.val_rows=8", "compress.eval.prompts=0",
         "compress.eval.speed_tokens=4", "compress.prune.calib_rows=4", "compress.choose.max_ppl_increase=1000",
-        "compress.choose.max_rouge_drop=1",
+        "compress.choose.max_rouge_drop=1", "compress.eval.lm_eval.tasks=[]",
         # two one-worker trials of two steps side by side, no scheduler
         "sweep.enabled=true", "sweep.num_trials=2", "sweep.max_steps=2", "sweep.eval_every=2",
         "sweep.eval_batches=1", "sweep.grace_period=2", "sweep.scheduler=none", "sweep.sizing.workers=1",
