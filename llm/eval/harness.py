@@ -40,6 +40,8 @@ CHOICES = 4
 """Endings offered per `llmray_cloze` document."""
 MIN_WORDS, MAX_WORDS = 16, 64
 """Held-out text is cut into passages of at most `MAX_WORDS` words; shorter than `MIN_WORDS` is dropped."""
+ENDING_WORDS = 8
+"""Most words of a `llmray_cloze` ending."""
 DOCS = 256
 """Most documents written per built-in task (`limit` takes the first ones)."""
 
@@ -105,10 +107,12 @@ def passages(texts: Sequence[str]) -> list[str]:
 
 
 def _cloze(items: list[str], seed: int) -> list[dict[str, Any]]:
-    """Per passage: its first two thirds as the context, its true ending and `CHOICES - 1` endings of other
-    passages (distinct texts), the true one at a seeded random position."""
+    """Per passage: its last third (at most `ENDING_WORDS` words) as the true ending, the words before it as
+    the context, and `CHOICES - 1` endings of other passages (distinct texts), the true one at a seeded
+    random position. Short endings fit any context length (lm-eval left-truncates a long context)."""
     rng = random.Random(seed)
-    split = [(" ".join(w[:len(w) * 2 // 3]), " " + " ".join(w[len(w) * 2 // 3:])) for w in map(str.split, items)]
+    cuts = [(w, len(w) - min(ENDING_WORDS, len(w) // 3)) for w in map(str.split, items)]
+    split = [(" ".join(w[:cut]), " " + " ".join(w[cut:])) for w, cut in cuts]
     rows = []
     for i, (context, ending) in enumerate(split):
         others = list(dict.fromkeys(e for j, (_, e) in enumerate(split) if j != i and e != ending))
@@ -186,11 +190,11 @@ def _number(value: Any) -> float | None:
 
 
 def columns(results: dict[str, Any]) -> dict[str, float | None]:
-    """`{"<task>/<metric>": value}` from `simple_evaluate`'s results (filters other than `none` are named
-    after the metric, standard errors and aliases left out)."""
+    """`{"<task>/<metric>": value}` from `simple_evaluate`'s results, sorted by task and metric (filters
+    other than `none` are named after the metric, standard errors and aliases left out)."""
     out = {}
     for task, metrics in sorted(results.get("results", {}).items()):
-        for key, value in metrics.items():
+        for key, value in sorted(metrics.items()):
             metric, _, filt = key.partition(",")
             if not filt or metric.endswith("_stderr"):
                 continue

@@ -58,7 +58,7 @@ def test_family_chat_renders_its_template_and_ends_at_its_turn_end(family_url, f
 def test_a_system_turn_the_template_refuses_joins_the_first_user_turn_as_in_training(family_url) -> None:
     """Gemma 2's template raises on a system role; fine-tuning and the eval table put the system text at the
     head of the first user turn (`llm.eval.turns.fit_roles`), and so does serving: the model is asked what it
-    was tuned on. Any other refusal (roles that do not alternate) is a 400 naming `messages`."""
+    was tuned on. Any other refusal (Mistral's of a system message after the first) is a 400 naming `messages`."""
     from transformers import AutoTokenizer
 
     url, dirs = family_url
@@ -71,7 +71,8 @@ def test_a_system_turn_the_template_refuses_joins_the_first_user_turn_as_in_trai
     r = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={"model": "gemma2", "max_tokens": 2,
                                                                     "messages": system})
     assert r.status_code == 200, r.text
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={"model": "gemma2", "max_tokens": 2,
-                                                                    "messages": [*ASK, *ASK]})
+    late_system = [*ASK, {"role": "system", "content": "Be brief."}]
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={"model": "mistral", "max_tokens": 2,
+                                                                    "messages": late_system})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert "chat template refused" in r.json()["error"]["message"]
