@@ -3,7 +3,9 @@
 Rows join after their own prefill (their caches are left-padded to a common length and concatenated),
 decode together one token per forward pass, and leave when done. Left padding keeps every row's newest
 token in the last column, so one decode step is one `(rows, 1)` forward for the whole batch; the
-attention mask hides the padding and explicit position ids keep each row's positions its own.
+attention mask hides the padding and explicit position ids keep each row's positions its own. A batch
+without padding (rows of one length, or padding every row has left) decodes without them, as a plain
+batched decode loop does: the model then builds no mask at all.
 """
 
 from __future__ import annotations
@@ -111,15 +113,17 @@ class PaddedBatch:
 
         with torch.inference_mode():
             ids = torch.tensor(last_tokens, dtype=torch.long)[:, None]
-            positions = self.mask.sum(1, keepdim=True)  # real tokens so far = this token's position
             mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
             if self._cache is None:
                 from transformers import DynamicCache
 
                 self._cache = DynamicCache(ddp_cache_data=self._kv) if self._kv else DynamicCache()
-            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                             position_ids=positions.to(self.device), past_key_values=self._cache, use_cache=True,
-                             logits_to_keep=1)
+            padded: dict[str, Any] = {}
+            if not bool(self.mask.all()):  # without padding, the cache length is each row's position: no mask
+                positions = self.mask.sum(1, keepdim=True)  # real tokens so far = this token's position
+                padded = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
+            out = self.model(input_ids=ids.to(self.device), past_key_values=self._cache, use_cache=True,
+                             logits_to_keep=1, **padded)
             self._cache = out.past_key_values
             logits = out.logits.float()
             self.mask = mask

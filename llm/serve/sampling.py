@@ -55,6 +55,14 @@ class Sampling:
         return (self.greedy and not self.needs_history and not self.logit_bias and self.top_logprobs is None
                 and not self.track_logprob)
 
+    @property
+    def simple(self) -> bool:
+        """Sampled at a temperature with nothing else to adjust and no seed: drawn with the batch's other
+        such rows in one softmax and one multinomial (`sample`)."""
+        return (not self.greedy and self.top_k <= 0 and self.top_p >= 1.0 and self.min_p <= 0.0
+                and not self.needs_history and not self.logit_bias and self.top_logprobs is None
+                and not self.track_logprob and self.seed is None)
+
     def generator(self, device: torch.device) -> torch.Generator:
         """This request's generator, made on the logits' device at first use (CUDA sampling needs it there)."""
         import torch
@@ -163,15 +171,49 @@ def top_k(logp: torch.Tensor, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
+_BATCH_GENERATORS: dict[str, Any] = {}
+"""Per device, the generator unseeded rows sampled together draw from (seeded rows keep their own)."""
+
+
+def _draw_together(logits: torch.Tensor, rows: list[Row], which: list[int]) -> dict[int, int]:
+    """Tokens for the rows `which` (`Sampling.simple`): one softmax at each row's temperature and one
+    multinomial for all of them, the distribution `sample_row` draws from. A row whose probabilities are not
+    finite is left out (`sample_row` then names its error)."""
+    import torch
+
+    if not which:
+        return {}
+    index = torch.tensor(which, device=logits.device)
+    temps = torch.tensor([rows[i].sampling.temperature for i in which], device=logits.device)
+    probs = torch.softmax(logits.index_select(0, index).float() / temps[:, None], dim=-1)
+    ok = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
+    if not bool(ok.all()):
+        which = [i for i, good in zip(which, ok.tolist(), strict=True) if good]
+        probs = probs[ok]
+        if not which:
+            return {}
+    key = str(logits.device)
+    if key not in _BATCH_GENERATORS:
+        _BATCH_GENERATORS[key] = torch.Generator(device=logits.device)
+        _BATCH_GENERATORS[key].seed()
+    tokens = torch.multinomial(probs, 1, generator=_BATCH_GENERATORS[key])[:, 0].tolist()
+    return dict(zip(which, tokens, strict=True))
+
+
 def sample(logits: torch.Tensor, rows: list[Row]) -> list[Choice | Exception]:
-    """Next tokens for a batch `(rows, vocab)`: one argmax for the rows with nothing to adjust, the rest row
-    by row. A row that fails gets its exception in its place; the others are unaffected."""
+    """Next tokens for a batch `(rows, vocab)`: one argmax for the rows with nothing to adjust, one draw for
+    the rows sampled at a temperature alone, the rest row by row. A row that fails gets its exception in its
+    place; the others are unaffected."""
     plain = [r.sampling.plain and not r.banned for r in rows]
     greedy = logits.argmax(-1).tolist() if any(plain) else []
+    drawn = _draw_together(logits, rows, [i for i, r in enumerate(rows) if r.sampling.simple and not r.banned])
     out: list[Choice | Exception] = []
     for i, row in enumerate(rows):
         if plain[i]:
             out.append(Choice(int(greedy[i])))
+            continue
+        if i in drawn:
+            out.append(Choice(int(drawn[i])))
             continue
         try:
             out.append(sample_row(logits[i], row))

@@ -241,3 +241,27 @@ def test_text_stream_decodes_incrementally_and_can_keep_the_stop() -> None:
         if stopped:
             break
     assert out == "x" * 500 + " the end" and max(calls) <= 3  # never the whole answer again
+
+
+def test_rows_sampled_at_a_temperature_are_drawn_together_from_their_own_distributions() -> None:
+    """Unseeded rows with only a temperature share one softmax and one multinomial: each row still draws from
+    softmax(logits / its temperature); a seeded row keeps its own generator; a row with no possible token
+    fails alone."""
+    import torch
+
+    from llm.serve.sampling import Row, sample
+
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.1, 0.1, 0.1, 0.7], [0.25, 0.25, 0.25, 0.25]]))
+    logits[2] = float("nan")
+    hot, cold = Sampling(temperature=1.0), Sampling(temperature=0.5)
+    counts = torch.zeros(2, 4)
+    for _ in range(4000):
+        first, second, bad = sample(logits, [Row(hot, [1], []), Row(cold, [1], []), Row(Sampling(), [1], [])])
+        counts[0, first.token] += 1
+        counts[1, second.token] += 1
+        assert isinstance(bad, Exception)
+    want = torch.softmax(logits[:2] / torch.tensor([[1.0], [0.5]]), -1)
+    assert (counts / 4000 - want).abs().max() < 0.03, counts / 4000
+    seeded = [sample(logits[:1], [Row(Sampling(temperature=1.0, seed=7), [1], [])])[0].token for _ in range(2)]
+    again = [sample(logits[:1], [Row(Sampling(temperature=1.0, seed=7), [1], [])])[0].token for _ in range(2)]
+    assert seeded == again  # a fresh seeded request repeats its draws
