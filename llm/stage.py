@@ -144,11 +144,7 @@ def _external(cfg: PipelineConfig, value: Any) -> list[str]:
     paths = value if isinstance(value, list) else [value] if isinstance(value, str) else []
     # `builtin:` sources ship with the package; the run's own folders are inputs with manifests already
     run = cfg.storage.rstrip("/") + "/" + cfg.run + "/"
-    return [p for p in paths if ("://" in p or ":" not in p) and not _absolute(p).startswith(run)]
-
-
-def _absolute(path: str) -> str:
-    return path if storage.is_remote(path) else str(Path(path.removeprefix("file://")).expanduser().resolve())
+    return [p for p in paths if ("://" in p or ":" not in p) and not storage.absolute(p).startswith(run)]
 
 
 def external_fingerprints(cfg: PipelineConfig, section: str) -> dict[str, dict[str, str]]:

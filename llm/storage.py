@@ -218,6 +218,36 @@ def upload(local: str | Path, uri: str | Path) -> None:
                         destination_filesystem=fs)
 
 
+def absolute(path: str | Path) -> str:
+    """A URI as it is; a local path (`file://` stripped, `~` expanded) absolute and resolved."""
+    text = str(path)
+    return text if is_remote(text) else str(Path(text.removeprefix("file://")).expanduser().resolve())
+
+
+def within(path: str | Path, folder: str | Path) -> bool:
+    """Whether `path` is `folder` or inside it (URIs compared by prefix, local paths once resolved)."""
+    inner, outer = absolute(path).rstrip("/"), absolute(folder).rstrip("/")
+    return inner == outer or inner.startswith(outer + "/")
+
+
+def readable_here(uri: str | Path, tmp: str | Path, files: list[str]) -> Path:
+    """A local folder holding `files` of `uri`: the folder itself when local, else those files downloaded
+    into `tmp`."""
+    return Path(uri) if not is_remote(uri) else download(uri, tmp, dict.fromkeys(files, 0))
+
+
+def file_here(uri: str, tmp: str | Path) -> Path | None:
+    """One file as a local path: the file itself when local, else a copy in `tmp`; None when it is not there."""
+    if not is_remote(uri):
+        return Path(uri) if Path(uri).is_file() else None
+    local = Path(tmp) / uri.rsplit("/", 1)[-1]
+    try:
+        local.write_bytes(read_bytes(uri))
+    except FileNotFoundError:
+        return None
+    return local
+
+
 def download(uri: str | Path, local: str | Path, files: dict[str, int] | None = None) -> Path:
     """Copy the files under `uri` (or only `files`: relative path -> size) into a local folder."""
     fs, path = resolve(uri)

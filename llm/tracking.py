@@ -127,7 +127,7 @@ def _artifacts(uri: str, patterns: tuple[str, ...]) -> Iterator[tuple[Path, str]
     files = sorted(rel for rel in storage.list_files(uri)
                    if not rel.startswith(SKIP_DIRS) and any(fnmatch(rel.rsplit("/", 1)[-1], p) for p in patterns))
     with tempfile.TemporaryDirectory(prefix="llmray-track-") as tmp:
-        local = Path(uri) if not storage.is_remote(uri) else storage.download(uri, tmp, {f: 0 for f in files})
+        local = storage.readable_here(uri, tmp, files)
         for rel in files:
             yield local / rel, rel.rpartition("/")[0]
 
@@ -312,14 +312,5 @@ def pipeline_run(cfg: PipelineConfig) -> Iterator[None]:
 @contextlib.contextmanager
 def _local_copy(uri: str) -> Iterator[Path | None]:
     """A local path of one file (a temporary copy from an object store); None when it is not there."""
-    if not storage.is_remote(uri):
-        yield Path(uri) if Path(uri).is_file() else None
-        return
     with tempfile.TemporaryDirectory(prefix="llmray-track-") as tmp:
-        try:
-            local = Path(tmp) / uri.rsplit("/", 1)[-1]
-            local.write_bytes(storage.read_bytes(uri))
-        except FileNotFoundError:
-            yield None
-            return
-        yield local
+        yield storage.file_here(uri, tmp)

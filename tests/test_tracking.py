@@ -168,6 +168,8 @@ def test_wandb_offline_run_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with tracking.pipeline_run(cfg):
         stages.run_stage(cfg, "data", quiet=True)
         Path(cfg.storage, cfg.run, "report.html").write_text("<html>report</html>")
+    # W&B names an offline run's folder by the second it starts: a rerun within the same second would share it.
+    time.sleep(1.1)
     stages.run_stage(cfg, "data", force=True, quiet=True)  # rerun, same config: the same W&B run id
 
     ids = json.loads(Path(cfg.storage, cfg.run, tracking.RUNS_FILE).read_text())["wandb"]["llmray-test"]

@@ -138,8 +138,7 @@ def outside_run(cfg: PipelineConfig, path: str, key: str) -> str | None:
     path outside the run's own storage is a second place that must be trusted.
     """
     run = cfg.storage.rstrip("/") + "/" + cfg.run
-    inside = not storage.is_remote(run) and Path(path).resolve().is_relative_to(Path(run).resolve())
-    if inside:
+    if storage.within(path, run):
         return None
     return (f"warning: {key}={path} is outside this run's storage ({run}); its checkpoints are unpickled on "
             f"every worker, so whoever can write there can run code on the cluster")
