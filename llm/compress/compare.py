@@ -18,6 +18,7 @@ from llm import storage
 from llm.compress.tokens import Tokens
 from llm.config import PipelineConfig
 from llm.data.sft import held_out
+from llm.data.tokenizer import load_tokenizer
 from llm.eval import (
     DOCS,
     EvalSettings,
@@ -52,9 +53,7 @@ def heldout_text(original: Path, packed_val: Path | None, records: list[Any]) ->
     decoded with the original's tokenizer where there is one (the pretraining distribution; enough tokens for
     `DOCS` passages), else the held-out conversations' text."""
     if packed_val is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(original))
+        tokenizer = load_tokenizer(original)
         stream = packed_rows(packed_val, DOCS).ravel()[:HELD_OUT_TOKENS]
         return [str(tokenizer.decode(stream.tolist(), skip_special_tokens=True))]
     return conversation_text([r["messages"] for r in records])
