@@ -1,9 +1,9 @@
 """Continuous batching: requests join the running batch between decoding steps and leave when done.
 
 One asyncio task per model schedules: admit waiting requests (prefilled together, then merged into the
-padded batch), run one decode step for every row, hand each row its token, drop finished or cancelled
-rows, repeat. Forward passes run in a worker thread so the replica keeps accepting requests and
-answering health checks meanwhile; the batch itself is only touched by that one task.
+padded batch), run decode steps for every row (more per trip the fuller the batch), hand each row its
+tokens, drop finished or cancelled rows, repeat. Forward passes run in a worker thread so the replica keeps
+accepting requests and answering health checks meanwhile; the batch itself is only touched by that one task.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ from llm.serve.sampling import Choice, Row, Sampling, prompt_logprobs, sample
 log = logging.getLogger("ray.serve")
 
 DECODE_STEPS = 2
-"""Decode steps per trip to the worker thread while nobody waits to join the batch."""
+"""Decode steps per trip to the worker thread while nobody waits to join the batch (the fewest)."""
+MAX_DECODE_STEPS = 8
+"""The most decode steps per trip (a full batch): tokens then reach each stream in chunks of up to 8."""
+HOP_BUDGET_S = 0.05
+"""A trip with more than the fewest steps stays under this, so a slow model still streams smoothly."""
 
 
 @dataclass
@@ -126,6 +130,8 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self.last_step = time.monotonic()
         """When the loop last finished a forward pass (the health check reads it)."""
+        self._step_s = 0.0
+        """Seconds per decode step of the last trip (`_steps_per_trip` keeps a trip within its budget)."""
 
     @property
     def in_flight(self) -> int:
@@ -195,9 +201,9 @@ class Engine:
                 if joining:
                     self._deliver(await asyncio.to_thread(self._prefill, joining))
                 if self._running:
-                    # Two steps per hop when nobody waits to join: half the thread hops and deliveries per
-                    # token (vLLM's multi-step scheduling); a newcomer is admitted after one step.
-                    steps = 1 if self._waiting else DECODE_STEPS
+                    # Several steps per trip when nobody waits to join (vLLM's multi-step scheduling); a
+                    # newcomer is admitted after one step.
+                    steps = 1 if self._waiting else self._steps_per_trip()
                     self._deliver(await asyncio.to_thread(self._decode, steps))
             except Exception as e:  # the model failed: fail what is in flight, keep serving the rest
                 log.exception("generation failed")
@@ -206,6 +212,17 @@ class Engine:
                 self._running = []
                 self.batch.keep([])
             self.last_step = time.monotonic()
+
+    def _steps_per_trip(self) -> int:
+        """Decode steps for the next trip to the worker thread. Every trip costs a thread hop and delivers one
+        chunk per running sequence, which the proxy and each client must then carry: with one stream that
+        is cheap, with a full batch it is what bounds the tokens/s a replica streams. So a batch of n takes
+        n/2 steps per trip (2 to 8; one stream gets a chunk every 2 tokens, 16 streams every 8), kept within
+        `HOP_BUDGET_S` by the last trip's step time."""
+        steps = min(MAX_DECODE_STEPS, max(DECODE_STEPS, len(self._running) // 2))
+        if self._step_s > 0:
+            steps = min(steps, max(DECODE_STEPS, int(HOP_BUDGET_S / self._step_s)))
+        return steps
 
     def _admit(self) -> list[Sequence]:
         joining: list[Sequence] = []
@@ -244,10 +261,12 @@ class Engine:
         `_deliver` drops it, and the tokens it gets after finishing are discarded."""
         tokens: dict[int, list[Choice]] = {id(s): [] for s in self._running}
         failed: dict[int, Exception] = {}
+        started, done = time.perf_counter(), 0
         for _ in range(steps):
             live = {id(s) for s in self._running if id(s) not in failed and not self._finished(s, tokens[id(s)])}
             if not live:
                 break
+            done += 1
             logits = self.batch.decode([s.last for s in self._running])
             chosen = sample(logits, [s.row() for s in self._running])
             for seq, c in zip(self._running, chosen, strict=True):
@@ -259,6 +278,8 @@ class Engine:
                 seq.last = c.token
                 seq.generated.append(c.token)
                 tokens[id(seq)].append(c)
+        if done:
+            self._step_s = (time.perf_counter() - started) / done
         return [(seq, failed[id(seq)] if id(seq) in failed else Step(tokens[id(seq)])) for seq in self._running]
 
     @staticmethod
