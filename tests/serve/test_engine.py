@@ -265,3 +265,25 @@ def test_rows_sampled_at_a_temperature_are_drawn_together_from_their_own_distrib
     seeded = [sample(logits[:1], [Row(Sampling(temperature=1.0, seed=7), [1], [])])[0].token for _ in range(2)]
     again = [sample(logits[:1], [Row(Sampling(temperature=1.0, seed=7), [1], [])])[0].token for _ in range(2)]
     assert seeded == again  # a fresh seeded request repeats its draws
+
+
+
+def test_a_fuller_batch_takes_more_steps_per_trip_within_the_budget(loaded) -> None:
+    """One stream takes 2 steps per trip, 16 streams 8 (fewer chunks per token for the proxy to carry); a slow
+    model's trip stays within the budget; 16 streams then get the tokens each gets alone."""
+    engine = Engine(loaded)
+    for running, steps in ((1, 2), (6, 3), (16, 8), (64, 8)):
+        engine._running = [object()] * running  # type: ignore[list-item]
+        engine._step_s = 0.001
+        assert engine._steps_per_trip() == steps
+        engine._step_s = 0.02  # 20 ms a step: only the fewest (2) fit the 50 ms budget
+        assert engine._steps_per_trip() == 2
+
+    async def main() -> tuple[list[int], list[list[int]]]:
+        engine = Engine(loaded, max_batch_size=16)
+        alone = (await _run(engine, "def", 24))[0]
+        together = await asyncio.gather(*[_run(engine, "def", 24) for _ in range(16)])
+        return alone, [t for t, _ in together]
+
+    alone, together = asyncio.run(main())
+    assert len(alone) == 24 and all(t == alone for t in together)
