@@ -1,27 +1,35 @@
 """The calm console: per stage a header, one live line, the stage's own summary; Ray's chatter in a log file.
 
-While a stage runs, `sys.stdout`/`sys.stderr` are routers: what the main thread prints (headers,
-summaries, the stage's one-line messages) reaches the terminal and the log; what other threads print
-(Ray's log monitor forwarding worker output, Ray Data's progress bars, library threads) and every
-library logger go to `<storage>/<run>/logs/<stage>.log` only. Output of C code and subprocesses on file
-descriptor 2 (compilers probed by DeepSpeed, Ray's core) goes there too. `--verbose` shows it all live.
+Nothing is intercepted: what the stage prints goes to the terminal as printed, and everything else reaches
+`<storage>/<run>/logs/<stage>.log` through the channels Ray and `logging` provide for it.
+- The root logger gets a handler on the stage log, and warnings log there (`logging.captureWarnings`).
+  Loggers that a library gives a terminal handler of its own when imported (Ray's, DeepSpeed's) are
+  handed to the root logger (`through_root`: `llm.raycluster.connect` does it for Ray's); those of other
+  libraries already imported point their handler at the log for the stage.
+- Workers' stdout/stderr, which Ray forwards to the driver (`log_to_driver`), comes through Ray's
+  worker-output dispatcher, where the console listens (`connect` takes Ray's own printer off it): each
+  line goes to the stage log.
+- Progress bars are off (`connect`): the live line is the progress.
+`--verbose` adds a terminal handler to the root logger and hands worker output to Ray's printer as well,
+so Ray's output shows live, as plain Ray prints it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 
 from llm import storage
 from llm.config import PipelineConfig
+
+_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def log_path(cfg: PipelineConfig, stage: str) -> Path:
@@ -30,81 +38,97 @@ def log_path(cfg: PipelineConfig, stage: str) -> Path:
     return storage.appendable(storage.join(cfg.storage, cfg.run, "logs", f"{stage}.log"), f"logs/{cfg.run}")
 
 
-class _Router:
-    """A text stream: main-thread writes go to the terminal and the log, other threads' to the log only."""
+class _WorkerOutput:
+    """The console's handler on Ray's worker-output dispatcher: each forwarded line into the latest stage's
+    log, and to Ray's own printer too under `--verbose`. Ray's log monitor keeps forwarding for a moment
+    after a stage ends (a failed worker's last lines among them): those still land in that stage's log."""
 
-    def __init__(self, term: IO[str], log: IO[str], verbose: bool) -> None:
-        self.term, self.log, self.verbose = term, log, verbose
-        self.main = threading.main_thread()
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._log: IO[str] | None = None
+        self._verbose = False
 
-    def write(self, text: str) -> int:
-        with contextlib.suppress(ValueError):  # the log closed under a late thread
-            self.log.write(text)
-        if self.verbose or (threading.current_thread() is self.main and not _from_logging()):
-            self.term.write(text)
-        return len(text)
+    def follow(self, log: Path, verbose: bool) -> None:
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+            self._log, self._verbose = log.open("a", buffering=1), verbose
 
-    def flush(self) -> None:
-        with contextlib.suppress(ValueError):
-            self.log.flush()
-        self.term.flush()
+    def __call__(self, data: dict[str, Any]) -> None:
+        from ray._private.worker import filter_autoscaler_events, print_to_stdstream
 
-    def isatty(self) -> bool:
-        return self.term.isatty()
-
-    def fileno(self) -> int:
-        return self.term.fileno()
-
-    @property
-    def encoding(self) -> str:
-        return getattr(self.term, "encoding", "utf-8")
-
-
-_RAY_WORKER_PY = str(Path("ray") / "_private" / "worker.py")
+        with self._lock:
+            if self._log is not None:
+                pid, lines = data.get("pid"), data.get("lines", [])
+                if pid == "autoscaler":  # its status table every few seconds: only its events, as Ray prints
+                    lines = list(filter_autoscaler_events(lines))
+                name = data.get("actor_name") or data.get("task_name")
+                for line in lines:
+                    self._log.write(f"({name + ' ' if name else ''}pid={pid}) {line}\n")
+            if self._verbose:
+                print_to_stdstream(data, ignore_prefix=False)
 
 
-def _from_logging() -> bool:
-    """True when the write comes from a logging handler (a library that created its logger during the
-    stage holds our router as its stream: DeepSpeed does at import) or from Ray's forwarding of worker
-    output (its last lines are printed from the main thread when Ray shuts down): both belong in the log."""
-    frame: Any = sys._getframe(2)
-    for _ in range(4):
-        if frame is None:
-            return False
-        name = frame.f_code.co_filename
-        if name == logging.__file__ or name.endswith(_RAY_WORKER_PY):
-            return True
-        frame = frame.f_back
-    return False
+_WORKERS = _WorkerOutput()
 
 
-def _stream_handlers() -> list[logging.StreamHandler[Any]]:
+def _listen_to_workers() -> None:
+    """Register on Ray's dispatcher of forwarded worker output (what `ray.init(log_to_driver=True)` feeds;
+    private, but it is Ray's one mechanism for it: `--verbose`'s test notices a change)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    if not any(name == "llmray" for name, _ in dispatcher.handlers):
+        dispatcher.add_handler("llmray", _WORKERS)
+
+
+def _to_terminal(h: logging.Handler) -> TypeGuard[logging.StreamHandler[Any]]:
+    terminal = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and (
+        h.stream in terminal or type(h).__name__ == "PlainRayHandler")  # Ray's: stderr as it is at each record
+
+
+def through_root(name: str) -> None:
+    """The logger `name` and those below it log through the root logger: a terminal handler of their own
+    (which Ray's libraries and DeepSpeed add when imported, with `propagate=False`) is removed. The root
+    logger's handlers are the console's during a stage (the stage log; the terminal too under `--verbose`);
+    outside one, Python's last-resort handler still shows warnings. Idempotent."""
+    for key, lg in [(name, logging.getLogger(name)), *list(logging.root.manager.loggerDict.items())]:
+        if not isinstance(lg, logging.Logger) or not (key == name or key.startswith(name + ".")):
+            continue
+        own = [h for h in lg.handlers if _to_terminal(h)]
+        for h in own:
+            lg.removeHandler(h)
+        if own:  # set apart for that handler: now the root's handlers see its records
+            lg.propagate = True
+
+
+def _terminal_handlers() -> list[logging.StreamHandler[Any]]:
+    """Handlers of any logger that write to the terminal (not to a file)."""
     loggers = [logging.getLogger()] + [v for v in logging.root.manager.loggerDict.values()
                                        if isinstance(v, logging.Logger)]
-    return [h for lg in loggers for h in lg.handlers
-            if type(h) is logging.StreamHandler or (isinstance(h, logging.StreamHandler)
-                                                    and not isinstance(h, logging.FileHandler)
-                                                    and type(h).__module__ != "logging")]
+    return [h for lg in loggers for h in lg.handlers if _to_terminal(h)]
 
 
 @contextlib.contextmanager
 def stage_console(cfg: PipelineConfig, stage: str, what: str, verbose: bool = False) -> Iterator[Path]:
-    """Route output for one stage; prints its header line. Yields the log path."""
-    global _late
+    """Print the stage's header line and send the stage's logging and Ray's output to its log (and to the
+    terminal too with `verbose`). Yields the log path."""
     log = log_path(cfg, stage)
     log.parent.mkdir(parents=True, exist_ok=True)
-    term_out, term_err = _terminal(sys.stdout), _terminal(sys.stderr)
-    term_out.write(f"== {stage}: {what} -> {cfg.stage_dir(stage)}  (log: {log})\n")
-    term_out.flush()
+    print(f"== {stage}: {what} -> {cfg.stage_dir(stage)}  (log: {log})", flush=True)
     f = log.open("a", buffering=1)
     f.write(f"\n===== {stage} {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
-    sys.stdout, sys.stderr = _Router(term_out, f, verbose), _Router(term_err, f, verbose)
-    handlers = [(h, h.stream) for h in _stream_handlers()]
-    for h, _ in handlers:
-        h.setStream(sys.stderr if verbose else f)
-    file_handler = logging.FileHandler(log)
-    logging.getLogger().addHandler(file_handler)
-    saved_fd = _redirect_fd2(f) if not verbose else None
+    handlers: list[logging.Handler] = [logging.StreamHandler(f)]
+    if verbose:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    root = logging.getLogger()
+    for h in handlers:
+        h.setLevel(logging.INFO)  # Ray Data's logger passes DEBUG records on (its session file keeps those)
+        h.setFormatter(_FORMAT)
+        root.addHandler(h)
+    aside = [] if verbose else [(h, h.setStream(f)) for h in _terminal_handlers() if h not in handlers]
+    _WORKERS.follow(log, verbose)
+    _listen_to_workers()
     logging.captureWarnings(True)
     try:
         with warnings.catch_warnings():
@@ -112,41 +136,11 @@ def stage_console(cfg: PipelineConfig, stage: str, what: str, verbose: bool = Fa
             yield log
     finally:
         logging.captureWarnings(False)
-        if saved_fd is not None:
-            os.dup2(saved_fd, 2)
-            os.close(saved_fd)
-        logging.getLogger().removeHandler(file_handler)
-        file_handler.close()
-        for h, stream in handlers:
+        for h, stream in aside:
             h.setStream(stream)
-        # Ray's log monitor keeps forwarding worker lines for a while after a stage: they go on to this
-        # stage's log, never to the terminal, until the next stage routes them or the process ends.
-        if _late is not None:
-            _late.close()
-        _late = f
-        sys.stdout, sys.stderr = _Router(term_out, f, verbose), _Router(term_err, f, verbose)
-
-
-_late: IO[str] | None = None
-
-
-def _terminal(stream: Any) -> Any:
-    return stream.term if isinstance(stream, _Router) else stream
-
-
-def _redirect_fd2(f: IO[str]) -> int | None:
-    try:
-        saved = os.dup(2)
-        os.dup2(f.fileno(), 2)
-        return saved
-    except OSError:  # no real fd 2 (embedded interpreters): Python-level routing still applies
-        return None
-
-
-def terminal() -> IO[str]:
-    """The terminal stream under a router (or stdout when no stage is running)."""
-    out = sys.stdout
-    return out.term if isinstance(out, _Router) else out
+        for h in handlers:
+            root.removeHandler(h)
+        f.close()
 
 
 class LiveLine:
@@ -169,7 +163,7 @@ class LiveLine:
 
     def _show(self, final: bool = False) -> None:
         text = self.render()
-        term = terminal()
+        term = sys.stdout
         if not text:
             return
         if term.isatty():
@@ -182,6 +176,6 @@ class LiveLine:
     def _run(self) -> None:
         last_plain = 0.0
         while not self._stop.wait(self.interval):
-            if terminal().isatty() or time.monotonic() - last_plain >= self.every:
+            if sys.stdout.isatty() or time.monotonic() - last_plain >= self.every:
                 self._show()
                 last_plain = time.monotonic()

@@ -1,4 +1,14 @@
-"""Reaching Ray: the configured address, a running cluster, or a local one sized for small machines."""
+"""Reaching Ray: the configured address, a running cluster, or a local one sized for small machines.
+
+Connecting also sets Ray's output up for the calm console (`llm.console`), on Ray's own terms:
+- Ray's driver-side Python loggers (`ray`, and `ray.data`, `ray.serve`, which get their own terminal
+  handler when imported) lose their terminal handlers and propagate to the root logger, where the
+  console's handlers decide: the stage log, and the terminal too under `--verbose`.
+- Workers' stdout/stderr still reach the driver (`log_to_driver=True`), but Ray's own printer is taken off
+  its dispatcher (`global_worker_stdstream_dispatcher`): whoever listens there (the console) decides.
+- Progress bars are off: Ray Data's (`DataContext.enable_progress_bars`) and tqdm's in workers
+  (`TQDM_DISABLE` through the job's `runtime_env`); the stage's live line is the progress.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +16,7 @@ import os
 from typing import Any
 
 from llm.config import PipelineConfig
+from llm.console import through_root
 from llm.errors import ClusterError
 
 
@@ -36,15 +47,15 @@ def connect(cfg: PipelineConfig, join_running: bool = True, **init_kwargs: Any) 
     """
     import ray
 
+    quiet_ray_loggers()
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
-    kwargs: dict[str, Any] = {"log_to_driver": True, **init_kwargs}
+    kwargs: dict[str, Any] = {"log_to_driver": True, "runtime_env": {"env_vars": _worker_env()}, **init_kwargs}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         source = "metadata.llm.ray.address" if cfg.ray.address else "RAY_ADDRESS"
         try:
-            ray.init(address=address, **kwargs)
+            _init(address=address, **kwargs)
         except Exception as e:
             raise ClusterError(f"cannot connect to the Ray cluster at {address} ({source}): "
                                f"{_first_line(e)}{_auth_hint(e)}") from None
@@ -52,14 +63,46 @@ def connect(cfg: PipelineConfig, join_running: bool = True, **init_kwargs: Any) 
     running = _running_gcs() if join_running else []
     if running:
         try:
-            ray.init(address="auto", **kwargs)
+            _init(address="auto", **kwargs)
         except Exception as e:
             raise ClusterError(f"a Ray cluster is running on this machine ({', '.join(running)}) but connecting "
                                f"to it failed: {_first_line(e)}{_auth_hint(e)}; fix that, or `ray stop` it to let "
                                "llmray start its own") from None
         return
     # "local": a new cluster even where another runs (plain `ray.init()` would join it).
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kwargs)
+    _init(address="local", num_cpus=cfg.ray.num_cpus, **kwargs)
+
+
+_WORKER_ENV = {"TQDM_DISABLE": "1"}
+"""Set in every worker of the job: a tqdm bar forwarded from a worker is a stream of carriage returns."""
+
+
+def _worker_env() -> dict[str, str]:
+    """`_WORKER_ENV` less what this driver's environment sets already (a job submitted with its own
+    `env_vars` has them here too, and Ray refuses a ray.init `env_vars` key the job also sets)."""
+    return {k: v for k, v in _WORKER_ENV.items() if k not in os.environ}
+
+
+def _init(**kwargs: Any) -> None:
+    """`ray.init`, then Ray's terminal printer of worker output off its dispatcher (the console listens
+    there and writes worker lines to the stage log; with `--verbose`, through Ray's printer too)."""
+    import ray
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    ray.init(**kwargs)
+    global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")  # the name ray.init registers it by
+
+
+def quiet_ray_loggers() -> None:
+    """Ray's driver-side loggers log through the root logger (`llm.console.through_root`) and Ray Data
+    shows no progress bars. Idempotent. Ray's libraries set their loggers up when first imported, so Ray
+    Data (which Train and Tune import too) is imported here first; the serve stage imports Serve before
+    connecting."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    through_root("ray")
+
 
 
 def _auth_hint(e: BaseException) -> str:

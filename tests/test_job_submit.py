@@ -106,6 +106,11 @@ def test_pipeline_then_single_stage_job(head, tmp_path: Path) -> None:
     assert len(lines) < 80, "\n".join(lines)
     assert "== data:" in logs and "== pretrain:" in logs and "pretrain: 4 steps" in logs
     assert "Reporting training result" not in logs and "Traceback" not in logs
+    # From the first header on (before it: `ray job logs`' own lines), neither a Ray log record
+    # (`... INFO worker.py:123 -- ...`) nor a forwarded worker line (`(name pid=1) ...`).
+    driver = lines[next(i for i, ln in enumerate(lines) if ln.startswith("== data:")):]
+    from_ray = [ln for ln in driver if " -- " in ln or re.match(r"\((\S+ )?pid=", ln)]
+    assert not from_ray, "\n".join(from_ray)
     assert (run / "logs" / "pretrain.log").stat().st_size > 0
 
     _, again = _submit(head, "jobs/pretrain.py", *args, "pretrain.log_every=2")

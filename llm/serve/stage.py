@@ -95,6 +95,8 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
         require_vllm()
     print(f"serve: {', '.join(f'{k} <- {v}' for k, v in models.items())}", flush=True)
     attach = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    import ray.serve  # noqa: F401  Serve sets its driver logger up when imported: before connect() takes it over
+
     connect(cfg, join_running=False, log_to_driver=False)  # per-request logs stay in Serve's replica logs
     started_here = _started_ray_here()
 

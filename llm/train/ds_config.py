@@ -10,9 +10,11 @@ arithmetic that disagrees with the world size are `ConfigError`s naming
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from llm.config import LLM_PREFIX, TrainConfig
+from llm.console import through_root
 from llm.errors import ConfigError
 
 # Top-level keys DeepSpeed's `DeepSpeedConfig` reads (deepspeed/runtime/config.py, 0.19).
@@ -138,8 +140,9 @@ def validate(cfg: dict[str, Any], override: dict[str, Any], world_size: int, sta
     zero = cfg.get("zero_optimization", {})
     if not isinstance(zero, dict):
         fail("zero_optimization", f"must be a mapping (got {zero!r})")
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from pydantic import ValidationError
+
+    DeepSpeedZeroConfig = _import_zero_config()
 
     try:
         DeepSpeedZeroConfig(**zero)
@@ -170,3 +173,19 @@ def keep_global_batch(cfg: dict[str, Any], global_batch: int, world_size: int, s
 def precision_dtype(train: TrainConfig) -> str:
     """torch dtype name the model computes in."""
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[train.precision]
+
+
+def _import_zero_config() -> Any:
+    """DeepSpeed's `DeepSpeedZeroConfig`. Here the driver first imports DeepSpeed, whose import gives its
+    logger a stdout handler of its own: the logger is handed to the root logger (`llm.console.through_root`,
+    so the stage log). The import itself logs the accelerator it detected ("Setting accelerator to CPU"),
+    which says nothing about the workers, where training runs: that record is dropped (`disabled` during
+    the import), the only one no handler could take, as it comes before the logger can be configured."""
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.disabled = True
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    finally:
+        ds_logger.disabled = False
+    through_root("DeepSpeed")
+    return DeepSpeedZeroConfig
