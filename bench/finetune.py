@@ -177,6 +177,27 @@ def run_one(kind: str, root: Path, steps: int, threads: int, precision: str) -> 
     return result
 
 
+def full_fits() -> tuple[bool, float, float]:
+    """(whether full fine-tuning fits here, GB it needs at least, GB available): fp32 weights, gradients and
+    Adam's two moments are 16 bytes a parameter before any activation; the model is counted on the meta
+    device (nothing allocated)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llm.config import ModelConfig
+    from llm.train.model import hf_config
+
+    if SHAPE is None:
+        return True, 0.0, 0.0
+    from bench.compress import SHAPES
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(ModelConfig(**SHAPES[SHAPE]["model"]), VOCAB))
+    need = sum(p.numel() for p in model.parameters()) * 16 / 2**30
+    have = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable")) / 2**20
+    return need < 0.8 * have, need, have
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
@@ -191,14 +212,22 @@ def main() -> None:
     if args.one:
         one(args.one, Path(args.root), args.steps, args.threads, args.precision)
         return
+    fits, need_gb, have_gb = full_fits()
     with tempfile.TemporaryDirectory(prefix="llmray-bench-ft-") as tmp:
         root = Path(tmp)
-        full, lora, base = (run_one(kind, root, args.steps, args.threads, args.precision)
-                            for kind in ("full", "lora", "plain"))
+        lora, base = (run_one(kind, root, args.steps, args.threads, args.precision) for kind in ("lora", "plain"))
+        full = run_one("full", root, args.steps, args.threads, args.precision) if fits else None
     what = f"{SHAPE} shape" if SHAPE else f"llama {MODEL['n_layers']}x{MODEL['d_model']}"
-    print(f"model: {what}, {full['params'] / 1e6:.1f}M parameters, vocabulary {VOCAB:,}, "
+    print(f"model: {what}, {lora['params'] / 1e6:.1f}M parameters, vocabulary {VOCAB:,}, "
           f"seq {SEQ}, micro {MICRO}, {args.precision}, {args.threads} threads, {args.steps} steps "
           f"(median after {WARMUP})")
+    if full is None:
+        print(f"full fine-tuning not run: its weights, gradients and Adam states alone need {need_gb:.1f} GB, "
+              f"this machine has {have_gb:.1f} GB available; what it would cost comes from `llmray plan`")
+        print(f"step s: lora {lora['step_s']:.3f}, plain peft lora {base['step_s']:.3f}; "
+              f"peak MB: lora {lora['peak_mb']:.0f}, plain peft lora {base['peak_mb']:.0f}")
+        print(f"step time our LoRA step / plain PyTorch + peft: {lora['step_s'] / base['step_s']:.2f} (goal <= 1.10)")
+        return
     print(f"step s: full {full['step_s']:.3f}, lora {lora['step_s']:.3f}, plain peft lora {base['step_s']:.3f}; "
           f"peak MB: full {full['peak_mb']:.0f}, lora {lora['peak_mb']:.0f}, plain peft lora {base['peak_mb']:.0f}")
     print(f"trainable parameters LoRA / full: {lora['trainable']:,} / {full['trainable']:,} = "
