@@ -71,6 +71,18 @@ class StageResult:
 
 
 @dataclass(frozen=True)
+class StageModel:
+    """A model a stage's committed output names, as its tracked run logs it: an MLflow pyfunc model."""
+
+    path: str
+    """The model directory (a path, or a URI in an object store)."""
+    code: Path
+    """The MLflow "models from code" file that opens the directory (logged as its `model` artifact)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The pyfunc's model config: the keys `mlflow.pyfunc.load_model(uri, model_config=...)` may override."""
+
+
+@dataclass(frozen=True)
 class Stage:
     """A stage, declared once, at the bottom of its own module; `llm.stages` lists them in pipeline order and
     the CLI verbs, `llmray run`, `jobs/`, status and the report derive from that list."""
@@ -97,6 +109,9 @@ class Stage:
     setup; `lr: best` stands for the winning schedule); None: as written."""
     progress: Callable[[str], str] | None = None
     """What a rerun of an interrupted run of it keeps, from its folder, for `llmray status`."""
+    model: Callable[[PipelineConfig], StageModel] | None = None
+    """The model its committed output names, which its tracked run logs as an MLflow model (compress: the
+    chosen variant); None: no model to log."""
 
     def enabled(self, cfg: PipelineConfig) -> bool:
         return bool(getattr(cfg, self.name).enabled)

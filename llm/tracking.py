@@ -10,6 +10,9 @@ changed config opens a new one. A stage that raises ends its runs FAILED.
 The training workers log the per-step metrics themselves: `worker_sinks()` is what `llm.train.recipe.fit` puts
 into the `LoopSpec`, and rank 0's `MetricsLog` logs into the stage's run by id. A tracking URI that names
 this machine (`127.0.0.1`, a relative `sqlite:` path) must therefore be reachable from the worker's node.
+A sweep trial is a run nested under the sweep's (`trial_run`, opened by the trial's driver; its rank 0 logs
+there), ended by the sweep's driver with its outcome (`end_trials`). A stage that names a model (`Stage.model`:
+compress, its chosen variant) logs it as an MLflow pyfunc model in its run, once.
 `mlflow` and `wandb` are imported only when configured (`pip install 'llmray[tracking]'`).
 """
 
@@ -22,9 +25,11 @@ import math
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from fnmatch import fnmatch
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +37,11 @@ from llm import storage
 from llm.config import PipelineConfig
 from llm.errors import ConfigError
 from llm.manifest import canonical_hash
-from llm.stage import Stage, StageResult, hashed_config
+from llm.stage import Stage, StageModel, StageResult, hashed_config
 
+MODEL_TAG = "llmray.model"
+"""Tag of a stage run: the model directory it logged as its MLflow model `model` (logged once per run)."""
+TRIAL_TAG = "llmray.trial_id"
 RUNS_FILE = "tracking.json"
 """`<storage>/<run>/tracking.json`: the MLflow and W&B run ids of the pipeline and of each stage."""
 ARTIFACTS = ("eval.json", "*.png")
@@ -174,8 +182,9 @@ def _mlflow_parent(cfg: PipelineConfig) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def _mlflow_stage(cfg: PipelineConfig, name: str, params: dict[str, Any], digest: str) -> Iterator[Finish]:
+def _mlflow_stage(cfg: PipelineConfig, stage: Stage, params: dict[str, Any], digest: str) -> Iterator[Finish]:
     mlflow = _import("mlflow", "mlflow")
+    name = stage.name
     with contextlib.ExitStack() as stack:
         if mlflow.active_run() is None:  # one stage alone: its pipeline's parent run is continued around it
             stack.enter_context(_mlflow_parent(cfg))
@@ -194,8 +203,96 @@ def _mlflow_stage(cfg: PipelineConfig, name: str, params: dict[str, Any], digest
             mlflow.set_tag("llmray.skipped", str(result.skipped).lower())
             for path, folder in _artifacts(cfg.stage_dir(name), ARTIFACTS):
                 mlflow.log_artifact(str(path), artifact_path=folder or None)
+            if stage.model is not None:
+                _log_model(mlflow, stage.model(cfg))
 
         yield finish
+
+
+def _log_model(mlflow: Any, model: StageModel) -> None:
+    """`model` as the active run's MLflow model `model`: a pyfunc from its "models from code" file with its
+    directory as the `model` artifact; skipped when the run (continued by a rerun) logged that directory
+    already. The requirements are given, not inferred: MLflow would load the model in a subprocess to list
+    its imports."""
+    run_id, where = mlflow.active_run().info.run_id, model.path
+    if mlflow.MlflowClient().get_run(run_id).data.tags.get(MODEL_TAG) == where:
+        return
+    try:
+        project = f"llmray=={metadata.version('llmray')}"
+    except metadata.PackageNotFoundError:  # a source checkout on the path, not installed
+        project = "llmray"
+    with tempfile.TemporaryDirectory(prefix="llmray-track-") as tmp:
+        local = storage.readable_here(where, tmp, list(storage.list_files(where)))
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(model.code), artifacts={"model": str(local)},
+                                       model_config=model.config or None,
+                                       pip_requirements=[project, f"mlflow=={mlflow.__version__}"])
+    mlflow.set_tags({MODEL_TAG: where, "llmray.model_uri": info.model_uri})
+
+
+# -- MLflow: sweep trials ---------------------------------------------------------------------------------------
+
+
+def _trial_runs(client: Any, parent: Any, trial_id: str | None = None) -> list[Any]:
+    """The live runs of sweep trials nested under the sweep's run `parent` (of one trial, with `trial_id`)."""
+    query = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    if trial_id is not None:
+        query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
+    return list(client.search_runs([parent.info.experiment_id], query, max_results=10_000))
+
+
+@contextlib.contextmanager
+def trial_run(sinks: dict[str, Any], trial_id: str, values: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The sinks of one sweep trial's workers: with the sweep tracked in MLflow (`sinks`, the sweep stage's
+    `worker_sinks()`), a run nested under the sweep's, named and tagged by the trial id, with the trial's
+    sampled values as params, and ended FAILED if the block raises, FINISHED when it ends (a trial its
+    scheduler stops never gets there: `end_trials` ends every trial's run). A trial that starts over after
+    an interruption starts a new run, its cut-off one deleted. Without MLflow, `sinks` as they are."""
+    if not sinks.get("mlflow_run_id"):
+        yield dict(sinks)
+        return
+    mlflow = _import("mlflow", "mlflow")
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient(sinks["mlflow_uri"])
+    parent = client.get_run(sinks["mlflow_run_id"])
+    for old in _trial_runs(client, parent, trial_id):
+        client.delete_run(old.info.run_id)
+    shared = ("llmray.run", "llmray.stage", "llmray.config_hash", "llmray.git_commit", "mlflow.source.git.commit")
+    tags = {k: v for k, v in parent.data.tags.items() if k in shared}
+    run = client.create_run(parent.info.experiment_id, run_name=trial_id,
+                            tags={**tags, TRIAL_TAG: trial_id, "mlflow.parentRunId": parent.info.run_id})
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(values).items()])
+    try:
+        yield {**sinks, "mlflow_run_id": run_id}
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def end_trials(sinks: dict[str, Any], outcomes: Mapping[str, tuple[str, dict[str, Any]]], best: str) -> None:
+    """End every trial's run once the sweep ended: `outcomes` maps a trial id to its status (`finished`,
+    `stopped` by the scheduler, `error`) and summary metrics; tags `llmray.trial_status`,
+    `llmray.stopped_early` and `llmray.best` (the winner `best`). An error ends FAILED, the rest FINISHED (as
+    Ray's `MLflowLoggerCallback` ends a trial its scheduler stopped). Nothing without MLflow in `sinks`."""
+    if not sinks.get("mlflow_run_id"):
+        return
+    mlflow = _import("mlflow", "mlflow")
+    from mlflow.entities import Metric, RunTag
+
+    client = mlflow.MlflowClient(sinks["mlflow_uri"])
+    now = int(time.time() * 1000)
+    for run in _trial_runs(client, client.get_run(sinks["mlflow_run_id"])):
+        trial_id = run.data.tags.get(TRIAL_TAG)
+        if trial_id not in outcomes:
+            continue
+        status, metrics = outcomes[trial_id]
+        tags = {"llmray.trial_status": status, "llmray.stopped_early": str(status == "stopped").lower(),
+                "llmray.best": str(trial_id == best).lower()}
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in numbers(metrics).items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+        client.set_terminated(run.info.run_id, "FAILED" if status == "error" else "FINISHED")
 
 
 # -- W&B ------------------------------------------------------------------------------------------------------
@@ -277,7 +374,7 @@ def tracked(cfg: PipelineConfig, stage: Stage, call: Callable[[], StageResult]) 
         with contextlib.ExitStack() as stack:
             finishers: list[Finish] = []
             if track.mlflow.uri:
-                finishers.append(stack.enter_context(_mlflow_stage(cfg, stage.name, params, digest)))
+                finishers.append(stack.enter_context(_mlflow_stage(cfg, stage, params, digest)))
             if track.wandb.project and track.wandb.mode != "disabled":
                 finishers.append(stack.enter_context(_wandb_stage(cfg, stage.name, params, digest)))
             if track.tensorboard:

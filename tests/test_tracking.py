@@ -1,20 +1,16 @@
-"""Experiment tracking (`llm.tracking`) against a real MLflow tracking server (SQLite backend, started here) and
-W&B in offline mode (its run files checked). The stage is a trivial body under the real stage contract
-(`llm.stage.execute`) run through `llm.stages.run_stage`, so the hooks are the ones `llmray` uses; its
-"training" steps go through rank 0's real `MetricsLog` with the sinks a training stage hands its workers."""
+"""Experiment tracking (`llm.tracking`) against a real MLflow tracking server (SQLite backend, the session's
+`mlflow_server` in tests/conftest.py) and W&B in offline mode (its run files checked). The stage is a trivial
+body under the real stage contract (`llm.stage.execute`) run through `llm.stages.run_stage`, so the hooks are
+the ones `llmray` uses; its "training" steps go through rank 0's real `MetricsLog` with the sinks a training
+stage hands its workers. The sweep's trial runs and compress's logged model are checked where those stages
+already run (tests/tune/test_sweep_ray.py, tests/compress/test_stage_ray.py), on the runs they make there."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,48 +23,6 @@ from llm.train.metrics import MetricsLog
 from tests.conftest import tiny_config
 
 mlflow = pytest.importorskip("mlflow")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` on a free port with a SQLite backend and local artifacts, waited for (`/health`)."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    # The job runner starts seven huey consumers, each importing mlflow: a minute of start-up on two cores.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
-         str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def _fake_stage(monkeypatch: pytest.MonkeyPatch, fail: list[bool]) -> Stage:

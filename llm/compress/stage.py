@@ -35,9 +35,12 @@ from llm.config import ModelConfig, PipelineConfig
 from llm.errors import ConfigError, StageInputError
 from llm.eval import format_table
 from llm.manifest import read_manifest
-from llm.stage import Stage, StageResult, committed_folder, execute
+from llm.models.load import chosen_model_dir
+from llm.stage import Stage, StageModel, StageResult, committed_folder, execute
 
 WORK = "_work"
+MLFLOW_MODEL = Path(__file__).with_name("mlflow_model.py")
+"""The MLflow "models from code" file that opens a variant (`llm.compress.mlflow_model`)."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,12 @@ def progress(folder: str) -> str:
     return f"variants done: {', '.join(done)}; a rerun keeps them"
 
 
+def chosen_model(cfg: PipelineConfig) -> StageModel:
+    """For tracking: the committed chosen variant (`chosen.json`), opened by `llm.compress.mlflow_model`, whose
+    answers are as long as the eval table's (`compress.eval.max_new_tokens`)."""
+    return StageModel(chosen_model_dir(cfg), MLFLOW_MODEL, {"max_new_tokens": cfg.compress.eval.max_new_tokens})
+
+
 STAGE = Stage("compress", "quantize, prune, distil, evaluate, choose", run, sections=("compress",),
               inputs=("data", "pretrain", "finetune"), resumable=True,
-              progress=progress)
+              progress=progress, model=chosen_model)

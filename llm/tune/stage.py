@@ -17,7 +17,7 @@ import json
 import time
 from typing import Any
 
-from llm import storage
+from llm import storage, tracking
 from llm.config import LLM_PREFIX, PipelineConfig, ScheduleConfig, SweepConfig
 from llm.console import LiveLine, log_path
 from llm.errors import ConfigError, TrainingError
@@ -113,6 +113,7 @@ def sweep(cfg: PipelineConfig, folder: storage.Folder, interrupt_after: int | No
     sweep_cfg = cfg.sweep
     ds_config.build(getattr(cfg, sweep_cfg.target), 1)  # a bad `<target>.deepspeed` fails here, before any trial
     base = base_spec(cfg, folder)
+    base.tracking = tracking.worker_sinks()  # each trial nests its own run under the sweep's (`run_trial`)
     connect(cfg)
     planned_n = space.planned_trials(sweep_cfg)
     progress = Progress(planned_n, sweep_cfg.max_steps, interrupt_after)
@@ -132,6 +133,9 @@ def sweep(cfg: PipelineConfig, folder: storage.Folder, interrupt_after: int | No
     rows = trial_rows(grid, trials_dir(folder), sweep_cfg.max_steps)
     best = _best(cfg, grid, rows)
     write_record(folder, rows, best, sweep_cfg)
+    tracking.end_trials(base.tracking, {r.trial_id: (r.status, {
+        "steps": r.steps, "final_val_loss": r.final_val_loss, "best_val_loss": r.best_val_loss,
+        "trial_seconds": r.wall_s}) for r in rows}, best.trial_id)
     stopped, failed = sum(r.stopped_early for r in rows), sum(r.status == "error" for r in rows)
     log = log_path(cfg, "sweep")
     print(f"sweep: {len(rows)} trials ({stopped} stopped early by {sweep_cfg.scheduler}, {failed} failed) in "

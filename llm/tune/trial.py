@@ -18,7 +18,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from llm import storage
+from llm import storage, tracking
 from llm.config import TrainConfig
 from llm.train.recipe import to_store
 from llm.train.spec import LoopSpec
@@ -73,11 +73,9 @@ def trial_spec(base: LoopSpec, values: dict[str, Any], folder: str) -> LoopSpec:
 
 
 def run_trial(config: dict[str, Any], base: LoopSpec, scaling: dict[str, Any], root: str) -> None:
-    """Tune's function trainable. `base` is the target stage's `LoopSpec` for a sweep trial."""
-    import ray.train
+    """Tune's function trainable. `base` is the target stage's `LoopSpec` for a sweep trial, its `tracking`
+    the sweep stage's sinks (`llm.tracking.trial_run` nests the trial's MLflow run under the sweep's)."""
     import ray.tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
     folder = storage.join(root, trial_id)
@@ -88,6 +86,16 @@ def run_trial(config: dict[str, Any], base: LoopSpec, scaling: dict[str, Any], r
     storage.write_text(storage.join(folder, "trial.json"), json.dumps(
         {"trial_id": trial_id, "values": config, "train": spec.train.model_dump(mode="json")}, indent=2, default=str))
     storage_path, filesystem = storage.ray_storage(folder)
+    with tracking.trial_run(base.tracking, trial_id, config) as sinks:  # rank 0 logs into the trial's own run
+        _fit(replace(spec, tracking=sinks), scaling, storage_path, filesystem)
+
+
+def _fit(spec: LoopSpec, scaling: dict[str, Any], storage_path: str, filesystem: Any) -> None:
+    """The trial's Ray Train run, its reports forwarded to Tune."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     trainer = TorchTrainer(
         trial_worker,
         train_loop_config=spec.to_dict(),

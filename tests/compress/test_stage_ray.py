@@ -1,6 +1,7 @@
 """The compress stage end to end on the session Ray: int8, pruned and pruned+distilled (2 DeepSpeed workers)
 from a committed pretrain model, one eval table, chosen.json, each variant loading and generating; a rerun
-skips."""
+skips. Tracked in the session's MLflow server: the chosen variant is the stage run's MLflow model, logged once,
+and `mlflow.pyfunc.load_model` answers as the eval decodes."""
 
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ def _pretrained(cfg: Any, data: Path) -> Path:
     return folder / "model"
 
 
-def test_compress_stage_builds_evaluates_chooses_and_skips(tmp_path: Path, ray_session: Any) -> None:
-    from llm.compress.stage import run
+def test_compress_stage_builds_evaluates_chooses_and_skips(tmp_path: Path, ray_session: Any,
+                                                           mlflow_server: str) -> None:
+    from llm import tracking
+    from llm.compress.stage import STAGE, run
 
     loaded = train_config(
         tmp_path, "compress.enabled=true", "compress.distill.max_steps=4", "compress.distill.micro_batch_size=4",
@@ -51,11 +54,12 @@ def test_compress_stage_builds_evaluates_chooses_and_skips(tmp_path: Path, ray_s
         "compress.prune.calib_rows=8", "compress.choose.max_ppl_increase=1000", "compress.choose.max_rouge_drop=1",
         "compress.choose.min_speed_ratio=0", "compress.eval.serve_batch=4", "compress.eval.lm_eval.limit=8",
         "compress.eval.lm_eval.tasks=[llmray_ppl, llmray_cloze]",
-        "compress.choose.min_task_scores={llmray_cloze/acc: 0}")
+        "compress.choose.min_task_scores={llmray_cloze/acc: 0}", f"tracking.mlflow.uri={mlflow_server}",
+        "tracking.mlflow.experiment=t-compress")
     cfg = loaded.llm
     data = build_data_stage(loaded)
     base = _pretrained(cfg, data)
-    result = run(cfg)
+    result = tracking.tracked(cfg, STAGE, lambda: run(cfg))
     folder = Path(result.path)
     assert not result.skipped
     rows = json.loads((folder / "eval.json").read_text())["rows"]
@@ -85,5 +89,29 @@ def test_compress_stage_builds_evaluates_chooses_and_skips(tmp_path: Path, ray_s
         assert loaded_model.model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3,
                                            do_sample=False).shape == (1, 7)
     assert load_model(base).format == "hf"
-    again = run(cfg)
+    again = tracking.tracked(cfg, STAGE, lambda: run(cfg))
     assert again.skipped and again.metrics["chosen"] == "int8"
+    _check_logged_model(mlflow_server, folder / "int8")
+
+
+def _check_logged_model(uri: str, chosen: Path) -> None:
+    """The compress run's MLflow model is the chosen int8 variant, logged once (the skipped rerun continued the
+    run), and its pyfunc answers prompts with the eval's decoding of that variant."""
+    import mlflow
+
+    from llm.eval import PromptPair, generate_texts
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("t-compress").experiment_id
+    [stage] = client.search_runs([experiment], "tags.`llmray.stage` = 'compress'")
+    assert stage.data.tags["llmray.model"] == str(chosen)
+    logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{stage.info.run_id}'")
+    assert len(logged) == 1 and logged[0].name == "model"
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{stage.info.run_id}/model", model_config={"max_new_tokens": 6})
+    prompts = ["What is a tuple?", "Name a loop."]
+    answers = pyfunc.predict(prompts)
+    variant = load_model(chosen)
+    pairs = [PromptPair([{"role": "user", "content": p}], "") for p in prompts]
+    assert answers == generate_texts(variant.model, variant.tokenizer, pairs, max_new_tokens=6)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers) and any(answers)

@@ -45,41 +45,49 @@ def _free_again(ray, timeout: float = 60.0) -> tuple[dict, list]:
 
 INTERRUPTED = """
 import sys
+from llm import tracking
 from llm.loading import load_config
 from llm.errors import TrainingError
-from llm.tune.stage import run
+from llm.tune.stage import STAGE, run
+cfg = load_config(sys.argv[1], sys.argv[2:]).llm
 try:
-    run(load_config(sys.argv[1], sys.argv[2:]).llm, interrupt_after=3)
+    tracking.tracked(cfg, STAGE, lambda: run(cfg, interrupt_after=3))
 except TrainingError as e:
     print(e)
 """
 
 
 @pytest.fixture(scope="module")
-def swept(ray_session, tmp_path_factory):
+def swept(ray_session, tmp_path_factory, request):
     """The sweep interrupted (as Ctrl-C does) in a separate driver once 3 trials ended, as a user's
     `llmray sweep` would be, then continued here. The other driver exiting ends its Ray job, so what
-    its trials held is Ray's to free, as it is after a real interruption."""
+    its trials held is Ray's to free, as it is after a real interruption. Both drivers track the stage in
+    the session's MLflow server (`tracking.mlflow`: not hashed, so no other test here sees it) when MLflow is
+    installed."""
+    import importlib.util
     import subprocess
     import sys
 
-    from llm.tune.stage import run
+    from llm import tracking
+    from llm.tune.stage import STAGE, run
     from tests.conftest import LOCAL_YAML, ROOT
 
+    track = [f"tracking.mlflow.uri={request.getfixturevalue('mlflow_server')}", "tracking.mlflow.experiment=t-sweep"] \
+        if importlib.util.find_spec("mlflow") else []
     tmp = tmp_path_factory.mktemp("sweep")
-    loaded = train_config(tmp, *SWEEP)
+    loaded = train_config(tmp, *SWEEP, *track)
     build_data_stage(loaded)
     folder = Path(loaded.llm.stage_dir("sweep"))
     t0 = time.perf_counter()
     address = ray_session.get_runtime_context().gcs_address
-    overrides = [f"storage={tmp / 'runs'}", *_TRAIN, *SWEEP, f"ray.address={address}"]
+    overrides = [f"storage={tmp / 'runs'}", *_TRAIN, *SWEEP, *track, f"ray.address={address}"]
     done = subprocess.run([sys.executable, "-c", INTERRUPTED, str(LOCAL_YAML), *overrides], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert "interrupted with" in done.stdout and "of 6 trials done; rerun" in done.stdout, done.stderr[-2000:]
     finished_before = {p.parent.name: p.stat().st_mtime_ns for p in (folder / "trials").glob("*/trial.json")}
     assert read_manifest(folder) is None  # an interrupted sweep is never committed
     _free_again(ray_session)
-    result = run(loaded.llm)
+    result = tracking.tracked(loaded.llm, STAGE, lambda: run(loaded.llm))
     seconds = time.perf_counter() - t0
     return loaded, result, folder, finished_before, seconds
 
@@ -130,6 +138,40 @@ def test_rerun_after_interruption_skipped_finished_trials(swept) -> None:
 
     again = run(loaded.llm)  # a finished sweep: the manifest matches, nothing runs
     assert again.skipped
+
+
+def test_every_trial_is_an_mlflow_run_nested_under_the_sweeps(swept, mlflow_server) -> None:
+    """Each trial's run: its sampled values as params, every step rank 0 logged (the run of a trial cut off by
+    the interruption replaced, not doubled), its outcome; the sweep's run is the one both drivers used."""
+    import mlflow
+
+    _, _, folder, _, _ = swept
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("t-sweep").experiment_id
+    stage = client.search_runs([experiment], "tags.`llmray.stage` = 'sweep' and tags.`mlflow.parentRunId` != ''")
+    sweep = [r for r in stage if "llmray.trial_id" not in r.data.tags]
+    assert len(sweep) == 1 and sweep[0].info.status == "FINISHED", [r.data.tags for r in sweep]
+    trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep[0].info.run_id}'")
+    rows = {r["trial_id"]: r for r in read_csv(folder / "trials.csv")}
+    assert sorted(r.data.tags["llmray.trial_id"] for r in trials) == sorted(rows), "one run per trial"
+    best = json.loads((folder / "best.json").read_text())["trial_id"]
+    for run in trials:
+        trial_id = run.data.tags["llmray.trial_id"]
+        row, tags = rows[trial_id], run.data.tags
+        assert run.info.run_name == trial_id and tags["llmray.stage"] == "sweep"
+        assert run.data.params["kind"] == row["kind"]
+        assert float(run.data.params["peak"]) == pytest.approx(float(row["peak"]))
+        assert tags["llmray.trial_status"] == row["status"] and tags["llmray.best"] == str(trial_id == best).lower()
+        assert tags["llmray.stopped_early"] == str(row["status"] == "stopped").lower()
+        assert run.info.status == ("FAILED" if row["status"] == "error" else "FINISHED")
+        assert run.data.metrics["steps"] == int(row["steps"])
+        recs = [json.loads(x) for x in (folder / "trials" / trial_id / "metrics.jsonl").read_text().splitlines()]
+        for key in ("loss", "lr", "tokens_per_s", "val_loss"):
+            logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            wrote = sorted((r["step"], r[key]) for r in recs if isinstance(r.get(key), float | int))
+            assert [s for s, _ in logged] == [s for s, _ in wrote] and wrote, (trial_id, key)
+            assert [v for _, v in logged] == pytest.approx([v for _, v in wrote]), (trial_id, key)
+    assert any(r.data.tags["llmray.stopped_early"] == "true" for r in trials)
 
 
 def test_stopped_trials_release_their_resources(swept) -> None:
