@@ -555,15 +555,45 @@ def subfolders(uri: str | Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def reading(uri: str | Path) -> Iterator[Path]:
-    """A local folder holding the files under `uri` for the length of the block: `uri` itself on a disk;
-    otherwise a temp copy removed afterwards (a checkpoint read once by one process: not worth a place in
-    the cache that `fetch` fills)."""
+def reading(uri: str | Path, keep: Callable[[str], bool] | None = None, under: str | Path | None = None,
+            check: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """A local folder holding the files under `uri` for the length of the block: `uri` itself on a disk (read
+    in place, nothing copied); otherwise a temp copy removed afterwards (a checkpoint read once by one process:
+    not worth a place in the cache that `fetch` fills).
+
+    Args:
+        uri: the folder.
+        keep: which files a copy holds (relative path -> bool; default: all), e.g. one rank's part of a
+            checkpoint; the others are not downloaded.
+        under: where a copy goes (a node-local working folder; default: the system's temp folder).
+        check: called with a copy before the block sees it (raises when the copy is not what was written).
+    """
     if not is_remote(uri):
         yield Path(str(uri).removeprefix("file://"))
         return
-    with tempfile.TemporaryDirectory(prefix="llmray-in-") as tmp:
-        yield download(uri, tmp)
+    if under is not None:
+        Path(under).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="llmray-in-", dir=under) as tmp:
+        files = {rel: n for rel, n in list_files(uri).items() if keep is None or keep(rel)}
+        local = download(uri, tmp, files)
+        if check is not None:
+            check(local)
+        yield local
+
+
+def ray_uri(filesystem: pafs.FileSystem, path: str) -> str:
+    """The URI of what Ray Train names by (filesystem, path), e.g. a reported checkpoint: the path itself on a
+    disk, `<scheme>://<path>` in an object store."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return path
+    scheme = "gs" if filesystem.type_name == "gcs" else filesystem.type_name
+    return f"{scheme}://{path}"
+
+
+def disk_path(filesystem: pafs.FileSystem, path: str) -> Path | None:
+    """`path` of a pyarrow filesystem (Ray Train's `storage_filesystem`) as a path on this machine's (local or
+    shared) disk, where a worker can write in place; None for an object store."""
+    return Path(path) if isinstance(filesystem, pafs.LocalFileSystem) else None
 
 
 def write_scratch(uri: str | Path, data: Any) -> None:

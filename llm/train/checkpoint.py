@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed's own `save_checkpoint` plus the loop's position and each rank's RNG, each rank's
 part committed by a file list written last, and a checkpoint loaded only when every part is whole.
 
-Layout of one checkpoint folder (every rank writes its part; Ray Train merges the ranks' folders):
+Layout of one checkpoint folder (every rank writes its part: into the folder itself on a disk, into a
+node-local copy that Ray Train uploads with an object store):
     ds/              DeepSpeed tag folder: model, optimizer (ZeRO partitions per rank)
     latest           DeepSpeed's pointer to the tag
     zero_to_fp32.py  DeepSpeed's consolidation script (rank 0 copies it in)
@@ -9,8 +10,14 @@ Layout of one checkpoint folder (every rank writes its part; Ray Train merges th
     rng_rank<r>.pt   torch CPU/CUDA generator states of rank r
     rng_rank<r>.json python `random` state of rank r
     _COMMIT_rank<r>.json  every file rank r wrote with size and sha256, written last by that rank
-    ds_universal/    added when a run resumes with another world size: DeepSpeed's universal form of `ds/`
-                     (written once, under a temporary name then renamed; `ds/` itself is never changed)
+    ds_universal/    added when a run resumes its own checkpoint with another world size: DeepSpeed's
+                     universal form of `ds/` (written once, under a temporary name then renamed; `ds/` itself
+                     is never changed). A checkpoint continued on purpose (`init_from`) is converted into the
+                     continuing stage's folder instead, never into its source.
+
+Rank r's part: `rng_rank<r>.*` and DeepSpeed's `*zero_pp_rank_<r>_*` files; every other file is rank 0's
+(`owner`). A rank loading a checkpoint reads its own ZeRO files and the shared ones (`reads`): from an object
+store it downloads only those (`reading`), all of `ds/` when another world size must convert it.
 
 A checkpoint is whole when the commit files of ranks 0..world_size-1 are all there and every file they
 list has its recorded size and checksum. Anything else (a kill during the copy into storage, a truncated
@@ -19,13 +26,17 @@ or edited file) makes it damaged: the run names the file, sets the folder aside 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llm import storage
+from llm.errors import TrainingError
 from llm.manifest import file_sha256
 from llm.train.state import LoopState
 
@@ -41,6 +52,7 @@ def save(engine: Any, folder: str | Path, state: LoopState, rank: int) -> None:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / COMMIT.format(rank=rank)).unlink(missing_ok=True)  # left by a worker group that died writing it
     engine.save_checkpoint(str(folder), tag=TAG, client_state={"loop_state": state.to_json()})
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -52,18 +64,34 @@ def save(engine: Any, folder: str | Path, state: LoopState, rank: int) -> None:
     commit_part(folder, rank)
 
 
+_RANK_FILE = re.compile(r"(?:^|/)(?:rng_rank(\d+)\.[a-z]+|[^/]*zero_pp_rank_(\d+)_[^/]*)$")
+
+
+def owner(rel: str) -> int:
+    """The rank whose part of a checkpoint the file `rel` is: r for `rng_rank<r>.*` and DeepSpeed's
+    `*zero_pp_rank_<r>_*` files (ZeRO partitions, ZeRO-3 model states); 0 for the rest (loop state, `latest`,
+    the model states of ZeRO < 3, `zero_to_fp32.py`), which rank 0 writes."""
+    m = _RANK_FILE.search(rel)
+    return int(m.group(1) or m.group(2)) if m else 0
+
+
 def commit_part(folder: Path, rank: int) -> None:
-    """Record every file this rank wrote into `folder` (its own temp folder), last."""
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith("_COMMIT_")}
+    """Record every file of this rank's part in `folder`, last (the other ranks may be writing theirs into the
+    same folder meanwhile: only this rank's own files are listed)."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if not p.name.startswith("_COMMIT_") and owner(rel) == rank and p.is_file():
+            files[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
     tmp = folder / (COMMIT.format(rank=rank) + ".tmp")
     tmp.write_text(json.dumps({"rank": rank, "files": files}, sort_keys=True))
     tmp.replace(folder / COMMIT.format(rank=rank))
 
 
-def verify(folder: str | Path, checksums: bool = True) -> str | None:
+def verify(folder: str | Path, checksums: bool = True, reads: Callable[[str], bool] | None = None) -> str | None:
     """None when the checkpoint in `folder` (local or in an object store) is whole, else one line naming the
-    file and what is wrong."""
+    file and what is wrong. With `reads` (`reads(rank, convert)`), only the files it selects are checked: a
+    rank's own copy of its part."""
     try:
         state = json.loads(storage.read_bytes(storage.join(folder, "loop_state.json")))
         world = int(state.get("world_size", 1))
@@ -81,6 +109,8 @@ def verify(folder: str | Path, checksums: bool = True) -> str | None:
         except (OSError, ValueError, KeyError, TypeError) as e:
             return f"{commit}: unreadable ({e})"
         for rel, meta in files.items():
+            if reads is not None and not reads(rel):
+                continue
             size = present.get(rel)
             if size is None:
                 return f"{rel}: missing"
@@ -153,37 +183,71 @@ def read_state(folder: str | Path) -> LoopState:
 def partitioned(folder: str | Path) -> bool:
     """Whether the optimizer state is split across the saving ranks (ZeRO >= 1): then another world size
     loads it only through DeepSpeed's universal format; ZeRO-0 keeps it whole in the model-states file."""
-    return any((Path(folder) / TAG).glob("*optim_states.pt"))
+    return any(rel.endswith("optim_states.pt") for rel in storage.list_files(storage.join(folder, TAG)))
 
 
-def universal(folder: str | Path, rank: int, shared: bool = True) -> tuple[str, str]:
+def converts(folder: str | Path, world_size: int) -> bool:
+    """Whether a fit of `world_size` ranks loads `folder` through DeepSpeed's universal form (saved by another
+    world size, optimizer state partitioned)."""
+    saved = read_state(folder).world_size or world_size
+    return saved != world_size and partitioned(folder)
+
+
+def reads(rank: int, convert: bool) -> Callable[[str], bool]:
+    """Which files of a checkpoint rank `rank` reads when it loads it: its own ZeRO files, the shared ones
+    (model states of ZeRO < 3, `latest`), the loop state, its RNG and every rank's commit list; with
+    `convert`, every file of `ds/` (the conversion to the universal form reads all ranks' partitions)."""
+
+    def wanted(rel: str) -> bool:
+        if rel.startswith(f"{TAG}/"):
+            return convert or owner(rel) == rank or "zero_pp_rank_" not in rel
+        if rel.startswith(f"{UNIVERSAL}/") or "/" in rel:  # a conversion is made where it is read, not fetched
+            return False
+        return rel in ("loop_state.json", "latest") or rel.startswith("_COMMIT_rank") or (
+            rel.startswith("rng_rank") and owner(rel) == rank)
+
+    return wanted
+
+
+@contextlib.contextmanager
+def reading(folder: str | Path, rank: int, world_size: int, under: str | Path | None = None) -> Iterator[Path]:
+    """The checkpoint `folder` as a local folder holding what rank `rank` of a `world_size`-rank fit reads,
+    for the length of the block: the folder itself on a disk (read in place); from an object store a copy of
+    only those files (`reads`) under `under`, checked against the commit lists (sizes and sha256) and removed
+    afterwards. A copy that is not what was written raises `TrainingError` naming the file."""
+    wanted = reads(rank, converts(folder, world_size))
+
+    def check(copy: Path) -> None:
+        problem = verify(copy, checksums=True, reads=wanted)
+        if problem:
+            raise TrainingError(f"{folder}: rank {rank}'s download of the checkpoint: {problem}")
+
+    with storage.reading(folder, keep=wanted, under=under, check=check) as local:
+        yield local
+
+
+def universal(folder: str | Path, rank: int, into: str | Path | None = None) -> tuple[str, str]:
     """(load folder, tag) of `folder`'s checkpoint in DeepSpeed's universal format, which every rank loads
     with `checkpoint.load_universal` in its DeepSpeed config, whatever the world size.
 
-    With `shared` (a folder of the run's storage that every worker reads), rank 0 converts it once into
-    `<folder>/ds_universal` (`deepspeed.checkpoint.ds_to_universal`) while the other ranks wait; a later
-    resume from it reuses that. A rank that then does not see it reads a copy of its own (the checkpoint came
-    from an object store, each node downloaded it) and converts that copy itself. Otherwise (a copy Ray Train
-    downloaded for this worker) each rank converts its own copy into a temporary folder. The conversion
-    writes `ds_universal.tmp-<pid>` and renames it: a
-    kill mid-way leaves a temporary folder the next attempt replaces, never a half-converted `ds_universal`.
+    Rank 0 converts it once into `<into>/ds_universal` (`deepspeed.checkpoint.ds_to_universal`; default
+    `into`: `folder` itself, a checkpoint of the continuing stage, so that a later resume from it reuses the
+    conversion) while the other ranks wait. A rank that then does not see it reads a copy of its own (the
+    checkpoint came from an object store, each rank downloaded it) or converts into a folder of its own, and
+    converts that itself. The conversion writes `ds_universal.tmp-<pid>` and renames it: a kill mid-way leaves
+    a temporary folder the next attempt replaces, never a half-converted `ds_universal`.
     """
-    import tempfile
-
     import torch.distributed as dist
 
-    if not shared:
-        out = Path(tempfile.mkdtemp(prefix=f"llmray-universal-r{rank}-"))
-        _convert(Path(folder), out / UNIVERSAL)
-        return str(out), UNIVERSAL
-    target = Path(folder) / UNIVERSAL
+    base = Path(into or folder)
+    target = base / UNIVERSAL
     if rank == 0 and not (target / "zero").is_dir():
         _convert(Path(folder), target)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     if not (target / "zero").is_dir():  # this rank reads its own copy (an object store's download): convert it
         _convert(Path(folder), target)
-    return str(folder), UNIVERSAL
+    return str(base), UNIVERSAL
 
 
 def _convert(folder: Path, target: Path) -> None:
@@ -196,6 +260,7 @@ def _convert(folder: Path, target: Path) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
     tmp = target.with_name(f"{UNIVERSAL}.tmp-{os.getpid()}")
+    target.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     for stale in target.parent.glob(f"{UNIVERSAL}.tmp-*"):  # left by a killed conversion
         shutil.rmtree(stale, ignore_errors=True)

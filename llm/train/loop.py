@@ -10,6 +10,7 @@ e.g. LoRA) and replace the loss (`LoopSpec.loss_hook`, e.g. distillation).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -44,9 +45,8 @@ class Start:
     folder: str | None = None
     saved: LoopState = field(default_factory=LoopState)
     on_purpose: bool = False
-    """`init_checkpoint`: an earlier run continued on purpose (its own batch settings are not carried over)."""
-    shared: bool = True
-    """The folder is in the run's storage (chosen by the stage), not a copy Ray Train downloaded."""
+    """`init_checkpoint`: an earlier run continued on purpose (its own batch settings are not carried over; at
+    another world size it is converted into this stage's folder, never into its source)."""
 
 
 @dataclass
@@ -123,7 +123,7 @@ def setup(spec: LoopSpec, rt: Runtime) -> Fit:
         micro = ds_cfg["train_micro_batch_size_per_gpu"]
         optimizer = _optimizer(model, train, lr_at(0, train.max_steps, train.schedule()))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-        state = _loaded_state(engine, rt, start, bool(ds_cfg.get("checkpoint", {}).get("load_universal")))
+        state = _loaded_state(engine, rt, spec, start, bool(ds_cfg.get("checkpoint", {}).get("load_universal")))
     state = _continued(state, rt, spec, start, index, micro)
     # What the checkpoints record: a later resume on another world size keeps this global batch.
     state.micro, state.accum = micro, ds_cfg["gradient_accumulation_steps"]
@@ -249,12 +249,9 @@ def _report(fit: Fit, record: dict[str, Any], save: bool) -> None:
     if not save:
         rt.report(metrics, None)
         return
-    folder = tempfile.mkdtemp(prefix=f"llmray-ckpt-r{rt.rank}-")
-    try:
+    with rt.checkpoint_folder(fit.state.step) as folder:  # on the stage's volume, not a copy through /tmp
         ckpt.save(fit.engine, folder, _saved_state(fit), rt.rank)
         rt.report(metrics, folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _saved_state(fit: Fit) -> LoopState:
@@ -332,8 +329,8 @@ def _label_share(step_batches: list[dict[str, Any]], rt: Runtime) -> Any:
 
 def _start(reported: str | None, spec: LoopSpec) -> Start:
     """Resume (this fit's checkpoint, else the stage's choice), else continue from `init_checkpoint`, else 0."""
-    if reported and ckpt.verify(reported, checksums=False) is None:
-        return Start(reported, ckpt.read_state(reported), shared=False)
+    if reported:  # whole: the runtime checked it
+        return Start(reported, ckpt.read_state(reported))
     if spec.resume_from:
         return Start(spec.resume_from, ckpt.read_state(spec.resume_from))
     if spec.init_checkpoint:
@@ -358,12 +355,40 @@ def deepspeed_config(train: TrainConfig, world_size: int, stage: str, start: Sta
     return cfg
 
 
-def _loaded_state(engine: Any, rt: Runtime, start: Start, universal: bool) -> LoopState:
+INIT_UNIVERSAL = "_work/init_universal"
+"""Under the stage's `out_dir`: where an `init_from` checkpoint saved by another world size is converted to
+DeepSpeed's universal form (its source, another stage's or run's commit, is only read); removed once loaded."""
+
+
+def _loaded_state(engine: Any, rt: Runtime, spec: LoopSpec, start: Start, universal: bool) -> LoopState:
     """The checkpoint's weights, optimizer, RNG and loop state loaded into `engine` (a fresh state without one)."""
     if start.folder is None:
         return LoopState()
-    source = ckpt.universal(start.folder, rt.rank, start.shared) if universal else None
-    return ckpt.load(engine, start.folder, rt.rank, source)
+    if not universal:
+        return ckpt.load(engine, start.folder, rt.rank)
+    if not start.on_purpose:  # this stage's own checkpoint: converted beside its `ds/`, reused by a later resume
+        return ckpt.load(engine, start.folder, rt.rank, ckpt.universal(start.folder, rt.rank))
+    with _init_conversion(spec, rt) as into:
+        return ckpt.load(engine, start.folder, rt.rank, ckpt.universal(start.folder, rt.rank, into))
+
+
+@contextlib.contextmanager
+def _init_conversion(spec: LoopSpec, rt: Runtime) -> Iterator[Path]:
+    """A folder of this stage for the universal form of its `init_from` checkpoint, removed once every rank
+    has loaded it (the weights and optimizer state are in memory then; a restart converts again)."""
+    import torch.distributed as dist
+
+    if spec.out_dir is None:  # a fit writing nowhere (tests, benchmarks)
+        with tempfile.TemporaryDirectory(prefix="llmray-init-universal-") as tmp:
+            yield Path(tmp)
+        return
+    into = Path(spec.out_dir) / INIT_UNIVERSAL
+    yield into  # a load that fails leaves it: the next attempt reuses the conversion
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    shutil.rmtree(into, ignore_errors=True)
+    with contextlib.suppress(OSError):  # `_work/` holds nothing else
+        into.parent.rmdir()
 
 
 def _continued(state: LoopState, rt: Runtime, spec: LoopSpec, start: Start, index: ShardIndex,

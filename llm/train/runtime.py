@@ -1,7 +1,8 @@
 """Where the one loop runs: inside a Ray Train worker, or in one process without Ray.
 
-A runtime supplies rank, world size, device and node; the checkpoint to resume from; and where a
-checkpoint and its metrics are reported. Data is not the runtime's business: every rank reads its own
+A runtime supplies rank, world size, device and node; the checkpoint to resume from; where a rank writes
+its part of a checkpoint (in place on the stage's volume: no copy through /tmp) and where a checkpoint and
+its metrics are reported. Data is not the runtime's business: every rank reads its own
 slice of the shards (`llm.train.data`), the same way under both.
 """
 
@@ -11,6 +12,7 @@ import contextlib
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,16 +31,28 @@ class Runtime(Protocol):
     node: str
 
     def reported_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
-        """The newest checkpoint reported in this fit (after a worker-group restart), if any."""
+        """The newest whole checkpoint reported in this fit (after a worker-group restart), if any, as a local
+        folder holding what this rank reads of it (`checkpoint.reading`)."""
+        ...
+
+    def checkpoint_folder(self, step: int) -> contextlib.AbstractContextManager[str]:
+        """The folder this rank writes its part of step `step`'s checkpoint into, then `report`s (the same
+        folder on every rank when they share a disk)."""
         ...
 
     def report(self, metrics: dict[str, Any], folder: str | None) -> None:
-        """Hand the step's metrics (and with `folder`, this rank's part of a checkpoint) to the driver."""
+        """Hand the step's metrics (and with `folder`, from `checkpoint_folder`, the step's checkpoint) to the
+        driver."""
         ...
 
 
 class RayRuntime:
-    """Inside a Ray Train worker: its rank, device, report and the run's latest reported checkpoint."""
+    """Inside a Ray Train worker: its rank, device, report and the run's latest reported checkpoint.
+
+    Checkpoints: with the run's storage on a disk, every rank writes its part straight into
+    `<attempt>/checkpoint_<step>` and reports it where it is (`CheckpointUploadMode.NO_UPLOAD`); with an object
+    store, into a folder on this node's disk (`scratch`) that Ray Train uploads, removed right after.
+    """
 
     def __init__(self) -> None:
         import ray.train
@@ -53,6 +67,11 @@ class RayRuntime:
         checkpoint so the driver's view (and a restart) sees the records up to it."""
         self.publish_each = False
         """Upload metrics.jsonl before every report, not only at checkpoints (`LoopSpec.publish_each`)."""
+        self.scratch = storage.cache_dir() / "scratch" / f"pid{os.getpid()}"
+        """A folder on this node's disk for checkpoints written before their upload and downloaded to be read
+        (object stores only); `llm.train.worker` puts it beside the stage's node-local working folder."""
+        self.run_storage = ctx.get_storage()
+        """Ray Train's storage context: where this run's checkpoints go (`experiment_fs_path`)."""
 
     @contextlib.contextmanager
     def reported_checkpoint(self) -> Iterator[str | None]:
@@ -62,16 +81,50 @@ class RayRuntime:
         if found is None:
             yield None
             return
-        with found.as_directory() as folder:
-            yield folder
+        uri = storage.ray_uri(found.filesystem, found.path)
+        # Every rank decides on the same listing (sizes, commit lists), then reads only its own part.
+        if ckpt.verify(uri, checksums=False) is not None:  # not whole: the stage's own choice instead
+            yield None
+            return
+        with ckpt.reading(uri, self.rank, self.world_size, self.scratch) as folder:
+            yield str(folder)
+
+    @contextlib.contextmanager
+    def checkpoint_folder(self, step: int) -> Iterator[str]:
+        import torch.distributed as dist
+
+        name = checkpoint_name(step)
+        run = self.run_storage
+        final = storage.disk_path(run.storage_filesystem, run.build_checkpoint_path_from_name(name))
+        if final is not None:
+            if self.rank == 0:  # a worker group that died writing this step left it; it was never reported
+                shutil.rmtree(final, ignore_errors=True)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.barrier()
+            yield str(final)
+            return
+        staging = Path(self.scratch) / name
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            yield str(staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def report(self, metrics: dict[str, Any], folder: str | None) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
         if self.publish_each:  # before the report: a scheduler may stop the trial on hearing it
             self._publish()
-        ray.train.report(metrics, checkpoint=checkpoint)
+        fs = self.run_storage.storage_filesystem
+        if folder is None:
+            ray.train.report(metrics)
+        elif storage.disk_path(fs, folder) is not None:  # written in place: Ray Train registers it where it is
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint(folder, fs),
+                             checkpoint_dir_name=Path(folder).name,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        else:  # this node's copy: uploaded by Ray Train now (`checkpoint_folder` removes it after)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         if folder and not self.publish_each:
             self._publish()
 
@@ -83,7 +136,8 @@ class RayRuntime:
 
 
 class LocalRuntime:
-    """One process, no Ray: checkpoints go to `<checkpoint_root>/local/checkpoint_<step>`, reports to a list."""
+    """One process, no Ray: checkpoints go to `<checkpoint_root>/local/checkpoint_<step>` (written under
+    `<name>.tmp` there, renamed when reported), reports to a list."""
 
     def __init__(self, checkpoint_root: str | None = None, keep: int = 2, device: Any = None) -> None:
         import torch
@@ -100,20 +154,36 @@ class LocalRuntime:
     def reported_checkpoint(self) -> Iterator[str | None]:
         yield None  # a new process: the stage chose the checkpoint to resume from (`LoopSpec.resume_from`)
 
+    @contextlib.contextmanager
+    def checkpoint_folder(self, step: int) -> Iterator[str]:
+        if not self.checkpoint_root:  # nowhere to keep it
+            with tempfile.TemporaryDirectory(prefix="llmray-ckpt-") as scratch:
+                yield scratch
+            return
+        # Written under a temporary name beside its final one, renamed by `report`: a kill mid-write leaves a
+        # `.tmp` folder that no reader picks, never a folder mixing two steps.
+        tmp = Path(self.checkpoint_root) / "local" / f"{checkpoint_name(step)}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield str(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when reported
+
     def report(self, metrics: dict[str, Any], folder: str | None) -> None:
         self.reports.append(metrics)
         if not (folder and self.checkpoint_root):
             return
-        # Copy under a temporary name, then rename: a kill mid-copy leaves a `.tmp` folder that no
-        # reader picks, never a folder mixing two steps.
-        dest = Path(self.checkpoint_root) / "local" / f"checkpoint_{int(metrics['step']):08d}"
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(folder, tmp)
+        dest = Path(folder).with_name(Path(folder).name.removesuffix(".tmp"))
         if dest.exists():
             shutil.rmtree(dest)
-        tmp.rename(dest)
+        Path(folder).rename(dest)
         ckpt.prune(self.checkpoint_root, self.keep)
+
+
+def checkpoint_name(step: int) -> str:
+    """A checkpoint folder's name (`checkpoint_` first: `checkpoint.candidates` lists those)."""
+    return f"checkpoint_{step:08d}"
 
 
 def free_port() -> int:

@@ -2,10 +2,11 @@
 train_loop_config=spec.to_dict())`.
 
 Inputs a library needs on disk (the tokenizer, a base model, a checkpoint to continue) are local copies
-(`storage.fetch` / `storage.reading`: the folders themselves on a shared disk). When the stage folder is in
-an object store (`LoopSpec.upload_to`), the loop writes its outputs (metrics.jsonl, ranks/, model/) to a
-node-local folder per rank and the rank uploads what it wrote there, so nothing depends on which node rank 0
-ran on. Checkpoints go to the store through Ray Train's `storage_path`.
+(`storage.fetch` / `checkpoint.reading`: the folders themselves on a shared disk; of a checkpoint, only this
+rank's part). When the stage folder is in an object store (`LoopSpec.upload_to`), the loop writes its outputs
+(metrics.jsonl, ranks/, model/) to a node-local folder per rank and the rank uploads what it wrote there, so
+nothing depends on which node rank 0 ran on; checkpoints are written and downloaded beside it
+(`rank<r>-checkpoints/`) and go to the store through Ray Train's `storage_path`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llm import storage
+from llm.train import checkpoint as ckpt
 from llm.train.loop import run_loop
 from llm.train.runtime import RayRuntime
 from llm.train.spec import LoopSpec
@@ -37,11 +39,12 @@ def run_on_node(spec: LoopSpec, rt: RayRuntime) -> None:
                    tokenizer_dir=str(storage.fetch(spec.tokenizer_dir)) if spec.tokenizer_dir else None)
     if spec.upload_to and spec.out_dir:
         spec = replace(spec, out_dir=_rank_folder(spec, rt))
-    with contextlib.ExitStack() as stack:  # every rank reads the checkpoint from its own node
+    with contextlib.ExitStack() as stack:  # every rank reads its part of the checkpoint from its own node
         for name in ("resume_from", "init_checkpoint"):
             uri = getattr(spec, name)
             if uri:
-                local: dict[str, Any] = {name: str(stack.enter_context(storage.reading(uri)))}
+                copy = ckpt.reading(uri, rt.rank, rt.world_size, rt.scratch)
+                local: dict[str, Any] = {name: str(stack.enter_context(copy))}
                 spec = replace(spec, **local)
         run_loop(spec, rt)
     if spec.upload_to and spec.out_dir:
@@ -61,4 +64,6 @@ def _rank_folder(spec: LoopSpec, rt: RayRuntime) -> str:
         (out / "metrics.jsonl").write_bytes(storage.read_bytes(records))
     rt.publish = (str(out), spec.upload_to)
     rt.publish_each = spec.publish_each
+    rt.scratch = out.with_name(f"rank{rt.rank}-checkpoints")  # beside it, never uploaded with it
+    shutil.rmtree(rt.scratch, ignore_errors=True)
     return str(out)

@@ -7,8 +7,10 @@ data manifest so `llm.stage.stage_input` accepts it.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -99,3 +101,41 @@ def train_config(tmp_path: Path, *overrides: str) -> LoadedConfig:
 def data_stage(tmp_path: Path) -> Path:
     """A committed data folder for the default test config under `tmp_path`."""
     return build_data_stage(train_config(tmp_path))
+
+
+def fake_checkpoint(folder: Path, world: int, step: int = 3) -> Path:
+    """A checkpoint folder as `world` ranks of ZeRO-2 bf16 write it (files of the real names, made-up bytes),
+    each rank's part committed: for tests of what is written, read and downloaded, not of what DeepSpeed loads."""
+    from llm.train import checkpoint as ckpt
+
+    ds = folder / ckpt.TAG
+    ds.mkdir(parents=True)
+    (folder / "latest").write_text(ckpt.TAG)
+    (folder / "zero_to_fp32.py").write_text("# DeepSpeed's script\n")
+    (ds / "mp_rank_00_model_states.pt").write_bytes(b"model" * 100)
+    (folder / "loop_state.json").write_text(json.dumps({"step": step, "epoch": 0, "position": step, "tokens": 0,
+                                                        "world_size": world, "micro": 4, "accum": 1}))
+    for r in range(world):
+        (ds / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(bytes([r]) * 1000)
+        (folder / f"rng_rank{r}.pt").write_bytes(bytes([r]) * 10)
+        (folder / f"rng_rank{r}.json").write_text("[3, [0], null]")
+    for r in range(world):
+        ckpt.commit_part(folder, r)
+    return folder
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (relative path) with its sha256: byte-identical trees have equal digests."""
+    from llm.manifest import file_sha256
+
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def ray_runtime(run: Any, scratch: Path) -> Any:
+    """A `RayRuntime` of rank 0 of 1 outside a Ray worker: Ray Train's storage context `run` given, not asked for."""
+    from llm.train.runtime import RayRuntime
+
+    rt = object.__new__(RayRuntime)
+    rt.rank, rt.world_size, rt.scratch, rt.run_storage = 0, 1, scratch, run
+    rt.publish, rt.publish_each = None, False
+    return rt

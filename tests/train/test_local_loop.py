@@ -31,9 +31,24 @@ def progressions(rows: int, seed: int = 0) -> np.ndarray:
     return ((start[:, None] + stride[:, None] * np.arange(SEQ)) % VOCAB).astype(np.int32)
 
 
+WRITTEN: dict[str, list] = {}
+"""What the module's run did beside its outputs: `into`, the folders `checkpoint.save` wrote; `temp`, what the
+system temp folder held after the run."""
+
+
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    import tempfile
+
     tmp = tmp_path_factory.mktemp("local")
+    temp, save, system_temp = tmp / "temp", ckpt.save, tempfile.tempdir
+    temp.mkdir()
+    WRITTEN["into"] = []
+
+    def recorded(engine, folder, state, rank):
+        WRITTEN["into"].append(Path(folder))
+        save(engine, folder, state, rank)
+
     files = write_rows(progressions(256), tmp / "shards", shards=2)
     train = TrainConfig(max_steps=10, micro_batch_size=8, zero_stage=0, precision="fp32", checkpoint_every=4,
                         keep_checkpoints=2, eval_every=100, log_every=5, max_failures=0,
@@ -41,7 +56,12 @@ def local_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     model = ModelConfig(arch="llama", n_layers=2, d_model=64, n_heads=4, context=SEQ)
     spec = LoopSpec(train=train, model=model, vocab_size=VOCAB,
                     seq_len=SEQ, train_files=files, out_dir=str(tmp / "run"), export=False, peak_flops=1e12)
-    run_loop(spec, LocalRuntime(checkpoint_root=str(tmp / "run" / "ckpt"), keep=2, device="cpu"))
+    ckpt.save, tempfile.tempdir = recorded, str(temp)
+    try:
+        run_loop(spec, LocalRuntime(checkpoint_root=str(tmp / "run" / "ckpt"), keep=2, device="cpu"))
+    finally:
+        ckpt.save, tempfile.tempdir = save, system_temp
+    WRITTEN["temp"] = sorted(p.name for p in temp.iterdir())
     return tmp / "run", read_records(tmp / "run" / "metrics.jsonl")
 
 
@@ -61,6 +81,11 @@ def test_local_checkpoints_are_whole_and_pruned(local_run) -> None:
         assert ckpt.verify(root / "local" / name) is None
     state = json.loads((root / "local" / names[-1] / "loop_state.json").read_text())
     assert state["step"] == 10 and state["world_size"] == 1 and state["rank0_next"]["shard"].endswith(".parquet")
+    # Written in place beside the final folder (`<name>.tmp`, renamed when reported), never staged in the temp
+    # folder and copied: nothing `llmray-ckpt-*` was left there.
+    assert WRITTEN["into"] == [root / "local" / f"checkpoint_{s:08d}.tmp" for s in (4, 8, 10)]
+    assert not [n for n in WRITTEN["temp"] if n.startswith("llmray-ckpt-")]
+    assert not list((root / "local").glob("*.tmp"))
 
 
 def test_damaged_checkpoint_is_named_and_set_aside(local_run, tmp_path: Path) -> None:

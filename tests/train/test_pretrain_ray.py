@@ -190,12 +190,21 @@ def test_damaged_checkpoint_is_named_then_the_run_completes_and_continues_on_pur
     assert [r["step"] for r in records(result)] == list(range(1, 9))
     finished = records(result)
 
-    # Raising max_steps alone would rerun from scratch (the old folder kept aside); init_from continues.
-    more = train_config(tmp_path, "pretrain.max_steps=10", "pretrain.checkpoint_every=2",
+    # Raising max_steps alone would rerun from scratch (the old folder kept aside); init_from continues, here
+    # on 1 worker: the 2-worker ZeRO-2 checkpoint is converted to DeepSpeed's universal form inside the new
+    # stage folder, and the source (the finished run's commit) stays byte-identical.
+    from tests.train.conftest import tree_digest
+
+    source = Path(ckpt.choose(folder / "ray").path)
+    before = tree_digest(source)
+    more = train_config(tmp_path, "pretrain.max_steps=10", "pretrain.checkpoint_every=2", "pretrain.sizing.workers=1",
                         f"pretrain.init_from={folder}")
     cont = run(more.llm)
     assert cont.kept_aside and read_manifest(cont.kept_aside) is not None  # the finished run is kept
-    assert [r["resumed_at"] for r in ranks(cont)] == [8, 8]
+    assert tree_digest(Path(cont.kept_aside) / source.relative_to(folder)) == before
+    assert [r["resumed_at"] for r in ranks(cont)] == [8]
     assert [r["step"] for r in records(cont)] == [9, 10]
-    assert records(cont)[0]["tokens"] == finished[-1]["tokens"] + 2 * 4 * 32
+    assert records(cont)[0]["tokens"] == finished[-1]["tokens"] + 1 * 4 * 32
     assert records(cont)[-1]["loss"] < finished[0]["loss"] - 0.2
+    manifest = read_manifest(cont.path)
+    assert manifest is not None and not [f for f in manifest.files if f.startswith("_work/")]
