@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, TypeGuard
+from typing import IO, Any, TextIO, TypeGuard
 
 from llm import storage
 from llm.config import PipelineConfig
@@ -102,11 +102,30 @@ def through_root(name: str) -> None:
             lg.propagate = True
 
 
-def _terminal_handlers() -> list[logging.StreamHandler[Any]]:
-    """Handlers of any logger that write to the terminal (not to a file)."""
+def _terminal_handlers() -> list[tuple[logging.Logger, logging.StreamHandler[Any]]]:
+    """(logger, handler) for the handlers of any logger that write to the terminal (not to a file)."""
     loggers = [logging.getLogger()] + [v for v in logging.root.manager.loggerDict.values()
                                        if isinstance(v, logging.Logger)]
-    return [h for lg in loggers for h in lg.handlers if _to_terminal(h)]
+    return [(lg, h) for lg in loggers for h in lg.handlers if _to_terminal(h)]
+
+
+def _to_log(lg: logging.Logger, h: logging.StreamHandler[Any], f: TextIO) -> Callable[[], Any]:
+    """Point the terminal handler `h` of `lg` at the stage log `f`; returns how to undo it."""
+    try:
+        old = h.setStream(f)
+        return lambda: h.setStream(old)
+    except AttributeError:  # Python's last-resort handler (some libraries add it): its stream is always stderr
+        twin = logging.StreamHandler(f)
+        twin.setLevel(h.level)
+        twin.setFormatter(h.formatter)
+        lg.removeHandler(h)
+        lg.addHandler(twin)
+
+        def undo() -> None:
+            lg.removeHandler(twin)
+            lg.addHandler(h)
+
+        return undo
 
 
 @contextlib.contextmanager
@@ -126,7 +145,7 @@ def stage_console(cfg: PipelineConfig, stage: str, what: str, verbose: bool = Fa
         h.setLevel(logging.INFO)  # Ray Data's logger passes DEBUG records on (its session file keeps those)
         h.setFormatter(_FORMAT)
         root.addHandler(h)
-    aside = [] if verbose else [(h, h.setStream(f)) for h in _terminal_handlers() if h not in handlers]
+    aside = [] if verbose else [_to_log(lg, h, f) for lg, h in _terminal_handlers() if h not in handlers]
     _WORKERS.follow(log, verbose)
     _listen_to_workers()
     logging.captureWarnings(True)
@@ -136,8 +155,8 @@ def stage_console(cfg: PipelineConfig, stage: str, what: str, verbose: bool = Fa
             yield log
     finally:
         logging.captureWarnings(False)
-        for h, stream in aside:
-            h.setStream(stream)
+        for undo in aside:
+            undo()
         for h in handlers:
             root.removeHandler(h)
         f.close()

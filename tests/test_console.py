@@ -25,6 +25,9 @@ def test_prints_reach_the_terminal_and_library_output_the_log(tmp_path: Path, ca
     lib = logging.getLogger("llmray_test.lib")  # a library that logs to stderr with a handler of its own
     lib.addHandler(logging.StreamHandler(sys.stderr))
     lib.propagate = False
+    last = logging.getLogger("llmray_test.last")  # one with Python's last-resort handler (its stream is fixed)
+    last.addHandler(logging.lastResort)  # type: ignore[arg-type]
+    last.propagate = False
     imported = logging.getLogger("llmray_test.imported")  # one handed to the root logger, as Ray's are
     imported.addHandler(logging.StreamHandler(sys.stderr))
     imported.propagate = False
@@ -34,15 +37,19 @@ def test_prints_reach_the_terminal_and_library_output_the_log(tmp_path: Path, ca
             print("the stage's own line")
             lib.warning("library chatter")
             imported.warning("handed-over chatter")
+            last.warning("last-resort chatter")
             warnings.warn("a library warning", UserWarning, stacklevel=1)
         lib.warning("after the stage")
+        assert last.handlers == [logging.lastResort]  # given back
     finally:
         lib.handlers.clear()
+        last.handlers.clear()
     out, err = capfd.readouterr()
     assert out.splitlines() == [f"== data: testing -> {cfg.stage_dir('data')}  (log: {log})", "the stage's own line"]
     assert err == "after the stage\n"  # the library's handler is its own again
     text = log.read_text()
     assert "library chatter" in text and "handed-over chatter" in text and "a library warning" in text
+    assert "last-resort chatter" in text
     assert "the stage's own line" not in text and "after the stage" not in text
 
 
