@@ -14,7 +14,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -90,7 +92,7 @@ def run_loop(spec: LoopSpec, rt: Runtime) -> dict[str, Any]:
         if fit.log is not None:
             fit.log.log(record)
         checkpoint_due(fit, record)
-        _fail_once(spec, fit.state.step)
+        _fail_once(spec, fit.state.step, fit.rt)
     if fit.state.step != fit.last_saved:  # resumed after the last step's checkpoint: nothing left to save
         _report(fit, record or {"step": fit.state.step}, save=True)
     finish(fit)
@@ -217,8 +219,13 @@ def checkpoint_due(fit: Fit, record: dict[str, Any]) -> None:
         fit.last_saved = step if save else fit.last_saved
 
 
-def _fail_once(spec: LoopSpec, step: int) -> None:
-    """`fail_at_step`: raise once (a marker file in `out_dir` remembers it) to simulate an interruption."""
+def _fail_once(spec: LoopSpec, step: int, rt: Runtime) -> None:
+    """`kill_at_step`: the last rank SIGKILLs itself once; `fail_at_step`: raise once (a marker file in
+    `out_dir` remembers either) to simulate an interruption."""
+    if (spec.kill_at_step == step and rt.rank == rt.world_size - 1 and spec.out_dir
+            and not (Path(spec.out_dir) / ".killed_once").exists()):
+        (Path(spec.out_dir) / ".killed_once").touch()
+        os.kill(os.getpid(), signal.SIGKILL)
     if spec.fail_at_step == step and spec.out_dir and not (Path(spec.out_dir) / ".failed_once").exists():
         (Path(spec.out_dir) / ".failed_once").touch()
         raise RuntimeError(f"simulated interruption after step {step} (fail_at_step)")

@@ -69,6 +69,9 @@ class LoopSpec:
     """Default: `llm.train.export.export_model` into `<out_dir>/model`."""
     fail_at_step: int | None = None
     """Testing hook: raise once after this step (and its checkpoint) to simulate an interruption."""
+    kill_at_step: int | None = None
+    """Testing hook: after this step the last rank SIGKILLs itself once (no exception, no cleanup: what the
+    OOM killer or a lost node does to a worker)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings of a stage's hooks (`lora`, the distillation teacher), JSON values."""
     tracking: dict[str, Any] = field(default_factory=dict)

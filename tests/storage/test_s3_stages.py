@@ -57,10 +57,10 @@ SCRIPT = textwrap.dedent("""
     cfg = loaded.llm
     out = {"data": run_data(cfg).skipped, "data_again": run_data(cfg).skipped}
     try:
-        run_pretrain(cfg, fail_at_step=3)  # a checkpoint at step 2 lands in the bucket, then the run dies
+        run_pretrain(cfg, kill_at_step=3)  # a checkpoint at step 2 lands in the bucket, then a worker is SIGKILLed
         out["interrupted"] = False
     except TrainingError as e:
-        out["interrupted"] = "simulated interruption" in str(e)
+        out["interrupted"] = "\\n" not in str(e)
     from llm.manifest import read_manifest
     from llm.train import checkpoint as ckpt
     out["manifest_after_interruption"] = read_manifest(cfg.stage_dir("pretrain")) is not None

@@ -174,15 +174,16 @@ def test_damaged_checkpoint_is_named_then_the_run_completes_and_continues_on_pur
 
     loaded = train_config(tmp_path, "pretrain.max_steps=8", "pretrain.checkpoint_every=2")
     build_data_stage(loaded)
-    with pytest.raises(TrainingError):
-        run(loaded.llm, fail_at_step=5)  # checkpoints at 2 and 4, killed after step 5
+    with pytest.raises(TrainingError) as died:
+        run(loaded.llm, kill_at_step=5)  # checkpoints at 2 and 4, then a worker is SIGKILLed after step 5
     folder = Path(loaded.llm.stage_dir("pretrain"))
+    assert "\n" not in str(died.value) and (folder / ".killed_once").exists()  # the worker did die
     newest = Path(ckpt.candidates(folder / "ray")[0])
     assert ckpt.step_of(newest) == 4
     victim = next((newest / ckpt.TAG).glob("*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[:-64])  # truncated
     capsys.readouterr()
-    result = run(loaded.llm, fail_at_step=5)  # the same command again
+    result = run(loaded.llm, kill_at_step=5)  # the same command again (a worker dies once)
     out = capsys.readouterr().out
     assert f"damaged checkpoint {newest}.damaged: ds/{victim.name}" in out and "resuming from step 2" in out
     assert Path(f"{newest}.damaged").is_dir()
