@@ -262,10 +262,13 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
     Args:
         rows: rows from `evaluate_models` (or read back from `eval.json`).
-        columns: keys to show, in order; defaults to the one-screen set in `COLUMNS` and the task columns.
+        columns: keys to show, in order; defaults to the one-screen set in `COLUMNS` (less those no row has a
+            non-zero value in: they carry no information) and the task columns.
     """
     known = {key: (header, fmt) for key, header, fmt in COLUMNS}
-    keys = list(columns) if columns is not None else [key for key, _, _ in COLUMNS] + task_columns(rows)
+    keys = list(columns) if columns is not None else [
+        key for key, _, _ in COLUMNS if key == "model" or any(row.get(key) not in (None, 0) for row in rows)
+    ] + task_columns(rows)
     specs = [(key, *known.get(key, (key, ".4g"))) for key in keys]
     grid = [[header for _, header, _ in specs]]
     grid += [[_cell(row.get(key), fmt) for key, _, fmt in specs] for row in rows]

@@ -61,6 +61,9 @@ def test_format_table_aligns_columns(rows):
     assert lines[0].split()[:3] == ["model", "params", "disk"]
     assert lines[3].startswith("same ") and " - " in lines[3]  # no directory: disk and load time shown as -
     assert format_table(rows, ["model", "sft_skipped"]).splitlines()[2].split() == ["dir", "0"]
+    # A column no row has a value in carries no information (a CPU peak that read 0.0 for every model).
+    flat = [{**row, "peak_mem_mb": 0.0} for row in rows]
+    assert "peak" in format_table(rows) and "peak" not in format_table(flat)
 
 
 def test_sft_rows_re_rendered_per_tokenizer(model, tok, sft_val):
