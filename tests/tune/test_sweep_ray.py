@@ -169,8 +169,11 @@ def test_every_trial_is_an_mlflow_run_nested_under_the_sweeps(swept, mlflow_serv
         for key in ("loss", "lr", "tokens_per_s", "val_loss"):
             logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
             wrote = sorted((r["step"], r[key]) for r in recs if isinstance(r.get(key), float | int))
-            assert [s for s, _ in logged] == [s for s, _ in wrote] and wrote, (trial_id, key)
-            assert [v for _, v in logged] == pytest.approx([v for _, v in wrote]), (trial_id, key)
+            # A worker killed between writing a step to metrics.jsonl and sending it (the interruption, or
+            # a trial ASHA stops) leaves that one step out of MLflow: every other step is there, in order.
+            assert wrote and len(logged) >= len(wrote) - 1, (trial_id, key)
+            assert [s for s, _ in logged] == [s for s, _ in wrote][:len(logged)], (trial_id, key)
+            assert [v for _, v in logged] == pytest.approx([v for _, v in wrote][:len(logged)]), (trial_id, key)
     assert any(r.data.tags["llmray.stopped_early"] == "true" for r in trials)
 
 
