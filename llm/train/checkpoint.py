@@ -257,6 +257,9 @@ def _convert(folder: Path, target: Path) -> None:
     import os
     import shutil
 
+    from llm.train.ds_config import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.checkpoint import ds_to_universal
 
     tmp = target.with_name(f"{UNIVERSAL}.tmp-{os.getpid()}")
@@ -309,6 +312,9 @@ def load(engine: Any, folder: str | Path, rank: int, source: tuple[str, str] | N
 
 def consolidate_fp32(folder: str | Path) -> dict[str, Any]:
     """Full fp32 weights from a checkpoint folder with DeepSpeed's own `zero_to_fp32` (any ZeRO stage >= 1)."""
+    from llm.train.ds_config import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from typing import Any
 
 from llm.config import LLM_PREFIX, TrainConfig
@@ -175,6 +176,27 @@ def precision_dtype(train: TrainConfig) -> str:
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[train.precision]
 
 
+def import_deepspeed() -> Any:
+    """`import deepspeed`, without the MLflow import its autotuner makes when MLflow is installed.
+
+    `deepspeed/autotuning/autotuner.py` runs `import mlflow` at import time (for autotuning's own logging,
+    which no stage uses): 1.2 s of every Ray Train worker's start here, every run. MLflow is hidden for
+    that one import only when nothing in the process has imported it yet; whatever imports it later (the
+    stage's own tracking) gets the real module.
+    """
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+    try:
+        import deepspeed
+    finally:
+        if hide and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def _import_zero_config() -> Any:
     """DeepSpeed's `DeepSpeedZeroConfig`. Here the driver first imports DeepSpeed, whose import gives its
     logger a stdout handler of its own: the logger is handed to the root logger (`llm.console.through_root`,
@@ -184,6 +206,7 @@ def _import_zero_config() -> Any:
     ds_logger = logging.getLogger("DeepSpeed")
     ds_logger.disabled = True
     try:
+        import_deepspeed()
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     finally:
         ds_logger.disabled = False

@@ -291,8 +291,9 @@ def _peak(spec: LoopSpec, rt: Runtime) -> float | None:
 
 
 def _prepare_deepspeed(device: Any) -> Any:
-    import deepspeed
     import torch
+
+    deepspeed = ds_config.import_deepspeed()
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if device.type == "cpu":

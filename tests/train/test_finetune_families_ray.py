@@ -68,6 +68,13 @@ def test_gemma2_full_zero2_with_system_prompts(ray_session, zoo, tmp_path):
     assert (config.model_type, config.attn_logit_softcapping, config.final_logit_softcapping,
             config.sliding_window) == ("gemma2", 50.0, 30.0, 32)
     assert type(AutoModelForCausalLM.from_pretrained(str(folder / "model"))).__name__ == "Gemma2ForCausalLM"
+    assert m["trainable_params"] == m["params"] and not (folder / "adapter").exists()
+    from safetensors.torch import load_file
+
+    tuned = load_file(str(folder / "model" / "model.safetensors"))
+    base = load_file(str(Path(zoo("gemma2")) / "model.safetensors"))
+    assert tuned.keys() == base.keys() and all(tuned[k].shape == base[k].shape for k in base)
+    assert sum(not (tuned[k] == base[k]).all() for k in base) > len(base) // 2  # fully trained, not an adapter
     rows = json.loads((folder / "eval.json").read_text())
     assert [r["prompts"] for r in rows] == [4, 4]  # held-out prompts with system messages answered by both
     assert rows[1]["sft_loss"] < rows[0]["sft_loss"]
