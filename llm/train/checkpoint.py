@@ -38,6 +38,7 @@ from typing import Any
 from llm import storage
 from llm.errors import TrainingError
 from llm.manifest import file_sha256
+from llm.train.ds_config import import_deepspeed
 from llm.train.state import LoopState
 
 TAG = "ds"
@@ -257,8 +258,6 @@ def _convert(folder: Path, target: Path) -> None:
     import os
     import shutil
 
-    from llm.train.ds_config import import_deepspeed
-
     import_deepspeed()
     from deepspeed.checkpoint import ds_to_universal
 
@@ -312,8 +311,6 @@ def load(engine: Any, folder: str | Path, rank: int, source: tuple[str, str] | N
 
 def consolidate_fp32(folder: str | Path) -> dict[str, Any]:
     """Full fp32 weights from a checkpoint folder with DeepSpeed's own `zero_to_fp32` (any ZeRO stage >= 1)."""
-    from llm.train.ds_config import import_deepspeed
-
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
