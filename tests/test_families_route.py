@@ -31,7 +31,7 @@ zoo = zoo_fixtures.zoo
 ASK = [{"role": "user", "content": "Say river twice."}]
 SETTINGS = (
     "finetune.enabled=true", "finetune.method=lora", "finetune.zero_stage=2", "finetune.max_steps=2",
-    "finetune.micro_batch_size=4", "finetune.max_len=96", "finetune.checkpoint_every=2", "finetune.eval_every=2",
+    "finetune.micro_batch_size=4", "finetune.checkpoint_every=2", "finetune.eval_every=2",
     "finetune.eval_batches=1", "finetune.log_every=1", "finetune.lr.warmup_steps=0", "finetune.lr.peak=3e-3",
     "finetune.max_failures=0", "finetune.sizing={workers: 1, cpus_per_worker: 1}", "finetune.eval.enabled=false",
     "compress.enabled=true", "compress.variants=[int8, pruned]", "compress.prune.mlp_ratio=0.5",
@@ -39,7 +39,7 @@ SETTINGS = (
     "compress.eval.sft_rows=8", "compress.eval.prompts=2", "compress.eval.max_new_tokens=4",
     "compress.eval.speed_tokens=4", "compress.eval.serve_batch=2", "compress.eval.lm_eval.tasks=[]",
     "compress.choose.max_ppl_increase=1000", "compress.choose.max_rouge_drop=1", "compress.choose.min_speed_ratio=0",
-    "compress.sizing.workers=0", "data.seq_len=64", "data.sft.max_len=96", "data.sft.val_fraction=0.1",
+    "compress.sizing.workers=0", "data.seq_len=64", "data.sft.max_len=256", "data.sft.val_fraction=0.1",
     "sweep.enabled=false", "serve.enabled=false",
 )
 
@@ -64,9 +64,9 @@ def _route(zoo: Any, root: Path, family: str) -> dict[str, Any]:
         with pytest.raises(ConfigError) as refused:
             compress(cfg("compress.prune.head_ratio=0.5"))
         refusal = str(refused.value)
-    packed = compress(cfg(f"compress.prune.head_ratio={0 if refuses_heads else 0.5}"))
-    return {"finetune": tuned, "compress": packed, "refusal": refusal, "chosen": chosen_model_dir(cfg()),
-            "cfg": cfg()}
+    final = cfg(f"compress.prune.head_ratio={0 if refuses_heads else 0.5}")
+    packed = compress(final)
+    return {"finetune": tuned, "compress": packed, "refusal": refusal, "chosen": chosen_model_dir(final)}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_family_fine_tunes_compresses_and_serves_its_chat(routes, family: str) -
     rows = {r["model"]: r for r in json.loads((folder / "eval.json").read_text())["rows"]}
     assert list(rows) == ["original", "int8", "pruned"]
     assert rows["pruned"]["params"] < rows["original"]["params"]
-    assert all(r["val_ppl"] and r["tok_s_b1"] for r in rows.values())
+    assert all(r["sft_loss"] and r["tok_s_b1"] for r in rows.values())  # on the rendered chat rows: no packed text
     pruned = AutoConfig.from_pretrained(str(folder / "pruned"))
     assert pruned.model_type == spec.model_type  # a standard config of the same family
     if LAYOUTS[spec.model_type].heads_refused:
