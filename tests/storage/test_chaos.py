@@ -27,7 +27,7 @@ from tests.conftest import ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 STAGES = ("data", "pretrain", "finetune", "compress")
 EVERY = {"pretrain": 2, "finetune": 1}  # the drivers' checkpoint intervals
-KILLS, FAULT_ROUNDS = 10, 10  # per storage kind: 20 kill points and 20 fault rounds in all
+KILLS, FAULT_ROUNDS = 15, 15  # per storage kind: 30 kill points and 30 fault rounds in all
 
 
 class Driver:
