@@ -7,7 +7,8 @@
   it Serve's own floor: the same difference for a trivial FastAPI app on Serve that generates nothing;
 - engine efficiency: the engine's generated tokens/s at 16 concurrent requests (in a fresh process, after
   Ray has stopped) / a bare batched forward decode loop at batch 16 with a KV cache (the model alone: no scheduler,
-  no sampling settings), the median of three runs each;
+  no sampling settings): the median of five side-by-side pairs (each pair's two runs back to back, their order
+  alternating), as this machine's speed drifts by up to 1.7x between runs a minute apart;
 - batching: generated tokens/s at 16 concurrent streams / at 1;
 - time to first token p50 at concurrency 16 / at 1;
 - peak memory of a replica process prefilling 16 full-context prompts: keeping the last position's logits
@@ -99,8 +100,9 @@ def streams(client, concurrency: int, rounds: int) -> tuple[float, float]:
     return sum(t for t, _ in results) / wall, _p50([f for _, f in results])
 
 
-def engine_vs_bare(model_dir: str, batch: int = 16, tokens: int = 64) -> tuple[float, float]:
-    """(engine tokens/s at `batch` concurrent requests, bare batched decode loop tokens/s), in this process."""
+def engine_vs_bare(model_dir: str, batch: int = 16, tokens: int = 64, pairs: int = 5) -> tuple[float, float, float]:
+    """(engine tokens/s at `batch` concurrent requests, bare batched decode loop tokens/s, the median of the
+    pairs' ratios), in this process; medians over `pairs` back-to-back pairs, their order alternating."""
     import torch
     from transformers import DynamicCache
 
@@ -136,18 +138,25 @@ def engine_vs_bare(model_dir: str, batch: int = 16, tokens: int = 64) -> tuple[f
         return sum(done) / (time.perf_counter() - t0)
 
     bare()  # warm-up
-    rates = [(asyncio.run(engine_rate()), bare()) for _ in range(3)]
-    return statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
+    rates = []
+    for i in range(pairs):
+        if i % 2:
+            b = bare()
+            rates.append((asyncio.run(engine_rate()), b))
+        else:
+            rates.append((asyncio.run(engine_rate()), bare()))
+    return (statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates),
+            statistics.median(e / b for e, b in rates))
 
 
-def engine_vs_bare_alone(model_dir: str) -> tuple[float, float]:
+def engine_vs_bare_alone(model_dir: str) -> tuple[float, float, float]:
     """`engine_vs_bare` in a fresh process."""
     import subprocess
 
     code = f"import bench.serve as b; print(*b.engine_vs_bare({model_dir!r}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    engine, bare = out.stdout.strip().splitlines()[-1].split()
-    return float(engine), float(bare)
+    engine, bare, ratio = out.stdout.strip().splitlines()[-1].split()
+    return float(engine), float(bare), float(ratio)
 
 
 _PEAK = """
@@ -269,9 +278,9 @@ def main(argv: list[str]) -> int:
         serve.shutdown()
         ray.shutdown()
     # The engine and the bare loop alone in a fresh process (nothing of Ray's left beside them), on equal terms.
-    engine_rate, bare_rate = engine_vs_bare_alone(model_dir)
+    engine_rate, bare_rate, ratio = engine_vs_bare_alone(model_dir)
     print(f"engine efficiency: {engine_rate:.0f} tokens/s engine at 16 concurrent / {bare_rate:.0f} bare batched "
-          f"decode at batch 16 = {engine_rate / bare_rate:.2f} (goal >= 0.85)")
+          f"decode at batch 16 (medians), median of 5 side-by-side pairs = {ratio:.2f} (goal >= 0.85)")
     last, every = prefill_peak_mb("last"), prefill_peak_mb("every")
     print(f"replica peak memory growth, prefill of 16 x 2,048-token prompts (128k vocabulary): {last:,.0f} MB "
           f"keeping the last position's logits / {every:,.0f} MB keeping every position's = "

@@ -36,8 +36,28 @@ class PaddedBatch:
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._cache: Any = None
         """The `DynamicCache` decode steps extend in place; rebuilt only when rows join or leave."""
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self._mask = torch.zeros(0, 0, dtype=torch.long)
+        self._unpadded_steps = 0
+        """Decode steps since `_mask` was last written while no row had padding (its columns of ones are
+        added when the mask is next read, not at every step)."""
+        self._padded = False
+        """Whether some row has padding (then each step passes the mask and positions to the model)."""
         self.device = next(model.parameters()).device
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """`(rows, length)`: 1 where a row has a real token, 0 on its left padding."""
+        if self._unpadded_steps:
+            import torch
+
+            ones = torch.ones(self._mask.shape[0], self._unpadded_steps, dtype=torch.long)
+            self._mask, self._unpadded_steps = torch.cat([self._mask, ones], dim=1), 0
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: torch.Tensor) -> None:
+        self._mask, self._unpadded_steps = value, 0
+        self._padded = bool(value.numel()) and not bool(value.all())
 
     @property
     def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -53,7 +73,7 @@ class PaddedBatch:
 
     @property
     def rows(self) -> int:
-        return int(self.mask.shape[0])
+        return int(self._mask.shape[0])
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  kv: list[tuple[torch.Tensor, torch.Tensor]] | None, keep: int = 1) -> tuple[torch.Tensor, list[Any]]:
@@ -107,27 +127,31 @@ class PaddedBatch:
                    for (k0, v0), (k1, v1) in zip(self.kv, kv, strict=True)]
         self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
 
-    def decode(self, last_tokens: list[int]) -> torch.Tensor:
-        """Feed each row's newest token; returns next-token logits `(rows, vocab)`."""
+    def decode(self, last_tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        """Feed each row's newest token (a list, or a `(rows,)` tensor the last step's argmax left on the
+        model's device); returns next-token logits `(rows, vocab)`."""
         import torch
 
         with torch.inference_mode():
-            ids = torch.tensor(last_tokens, dtype=torch.long)[:, None]
-            mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
+            if isinstance(last_tokens, torch.Tensor):
+                ids = last_tokens.to(dtype=torch.long)[:, None]
+            else:
+                ids = torch.tensor(last_tokens, dtype=torch.long)[:, None]
             if self._cache is None:
                 from transformers import DynamicCache
 
                 self._cache = DynamicCache(ddp_cache_data=self._kv) if self._kv else DynamicCache()
             padded: dict[str, Any] = {}
-            if not bool(self.mask.all()):  # without padding, the cache length is each row's position: no mask
-                positions = self.mask.sum(1, keepdim=True)  # real tokens so far = this token's position
-                padded = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
+            if self._padded:  # without padding, the cache length is each row's position: no mask, no positions
+                positions = self._mask.sum(1, keepdim=True)  # real tokens so far = this token's position
+                self._mask = torch.cat([self._mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
+                padded = {"attention_mask": self._mask.to(self.device), "position_ids": positions.to(self.device)}
+            else:
+                self._unpadded_steps += 1
             out = self.model(input_ids=ids.to(self.device), past_key_values=self._cache, use_cache=True,
                              logits_to_keep=1, **padded)
             self._cache = out.past_key_values
-            logits = out.logits.float()
-            self.mask = mask
-            return logits[:, -1]
+            return out.logits[:, -1].float()
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order), then drop columns that are padding in every row left."""

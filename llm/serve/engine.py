@@ -96,11 +96,14 @@ class Sequence:
         self.last = -1
         self.done = False
         self.cancelled = False
+        self._row = Row(req.sampling, req.prompt, self.generated, sorted(self.stops) if req.min_tokens > 0 else [])
 
     def row(self) -> Row:
-        """What sampling this sequence's next token needs."""
-        banned = sorted(self.stops) if len(self.generated) < self.req.min_tokens else []
-        return Row(self.req.sampling, self.req.prompt, self.generated, banned)
+        """What sampling this sequence's next token needs: one `Row` for the whole request (it reads
+        `generated` as it grows), rebuilt once, when `min_tokens` is reached and the stop tokens are allowed."""
+        if self._row.banned and len(self.generated) >= self.req.min_tokens:
+            self._row = Row(self.req.sampling, self.req.prompt, self.generated)
+        return self._row
 
     def cancel(self) -> None:
         """Leave the batch at the next step (client gone, stop string found)."""
@@ -259,6 +262,8 @@ class Engine:
     def _decode(self, steps: int = 1) -> list[tuple[Sequence, Step | Exception]]:
         """`steps` decode steps for every row; a row that finishes (or fails) at one keeps its batch row until
         `_deliver` drops it, and the tokens it gets after finishing are discarded."""
+        if all(s.row().sampling.plain and not s.row().banned for s in self._running):
+            return self._decode_greedy(steps)
         tokens: dict[int, list[Choice]] = {id(s): [] for s in self._running}
         failed: dict[int, Exception] = {}
         started, done = time.perf_counter(), 0
@@ -281,6 +286,35 @@ class Engine:
         if done:
             self._step_s = (time.perf_counter() - started) / done
         return [(seq, failed[id(seq)] if id(seq) in failed else Step(tokens[id(seq)])) for seq in self._running]
+
+    def _decode_greedy(self, steps: int) -> list[tuple[Sequence, Step | Exception]]:
+        """`_decode` for a batch whose every row is plain greedy (the batch's argmax is each row's token): the
+        trip's steps run back to back with the tokens left on the model's device, and the rows' records are
+        written once per trip. As in vLLM's multi-step scheduling, a row's end (a stop token) is found after
+        the trip, its later tokens discarded; the trip is cut only to the longest budget left."""
+        import torch
+
+        running = self._running
+        started = time.perf_counter()
+        last = torch.tensor([s.last for s in running], dtype=torch.long, device=self.batch.device)
+        picked = []
+        for _ in range(min(steps, max(s.req.max_tokens - len(s.generated) for s in running))):
+            last = self.batch.decode(last).argmax(-1)
+            picked.append(last)
+        if picked:
+            self._step_s = (time.perf_counter() - started) / len(picked)
+        events: list[tuple[Sequence, Step | Exception]] = []
+        rows = torch.stack(picked, 1).tolist() if picked else [[] for _ in running]
+        for seq, row in zip(running, rows, strict=True):
+            new: list[Choice] = []
+            for token in row:
+                seq.last = token
+                seq.generated.append(token)
+                new.append(Choice(token))
+                if self._finished(seq, new):
+                    break
+            events.append((seq, Step(new)))
+        return events
 
     @staticmethod
     def _finished(seq: Sequence, new: list[Choice]) -> bool:

@@ -10,6 +10,7 @@ the exception in its place and the other rows of the batch carry on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where it is used: the serve stage's import must not load it
@@ -49,16 +50,17 @@ class Sampling:
         """Whether the tokens so far change the next token's distribution (penalties)."""
         return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
 
-    @property
+    @cached_property
     def plain(self) -> bool:
-        """Greedy with nothing to adjust: the batch's one argmax serves it."""
+        """Greedy with nothing to adjust: the batch's one argmax serves it (read every decode step for every
+        row, so computed once: a request's settings do not change while it runs)."""
         return (self.greedy and not self.needs_history and not self.logit_bias and self.top_logprobs is None
                 and not self.track_logprob)
 
-    @property
+    @cached_property
     def simple(self) -> bool:
         """Sampled at a temperature with nothing else to adjust and no seed: drawn with the batch's other
-        such rows in one softmax and one multinomial (`sample`)."""
+        such rows in one softmax and one multinomial (`sample`). Computed once, as `plain`."""
         return (not self.greedy and self.top_k <= 0 and self.top_p >= 1.0 and self.min_p <= 0.0
                 and not self.needs_history and not self.logit_bias and self.top_logprobs is None
                 and not self.track_logprob and self.seed is None)
@@ -205,6 +207,8 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> list[Choice | Exception]:
     the rows sampled at a temperature alone, the rest row by row. A row that fails gets its exception in its
     place; the others are unaffected."""
     plain = [r.sampling.plain and not r.banned for r in rows]
+    if all(plain):  # the common batch (every row greedy, nothing to adjust): one argmax, nothing per row
+        return [Choice(t) for t in logits.argmax(-1).tolist()]
     greedy = logits.argmax(-1).tolist() if any(plain) else []
     drawn = _draw_together(logits, rows, [i for i, r in enumerate(rows) if r.sampling.simple and not r.banned])
     out: list[Choice | Exception] = []

@@ -287,3 +287,38 @@ def test_a_fuller_batch_takes_more_steps_per_trip_within_the_budget(loaded) -> N
 
     alone, together = asyncio.run(main())
     assert len(alone) == 24 and all(t == alone for t in together)
+
+
+def test_plain_greedy_rows_run_a_trip_on_the_device_and_end_as_alone(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose every row is plain greedy runs each trip's steps with the tokens left on the device
+    (`Engine._decode_greedy`): each row still ends where it ends alone, at its own budget inside a trip or
+    at its own stop token, with the same tokens and finish reason. (The tiny random model repeats its first
+    greedy token, so a stop token ends its row at that first token.)"""
+    trips: list[int] = []
+    real = Engine._decode_greedy
+
+    def counted(self: Engine, steps: int):
+        trips.append(steps)
+        return real(self, steps)
+
+    monkeypatch.setattr(Engine, "_decode_greedy", counted)
+    greedy = Sampling(temperature=0)
+
+    async def main() -> tuple[list, list]:
+        engine = Engine(loaded, max_batch_size=8)
+        ids = [engine.tokenizer(p)["input_ids"] for p in PROMPTS * 2]
+        free = [await _run_ids(engine, i, 4, sampling=greedy, ignore_eos=True) for i in ids]
+        budgets = [24, 11, 9, 24, 3, 22, 17, 24]  # most end inside a trip of 3 or 4 steps
+        asks = [{"stop_ids": frozenset({free[7][0][0]})} if k == 7 else {} for k in range(8)]
+        alone = [await _run_ids(engine, i, n, sampling=greedy, ignore_eos=True, **a)
+                 for i, n, a in zip(ids, budgets, asks, strict=True)]
+        trips.clear()
+        together = await asyncio.gather(*[_run_ids(engine, i, n, sampling=greedy, ignore_eos=True, **a)
+                                          for i, n, a in zip(ids, budgets, asks, strict=True)])
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert together == alone
+    assert [len(t) for t, _ in alone[:7]] == [24, 11, 9, 24, 3, 22, 17]
+    assert all(f == "length" for _, f in alone[:7]) and alone[7][1] == "stop"
+    assert trips and max(trips) > 2  # the batch of 8 took several steps per trip on the greedy path
