@@ -33,10 +33,12 @@ COLUMNS = {  # test function -> column (what passing it shows for that family)
     "test_gpt2_heads_refused_in_one_line": "prune",
     "test_end_of_turn_is_read_from_each_family_template": "stops",
     "test_family_chat_renders_its_template_and_ends_at_its_turn_end": "served chat",
+    "test_family_fine_tunes_compresses_and_serves_its_chat": "Ray route",
 }
 FILES = ["tests/models/test_zoo.py", "tests/train/test_model_families.py", "tests/train/test_finetune_families.py",
          "tests/train/test_finetune_families_ray.py", "tests/compress/test_quantize_families.py",
-         "tests/compress/test_prune_families.py", "tests/models/test_stops.py", "tests/serve/test_families.py"]
+         "tests/compress/test_prune_families.py", "tests/models/test_stops.py", "tests/serve/test_families.py",
+         "tests/test_families_route.py"]
 FAMILY_OF = {"test_phi3_lora_zero3": "phi3", "test_gemma2_full_zero2_with_system_prompts": "gemma2",
              "test_gpt2_heads_refused_in_one_line": "gpt2"}
 
@@ -74,7 +76,8 @@ def main(argv: list[str]) -> int:
     for family in sorted(FAMILIES):
         print(family.ljust(10) + "".join(found.get((family, c), "-").ljust(width) for c in columns))
     print("ok: its test passed for that family in this run; -: no test of that stage takes that family "
-          "(Ray ZeRO: the 2-worker DeepSpeed runs; full export: the families whose config differs most)")
+          "(Ray ZeRO: the 2-worker DeepSpeed runs; full export: the families whose config differs most;\n"
+          "Ray route: the finetune (LoRA), compress (int8 + pruned) and serve stages one after another on a real Ray)")
     return code
 
 
