@@ -1,6 +1,7 @@
 """`ray job submit` end to end: a local head started with `ray start --head` (token auth on), the main job
 and a single-stage job submitted with `--working-dir .`, outputs and `ray job logs` checked; the console
-of the main job stays within its line budget with Ray's own chatter in the stage logs."""
+of the main job stays within its line budget with Ray's own chatter in the stage logs. Then the pipeline in
+this process on the session's Ray: the job's committed stages skip; a changed input reruns what depends on it."""
 
 from __future__ import annotations
 
@@ -90,15 +91,21 @@ def _submit(head, *entrypoint: str) -> tuple[str, str]:
     return job.group(0), logs.stdout
 
 
-def test_pipeline_then_single_stage_job(head, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def pipeline_job(head, tmp_path_factory):
+    """The main job (`jobs/pipeline.py`: data then pretrain) submitted once: (run folder, job args, `ray job logs`)."""
     from pydoc_data.topics import topics
 
-    corpus = tmp_path / "topics.jsonl"
+    tmp = tmp_path_factory.mktemp("job")
+    corpus = tmp / "topics.jsonl"
     corpus.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:60]))
-    storage = tmp_path / "runs"
-    args = ["cluster/local.yaml", f"storage={storage}", f"data.sources=[{corpus}]", *TINY]
+    args = ["cluster/local.yaml", f"storage={tmp / 'runs'}", f"data.sources=[{corpus}]", *TINY]
     _, logs = _submit(head, "jobs/pipeline.py", *args)
-    run = storage / "local-tiny"
+    return tmp / "runs" / "local-tiny", args, logs
+
+
+def test_pipeline_then_single_stage_job(head, pipeline_job) -> None:
+    run, args, logs = pipeline_job
     assert (run / "pretrain" / "_MANIFEST.json").exists()
     assert (run / "pretrain" / "model" / "model.safetensors").exists()
     assert (run / "report.html").exists()
@@ -116,3 +123,35 @@ def test_pipeline_then_single_stage_job(head, tmp_path: Path) -> None:
 
     _, again = _submit(head, "jobs/pretrain.py", *args, "pretrain.log_every=2")
     assert "pretrain: skipped" in again
+
+
+@pytest.mark.ray
+def test_the_jobs_stages_skip_in_process_then_rerun_on_a_changed_input(ray_session, pipeline_job) -> None:
+    """The real data stage fed the real pretrain stage in the job; the same config run here (another Ray, another
+    process) skips both; a changed data config reruns data, and pretrain after it because its input changed,
+    keeping the old folder aside; knobs that change no output skip a finished stage."""
+    from llm.loading import load_config
+    from llm.manifest import manifest_hash, read_manifest
+    from llm.stages import run_pipeline, stages_to_run
+    from tests.conftest import LOCAL_YAML
+
+    run, args, _ = pipeline_job
+    overrides = args[1:]
+    cfg = load_config(LOCAL_YAML, overrides).llm
+    assert stages_to_run(cfg) == ["data", "pretrain"]
+    # Pretrain read the data stage's committed output: its manifest names the data manifest as input.
+    manifest = read_manifest(run / "pretrain")
+    assert manifest is not None and manifest.inputs == {"data": manifest_hash(run / "data")}
+    recs = [json.loads(x) for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert recs[-1]["tokens"] == 4 * 2 * 2 * 32
+
+    again = run_pipeline(cfg)
+    assert [r.stage for r in again] == ["data", "pretrain"] and [r.skipped for r in again] == [True, True]
+    changed_keys = ("data.val_fraction=0.2", "pretrain.lr.peak=1e-3")
+    changed = run_pipeline(load_config(LOCAL_YAML, [*overrides, *changed_keys]).llm)
+    assert [r.skipped for r in changed] == [False, False]
+    kept = changed[1].kept_aside
+    assert kept and read_manifest(kept) is not None and (Path(kept) / "model" / "model.safetensors").exists()
+    knobs = load_config(LOCAL_YAML, [*overrides, *changed_keys, "pretrain.log_every=5", "pretrain.eval_every=1"])
+    assert [r.skipped for r in run_pipeline(knobs.llm)] == [True, True]

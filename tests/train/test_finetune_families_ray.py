@@ -1,8 +1,10 @@
 """Two brought bases through the finetune stage on Ray Train + DeepSpeed with 2 CPU workers, the two most unlike
 the project's own Llama and GPT-2 (tested in test_finetune_ray.py): Phi-3 (fused `qkv_proj` / `gate_up_proj`)
 with LoRA under ZeRO-3, and Gemma 2 (soft-capping, sliding windows, a template that refuses system roles)
-fully fine-tuned under ZeRO-2 with the before/after evaluation. The other families' rendering, LoRA targets,
-merge and export are checked in process by test_finetune_families.py."""
+fully fine-tuned under ZeRO-3 (partitioned weights gathered for the export) with the before/after evaluation.
+Full fine-tuning under ZeRO-2 exports as pretraining does (tests/train/test_pretrain_ray.py). The other families'
+rendering, LoRA targets, merge and export are checked in process by test_finetune_families.py, and every
+family's LoRA fine-tune on Ray by tests/test_families_route.py."""
 
 from __future__ import annotations
 
@@ -52,12 +54,13 @@ def test_phi3_lora_zero3(ray_session, zoo, tmp_path):
     check_lora_outputs(folder, zoo("phi3"))  # the fused projections gathered from ZeRO-3, merge parity
     assert end in GenerationConfig.from_pretrained(str(folder / "model")).eos_token_id
     assert losses(result)[-1] < losses(result)[0]
+    assert not (folder / "eval.json").exists()  # finetune.eval.enabled=false
 
 
-def test_gemma2_full_zero2_with_system_prompts(ray_session, zoo, tmp_path):
+def test_gemma2_full_zero3_with_system_prompts(ray_session, zoo, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    result = _finetune(zoo, tmp_path, "gemma2", "finetune.method=full", "finetune.zero_stage=2")
+    result = _finetune(zoo, tmp_path, "gemma2", "finetune.method=full", "finetune.zero_stage=3")
     folder = Path(result.path)
     m = result.metrics
     with_system = sum("messages" in r for r in sft_records())

@@ -124,26 +124,6 @@ def test_interrupted_lora_run_resumes_with_the_same_losses(lora_z2, shared, tmp_
     assert losses(result) == pytest.approx(losses(lora_z2[1]), rel=1e-2)
 
 
-def test_full_finetune_zero3(ray_session, shared, tmp_path):
-    """Full fine-tuning under ZeRO-3 (partitioned weights gathered for export), without the before/after eval.
-    Full fine-tuning under ZeRO-2 with the eval: test_finetune_families_ray.py's Gemma 2 test."""
-    import torch
-    from safetensors.torch import load_file
-
-    loaded, result = finetune(shared, tmp_path, "finetune.method=full", "finetune.zero_stage=3",
-                              "finetune.eval.enabled=false")
-    folder = Path(result.path)
-    assert not (folder / "adapter").exists()
-    assert losses(result)[-1] < losses(result)[0]
-    assert result.metrics["trainable_params"] == result.metrics["params"]
-    tuned = load_file(str(folder / "model" / "model.safetensors"))
-    base = load_file(str(folder.parent / "pretrain" / "model" / "model.safetensors"))
-    assert tuned.keys() == base.keys()
-    assert all(tuned[k].shape == base[k].shape for k in base)  # gathered from ZeRO partitions: full shapes
-    assert sum(not torch.equal(tuned[k], base[k]) for k in base) > len(base) // 2
-    assert not (folder / "eval.json").exists()  # finetune.eval.enabled=false
-
-
 def test_lora_zero3_on_a_foreign_gpt2_base_with_its_own_tokenizer(ray_session, shared, tmp_path):
     from transformers import AutoTokenizer
 
