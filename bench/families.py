@@ -26,7 +26,6 @@ COLUMNS = {  # test function -> column (what passing it shows for that family)
     "test_labels_are_the_answers_closed_by_the_families_end_of_turn": "SFT labels",
     "test_lora_wraps_the_families_projections_and_the_merge_equals_base_plus_adapter": "LoRA+merge",
     "test_full_export_keeps_the_family": "full export",
-    "test_phi3_lora_zero3": "Ray ZeRO",
     "test_gemma2_full_zero3_with_system_prompts": "Ray ZeRO",
     "test_every_linear_layer_is_int8_and_the_variant_generates": "int8",
     "test_silenced_channels_and_groups_pruned_leave_logits_and_generation_unchanged": "prune",
@@ -39,7 +38,7 @@ FILES = ["tests/models/test_zoo.py", "tests/train/test_model_families.py", "test
          "tests/train/test_finetune_families_ray.py", "tests/compress/test_quantize_families.py",
          "tests/compress/test_prune_families.py", "tests/models/test_stops.py", "tests/serve/test_families.py",
          "tests/test_families_route.py"]
-FAMILY_OF = {"test_phi3_lora_zero3": "phi3", "test_gemma2_full_zero3_with_system_prompts": "gemma2",
+FAMILY_OF = {"test_gemma2_full_zero3_with_system_prompts": "gemma2",
              "test_gpt2_heads_refused_in_one_line": "gpt2"}
 
 

@@ -43,6 +43,10 @@ SETTINGS = (
     "sweep.enabled=false", "serve.enabled=false",
 )
 
+WIDER = {"phi3": ("finetune.zero_stage=3", "finetune.sizing={workers: 2, cpus_per_worker: 1}")}
+"""Phi-3's fused projections fine-tuned by 2 DeepSpeed workers under ZeRO-3 (the adapter gathered from the
+partitions, then merged); Gemma 2's 2-worker run is test_finetune_families_ray.py's full fine-tune."""
+
 
 def _route(zoo: Any, root: Path, family: str) -> dict[str, Any]:
     """Finetune then compress one family; what the tests read of it. GPT-2's heads are asked to be pruned
@@ -56,7 +60,7 @@ def _route(zoo: Any, root: Path, family: str) -> dict[str, Any]:
 
     def cfg(*extra: str) -> Any:
         return tiny_config(root, f"finetune.base={zoo(family)}", f"finetune.data=[{chat}]", *SETTINGS,
-                           f"run=route-{family}", *extra).llm
+                           f"run=route-{family}", *WIDER.get(family, ()), *extra).llm
 
     tuned = finetune(cfg())
     refusal = None
@@ -103,7 +107,7 @@ def _label_ends(folder: Path) -> set[int]:
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_fine_tunes_compresses_and_serves_its_chat(routes, family: str) -> None:
+def test_family_fine_tunes_compresses_and_serves_its_chat(routes, zoo, family: str) -> None:
     import openai
     from transformers import AutoConfig, AutoTokenizer
 
@@ -118,6 +122,13 @@ def test_family_fine_tunes_compresses_and_serves_its_chat(routes, family: str) -
     end_id = tok.convert_tokens_to_ids(end)
     assert _label_ends(tuned) == {end_id}
     assert AutoConfig.from_pretrained(str(tuned / "model")).model_type == spec.model_type
+    if family in WIDER:  # 2 workers, ZeRO-3: a non-empty adapter on the fused projections, merge parity
+        from tests.train.test_finetune_ray import check_lora_outputs
+
+        saved = json.loads((tuned / "adapter" / "adapter_config.json").read_text())
+        assert set(saved["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+        assert sorted(p.name for p in (tuned / "ranks").iterdir()) == ["rank0.json", "rank1.json"]
+        check_lora_outputs(tuned, zoo(family))
     # compress: int8 and pruned evaluated against the original on the fine-tuning data (no data stage), one chosen
     folder = Path(route["compress"].path)
     rows = {r["model"]: r for r in json.loads((folder / "eval.json").read_text())["rows"]}

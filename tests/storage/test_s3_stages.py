@@ -1,5 +1,5 @@
 """Every stage with `storage` in an S3 bucket (moto's server, a real HTTP S3 API): data, pretrain (interrupted,
-resumed from the checkpoints in the bucket), a two-trial sweep (Tune's experiment and each trial's folder in the
+resumed from the checkpoints in the bucket), a one-trial sweep (Tune's experiment and each trial's folder in the
 bucket), finetune (LoRA), compress (int8), and the chosen model copied from
 the bucket into the cache and answering a prompt as a Serve replica does; each committed in the bucket and
 skipped on a rerun.
@@ -50,8 +50,8 @@ SCRIPT = textwrap.dedent("""
         "compress.variants=[int8]", "compress.eval.val_rows=8", "compress.eval.prompts=0",
         "compress.eval.speed_tokens=4", "compress.prune.calib_rows=4", "compress.choose.max_ppl_increase=1000",
         "compress.choose.max_rouge_drop=1", "compress.eval.lm_eval.tasks=[]",
-        # two one-worker trials of two steps side by side, no scheduler
-        "sweep.enabled=true", "sweep.num_trials=2", "sweep.max_steps=2", "sweep.eval_every=2",
+        # one one-worker trial of two steps, no scheduler
+        "sweep.enabled=true", "sweep.num_trials=1", "sweep.max_steps=2", "sweep.eval_every=2",
         "sweep.eval_batches=1", "sweep.grace_period=2", "sweep.scheduler=none", "sweep.sizing.workers=1",
         "sweep.sizing.cpus_per_worker=1", "sweep.max_concurrent_trials=2"])
     cfg = loaded.llm
@@ -120,11 +120,11 @@ def test_data_and_pretrain_in_a_bucket(s3_prefix: str, tmp_path: Path) -> None:
     records = [json.loads(x) for x in storage.read_text(f"{pre}/metrics.jsonl").splitlines() if x.strip()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     sweep = f"{s3_prefix}/local-tiny/sweep"
-    assert out["sweep"] is False and out["sweep_again"] is True and out["sweep_metrics"]["trials"] == 2
+    assert out["sweep"] is False and out["sweep_again"] is True and out["sweep_metrics"]["trials"] == 1
     manifest = read_manifest(sweep, verify=True)
     assert manifest is not None and {"trials.csv", "best.json", "curves.png", "tune/tuner.pkl"} <= set(manifest.files)
     trials = sorted({f.split("/")[1] for f in manifest.files if f.startswith("trials/")})
-    assert len(trials) == 2 and json.loads(storage.read_text(f"{sweep}/best.json"))["trial_id"] in trials
+    assert len(trials) == 1 and json.loads(storage.read_text(f"{sweep}/best.json"))["trial_id"] in trials
     for trial in trials:
         assert {f"trials/{trial}/{name}" for name in ("trial.json", "metrics.jsonl", "ranks/rank0.json")} \
             <= set(manifest.files)
