@@ -20,11 +20,10 @@ import pytest
 
 from llm.compress.prune import LAYOUTS
 from llm.errors import ConfigError
-from llm.models.chat import IGNORE
 from tests.conftest import tiny_config
 from tests.models import conftest as zoo_fixtures
 from tests.models.zoo import FAMILIES
-from tests.train.test_finetune_helpers import sft_records, write_jsonl
+from tests.train.test_finetune_helpers import label_ends, sft_records, write_jsonl
 
 pytestmark = [pytest.mark.ray, pytest.mark.multiprocess, pytest.mark.slow]
 zoo = zoo_fixtures.zoo
@@ -94,18 +93,6 @@ def routes(ray_session, zoo, tmp_path_factory: pytest.TempPathFactory):
     serve.shutdown()
 
 
-def _label_ends(folder: Path) -> set[int]:
-    """The last labelled token of every answer in the rendered train shards."""
-    import pyarrow.parquet as pq
-
-    ends = set()
-    for f in (folder / "sft" / "train").glob("*.parquet"):
-        for labels in pq.read_table(f)["labels"].to_pylist():
-            ends.update(lab for i, lab in enumerate(labels)
-                        if lab != IGNORE and (i + 1 == len(labels) or labels[i + 1] == IGNORE))
-    return ends
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_fine_tunes_compresses_and_serves_its_chat(routes, zoo, family: str) -> None:
     import openai
@@ -120,7 +107,7 @@ def test_family_fine_tunes_compresses_and_serves_its_chat(routes, zoo, family: s
     assert not route["finetune"].skipped and m["method"] == "lora" and m["steps"] == 2 and m["data"]["rendered"]
     tok = AutoTokenizer.from_pretrained(str(tuned / "model"))
     end_id = tok.convert_tokens_to_ids(end)
-    assert _label_ends(tuned) == {end_id}
+    assert label_ends(tuned) == {end_id}
     assert AutoConfig.from_pretrained(str(tuned / "model")).model_type == spec.model_type
     if family in WIDER:  # 2 workers, ZeRO-3: a non-empty adapter on the fused projections, merge parity
         from tests.train.test_finetune_ray import check_lora_outputs

@@ -262,7 +262,7 @@ class Engine:
     def _decode(self, steps: int = 1) -> list[tuple[Sequence, Step | Exception]]:
         """`steps` decode steps for every row; a row that finishes (or fails) at one keeps its batch row until
         `_deliver` drops it, and the tokens it gets after finishing are discarded."""
-        if all(s.row().sampling.plain and not s.row().banned for s in self._running):
+        if all(r.sampling.plain and not r.banned for r in (s.row() for s in self._running)):
             return self._decode_greedy(steps)
         tokens: dict[int, list[Choice]] = {id(s): [] for s in self._running}
         failed: dict[int, Exception] = {}

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from llm.models.chat import IGNORE
 from llm.train.finetune import run
 from tests.models import conftest as zoo_fixtures
-from tests.train.test_finetune_helpers import finetune_config, sft_records, write_jsonl
+from tests.train.test_finetune_helpers import finetune_config, label_ends, sft_records, write_jsonl
 
 pytestmark = [pytest.mark.ray, pytest.mark.multiprocess, pytest.mark.slow]
 zoo = zoo_fixtures.zoo
@@ -28,18 +27,6 @@ def _finetune(zoo, tmp: Path, name: str, *overrides: str):
     return run(loaded.llm)
 
 
-def _label_ends(folder: Path) -> set[int]:
-    """The last labelled token of every answer in the rendered train shards."""
-    import pyarrow.parquet as pq
-
-    ends = set()
-    for f in (folder / "sft" / "train").glob("*.parquet"):
-        for labels in pq.read_table(f)["labels"].to_pylist():
-            ends.update(lab for i, lab in enumerate(labels)
-                        if lab != IGNORE and (i + 1 == len(labels) or labels[i + 1] == IGNORE))
-    return ends
-
-
 def test_gemma2_full_zero3_with_system_prompts(ray_session, zoo, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -49,7 +36,7 @@ def test_gemma2_full_zero3_with_system_prompts(ray_session, zoo, tmp_path):
     with_system = sum("messages" in r for r in sft_records())
     assert m["data"]["system_merged"] == with_system and not m["data"]["dropped"]  # kept, not dropped
     tok = AutoTokenizer.from_pretrained(str(folder / "model"))
-    assert _label_ends(folder) == {tok.convert_tokens_to_ids("<end_of_turn>")}
+    assert label_ends(folder) == {tok.convert_tokens_to_ids("<end_of_turn>")}
     config = AutoConfig.from_pretrained(str(folder / "model"))
     assert (config.model_type, config.attn_logit_softcapping, config.final_logit_softcapping,
             config.sliding_window) == ("gemma2", 50.0, 30.0, 32)

@@ -42,6 +42,20 @@ def write_jsonl(path: Path, records: list[Any], bad_lines: tuple[str, ...] = ())
     return path
 
 
+def label_ends(folder: Path) -> set[int]:
+    """The last labelled token of every answer in a finetune folder's rendered train shards (`sft/train/`)."""
+    import pyarrow.parquet as pq
+
+    from llm.models.chat import IGNORE
+
+    ends = set()
+    for f in (folder / "sft" / "train").glob("*.parquet"):
+        for labels in pq.read_table(f)["labels"].to_pylist():
+            ends.update(lab for i, lab in enumerate(labels)
+                        if lab != IGNORE and (i + 1 == len(labels) or labels[i + 1] == IGNORE))
+    return ends
+
+
 def corpus() -> list[str]:
     from pydoc_data.topics import topics
 
