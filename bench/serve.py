@@ -100,7 +100,8 @@ def streams(client, concurrency: int, rounds: int) -> tuple[float, float]:
     return sum(t for t, _ in results) / wall, _p50([f for _, f in results])
 
 
-def engine_vs_bare(model_dir: str, batch: int = 16, tokens: int = 64, pairs: int = 5) -> tuple[float, float, float]:
+def engine_vs_bare(model_dir: str, batch: int = 16, tokens: int = 64, pairs: int = 5,
+                   device: str = "cpu") -> tuple[float, float, float]:
     """(engine tokens/s at `batch` concurrent requests, bare batched decode loop tokens/s, the median of the
     pairs' ratios), in this process; medians over `pairs` back-to-back pairs, their order alternating."""
     import torch
@@ -110,19 +111,21 @@ def engine_vs_bare(model_dir: str, batch: int = 16, tokens: int = 64, pairs: int
     from llm.serve.engine import Engine, GenerateRequest
     from llm.serve.sampling import Sampling
 
-    torch.set_num_threads(1)  # as a replica with one CPU runs, for both sides
-    loaded = load_model(model_dir)
+    if device == "cpu":
+        torch.set_num_threads(1)  # as a replica with one CPU runs, for both sides
+    loaded = load_model(model_dir, device)
     ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
 
     def bare() -> float:
         with torch.inference_mode():
             t0 = time.perf_counter()
-            x = torch.tensor([ids] * batch)
+            x = torch.tensor([ids] * batch, device=device)
             out = loaded.model(input_ids=x, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
             cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
             for _ in range(tokens - 1):
                 out = loaded.model(input_ids=nxt, past_key_values=cache, use_cache=True)
                 cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            nxt.tolist()  # waits for the device, as the engine's reading of each token does
             return batch * tokens / (time.perf_counter() - t0)
 
     async def engine_rate() -> float:
