@@ -1,6 +1,6 @@
 """GPU throughput of the one loop: GPT-2 124M, sequence 1024, bf16, on one GPU (goal: MFU >= 50%).
 
-    python bench/train_gpu.py [--steps 30] [--micro 16] [--zero 2]
+    python bench/train_gpu.py [--steps 30] [--micro 16] [--zero 2] [--compile]
     python bench/train_gpu.py --tiny        # a CPU smoke run of the same path
 
 Runs where Ray is not installed: the same loop body (`llm.train.loop.run_loop`) and the same generated
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile the model")
     ap.add_argument("--tiny", action="store_true", help="2 layers x 64, sequence 64: a smoke run on CPU")
     args = ap.parse_args(argv)
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model, vocab, seq = ModelConfig(arch="gpt2", n_layers=12, d_model=768, n_heads=12, context=1024), 50304, 1024
     steps = max(args.steps, WARMUP + 2)
     train = TrainConfig(max_steps=steps, micro_batch_size=args.micro, grad_accum=args.accum, zero_stage=args.zero,
-                        precision=args.precision, lr=ScheduleConfig(kind="cosine", peak=6e-4, warmup_steps=2),
+                        precision=args.precision, compile=args.compile,
+                        lr=ScheduleConfig(kind="cosine", peak=6e-4, warmup_steps=2),
                         checkpoint_every=10**6, eval_every=10**6, log_every=max(1, steps // 10), max_failures=0)
     rows_needed = (steps * args.accum + 1) * args.micro
     with tempfile.TemporaryDirectory(prefix="llmray-bench-gpu-") as tmp:
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               "mfu": statistics.median(r["mfu"] for r in timed), "first_loss": records[0]["loss"],
               "last_loss": records[-1]["loss"]}
     print(f"device: {device}; {'tiny' if args.tiny else 'GPT-2 124M'}, seq {seq}, micro {args.micro} x accum "
-          f"{args.accum}, ZeRO-{args.zero} {args.precision}, {len(timed)} timed steps")
+          f"{args.accum}, ZeRO-{args.zero} {args.precision}{', compiled' if args.compile else ''}, "
+          f"{len(timed)} timed steps")
     print(f"step {result['step_time_s'] * 1e3:.1f} ms  tokens/s {result['tokens_per_s']:,.0f}  "
           f"MFU {100 * result['mfu']:.1f}%  (goal >= 50%)  "
           f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}")

@@ -117,13 +117,15 @@ def setup(spec: LoopSpec, rt: Runtime) -> Fit:
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     fpt = flops_per_token(model, spec.seq_len)
+    if train.compile:
+        model.compile()  # in place: the state dict keeps its keys, so checkpoints and the export do not change
     torch.manual_seed(train.seed + 1000 * rt.rank)  # dropout differs per rank, reproducibly
     index = ShardIndex.of(spec.train_files)
     with rt.reported_checkpoint() as reported:
         start = _start(reported, spec)
         ds_cfg = deepspeed_config(train, rt.world_size, spec.stage, start)
         micro = ds_cfg["train_micro_batch_size_per_gpu"]
-        optimizer = _optimizer(model, train, lr_at(0, train.max_steps, train.schedule()))
+        optimizer = _optimizer(model, train, lr_at(0, train.max_steps, train.schedule()), rt.device)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         state = _loaded_state(engine, rt, spec, start, bool(ds_cfg.get("checkpoint", {}).get("load_universal")))
     state = _continued(state, rt, spec, start, index, micro)
@@ -306,9 +308,10 @@ def _prepare_deepspeed(device: Any) -> Any:
     return deepspeed
 
 
-def _optimizer(model: Any, train: TrainConfig, lr: float) -> Any:
-    """AdamW without weight decay on biases and norms. torch's AdamW, not DeepSpeed's fused Adam (a JIT op);
-    with optimizer offload, DeepSpeedCPUAdam, which ZeRO-Offload requires."""
+def _optimizer(model: Any, train: TrainConfig, lr: float, device: Any) -> Any:
+    """AdamW without weight decay on biases and norms. torch's AdamW, not DeepSpeed's fused Adam (a JIT op):
+    on GPUs its fused kernel (one launch for every tensor); with optimizer offload, DeepSpeedCPUAdam, which
+    ZeRO-Offload requires."""
     import torch
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -318,7 +321,7 @@ def _optimizer(model: Any, train: TrainConfig, lr: float) -> Any:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=train.betas, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=train.betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=train.betas, fused=device.type == "cuda" or None)
 
 
 def _label_share(step_batches: list[dict[str, Any]], rt: Runtime) -> Any:
