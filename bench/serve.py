@@ -5,6 +5,7 @@
 - added latency: p50 of a 1-token completion through the Serve endpoint minus the same call in-process
   (the same FastAPI app and engine in this process, through httpx's ASGI transport), concurrency 1; beside
   it Serve's own floor: the same difference for a trivial FastAPI app on Serve that generates nothing;
+  for each `serve.ingress`: Serve's Python proxy, then HAProxy (its own Ray, in a fresh process);
 - engine efficiency: the engine's generated tokens/s at 16 concurrent requests (in a fresh process, after
   Ray has stopped) / a bare batched forward decode loop at batch 16 with a KV cache (the model alone: no scheduler,
   no sampling settings): the median of five side-by-side pairs (each pair's two runs back to back, their order
@@ -242,13 +243,14 @@ def serve_floor_ms(port: int, n: int) -> float:
 
 def main(argv: list[str]) -> int:
     import openai
-    from ray import serve
 
     from llm.loading import load_config
+    from llm.raycluster import use_serve_ingress
     from llm.serve.stage import run
 
+    latency_only = "--latency-only" in argv  # one ingress's latency lines, in a process of their own
     overrides = [a for a in argv if "=" in a]
-    config = next((a for a in argv if "=" not in a), None)
+    config = next((a for a in argv if "=" not in a and not a.startswith("--")), None)
     if not any(o.startswith("serve.model=") for o in overrides):
         from tests.serve.conftest import build_tiny_model
 
@@ -256,7 +258,10 @@ def main(argv: list[str]) -> int:
     loaded = load_config(config, [*overrides, "serve.name=tiny", "serve.foreground=false",
                                   "serve.min_replicas=1", "serve.max_replicas=1",
                                   f"storage={tempfile.mkdtemp(prefix='llmray-bench-runs-')}"])
+    ingress = loaded.llm.serve.ingress
+    use_serve_ingress(loaded.llm)  # Serve's settings for this ingress, before Ray and Serve start here
     import ray
+    from ray import serve
 
     # A private Ray: never measure (or shut down Serve on) a cluster someone else runs on this machine.
     ray.init(address="local", num_cpus=loaded.llm.ray.num_cpus, include_dashboard=False, log_to_driver=False)
@@ -267,19 +272,30 @@ def main(argv: list[str]) -> int:
         through = endpoint_p50(client, 60)
         local = in_process_p50(model_dir, 60, loaded.llm.serve)
         added_ms = (through - local) * 1e3
-        print(f"added latency p50 (1-token completion, concurrency 1): endpoint {through * 1e3:.2f} ms - in-process "
-              f"{local * 1e3:.2f} ms = {added_ms:.2f} ms (goal <= 5)")
-        rate1, ttft1 = streams(client, 1, 6)
-        rate16, ttft16 = streams(client, 16, 2)
-        print(f"batching: {rate16:.0f} tokens/s at 16 streams / {rate1:.0f} at 1 = {rate16 / rate1:.2f} (goal >= 4)")
-        print(f"time to first token p50: {ttft16 * 1e3:.1f} ms at 16 / {ttft1 * 1e3:.1f} ms at 1 = "
-              f"{ttft16 / ttft1:.2f} (no goal yet)")
+        print(f"added latency p50 (1-token completion, concurrency 1, serve.ingress: {ingress}): endpoint "
+              f"{through * 1e3:.2f} ms - in-process {local * 1e3:.2f} ms = {added_ms:.2f} ms (goal <= 5)", flush=True)
+        if not latency_only:
+            rate1, ttft1 = streams(client, 1, 6)
+            rate16, ttft16 = streams(client, 16, 2)
+            print(f"batching: {rate16:.0f} tokens/s at 16 streams / {rate1:.0f} at 1 = {rate16 / rate1:.2f} "
+                  "(goal >= 4)")
+            print(f"time to first token p50: {ttft16 * 1e3:.1f} ms at 16 / {ttft1 * 1e3:.1f} ms at 1 = "
+                  f"{ttft16 / ttft1:.2f} (no goal yet)")
         floor = serve_floor_ms(loaded.llm.serve.port, 60)
-        print(f"Serve's own floor here (a trivial FastAPI app on Serve minus in-process): {floor:.2f} ms; "
-              f"llmray over that floor: {added_ms - floor:.2f} ms")
+        print(f"Serve's own floor here (serve.ingress: {ingress}; a trivial FastAPI app on Serve minus in-process): "
+              f"{floor:.2f} ms; llmray over that floor: {added_ms - floor:.2f} ms", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
+    if latency_only:
+        return 0
+    if ingress == "proxy":  # the same lines through HAProxy, in a fresh process (Serve reads it at start)
+        import subprocess
+
+        cmd = [sys.executable, str(Path(__file__).resolve()), *([config] if config else []), *overrides,
+               "serve.ingress=haproxy", "--latency-only"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        print("\n".join(x for x in out.splitlines() if x.startswith(("added latency", "Serve's own floor"))))
     # The engine and the bare loop alone in a fresh process (nothing of Ray's left beside them), on equal terms.
     engine_rate, bare_rate, ratio = engine_vs_bare_alone(model_dir)
     print(f"engine efficiency: {engine_rate:.0f} tokens/s engine at 16 concurrent / {bare_rate:.0f} bare batched "

@@ -72,6 +72,13 @@ class ServeConfig(Section):
     forward outside the request queue)."""
     foreground: bool | None = None
     """Keep `llmray serve` running until Ctrl-C; default: only when the command started Ray itself."""
+    ingress: Literal["proxy", "haproxy"] = "proxy"
+    """How HTTP reaches the replicas. `proxy`: Serve's HTTP proxy actor (Python) routes every request.
+    `haproxy`: Serve's HAProxy ingress with its throughput settings (`RAY_SERVE_ENABLE_HA_PROXY=1`,
+    `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`): HAProxy forwards straight to each replica's own HTTP server, about
+    1 ms over an in-process call here against 5-8 ms through the proxy. It also opens HAProxy's stats page
+    on port 8404 of every interface (`RAY_SERVE_HAPROXY_STATS_PORT` moves it). Serve reads these settings
+    when Ray starts: set where llmray starts Ray; a cluster you attach to must be started with them."""
 
     @model_validator(mode="after")
     def _ongoing_fills_batch(self) -> ServeConfig:

@@ -17,7 +17,7 @@ from typing import Any
 from llm import storage
 from llm.config import PipelineConfig
 from llm.errors import ClusterError
-from llm.raycluster import connect
+from llm.raycluster import HAPROXY_ENV, connect, use_serve_ingress
 from llm.serve.app import APP_NAME, build_application, http_options, model_dirs
 from llm.serve.vllm import check_vllm_config, require_vllm
 from llm.stage import Stage, StageResult, execute
@@ -53,6 +53,7 @@ def deploy(cfg: PipelineConfig) -> dict[str, Any]:
 
     resources = ray.cluster_resources()
     app = build_application(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+    check_ingress(cfg)
     serve.start(http_options=http_options(cfg.serve))
     check_bound(cfg)
     t0 = time.perf_counter()
@@ -82,6 +83,25 @@ def check_bound(cfg: PipelineConfig) -> None:
                            "or `serve shutdown -y` first")
 
 
+def check_ingress(cfg: PipelineConfig) -> None:
+    """`serve.ingress: haproxy` on a Ray whose processes were started without its settings would silently
+    serve through the proxy: refuse, saying how to start the cluster."""
+    import ray
+
+    if cfg.serve.ingress != "haproxy":
+        return
+
+    @ray.remote(num_cpus=0)
+    def ha_proxy_on() -> bool:  # a worker has the raylet's environment, as Serve's controller and replicas do
+        return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+
+    if not ray.get(ha_proxy_on.remote()):
+        env = " ".join(f"{k}={v}" for k, v in HAPROXY_ENV.items() if "DRAINING" not in k)
+        raise ClusterError("metadata.llm.serve.ingress is haproxy, but this Ray was started without it (Serve reads "
+                           f"it when Ray starts): start the cluster with {env} in the environment of `ray start` "
+                           "on every node, or set serve.ingress: proxy")
+
+
 def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
     """Serve the chosen model (or `serve.model`) behind the OpenAI-compatible API.
 
@@ -95,7 +115,11 @@ def run(cfg: PipelineConfig, force: bool = False) -> StageResult:
         require_vllm()
     print(f"serve: {', '.join(f'{k} <- {v}' for k, v in models.items())}", flush=True)
     attach = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    import ray.serve  # noqa: F401  Serve sets its driver logger up when imported: before connect() takes it over
+    import ray
+
+    if not attach and not ray.is_initialized():
+        use_serve_ingress(cfg)  # before Serve is imported here: this process reads the same settings
+    import ray.serve  # Serve sets its driver logger up when imported: before connect() takes it over
 
     connect(cfg, join_running=False, log_to_driver=False)  # per-request logs stay in Serve's replica logs
     started_here = _started_ray_here()

@@ -216,3 +216,58 @@ def test_open_host_without_a_key_is_refused(tmp_path: Path, tiny_model_dir: Path
         tiny_config(tmp_path, *serve_overrides(tiny_model_dir, 8000), "serve.host=0.0.0.0")
     assert tiny_config(tmp_path, *serve_overrides(tiny_model_dir, 8000), "serve.host=0.0.0.0",
                        "serve.allow_open=true").llm.serve.allow_open
+
+
+@pytest.mark.ray
+def test_haproxy_ingress_answers_through_haproxy_and_stops_on_ctrl_c(ray_session, tmp_path: Path,
+                                                                     tiny_model_dir: Path) -> None:
+    """`serve.ingress: haproxy`: `llmray serve` starts its own Ray with Serve's HAProxy ingress; HAProxy, not
+    Serve's Python proxy, holds the port; chat and streaming answer through it; Ctrl-C ends it within seconds
+    (no 30 s drain); the same setting on a Ray started without it (this session's) is refused, naming the key."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from llm.errors import ClusterError
+    from llm.serve.stage import check_ingress
+    from tests.conftest import LOCAL_YAML
+    from tests.serve.conftest import free_port
+
+    port = free_port()
+    overrides = [f"storage={tmp_path / 'runs'}", f"serve.model={tiny_model_dir}", "serve.name=tiny",
+                 f"serve.port={port}", "serve.min_replicas=1", "serve.max_replicas=1", "serve.ingress=haproxy"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "llm", "serve", str(LOCAL_YAML), *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert chat.usage is not None and chat.usage.completion_tokens >= 1
+        chunks = list(client.completions.create(model="tiny", prompt="x", max_tokens=6, stream=True,
+                                                extra_body={"ignore_eos": True}))
+        assert sum(1 for c in chunks if c.choices and c.choices[0].text) >= 1
+        holders = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+        assert holders == {"haproxy"}, holders
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, "".join(lines)
+        assert time.monotonic() - t0 < 25
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    cfg = tiny_config(tmp_path, *serve_overrides(tiny_model_dir, port, "serve.ingress=haproxy")).llm
+    with pytest.raises(ClusterError, match="serve.ingress is haproxy.*RAY_SERVE_ENABLE_HA_PROXY=1"):
+        check_ingress(cfg)
