@@ -130,3 +130,28 @@ def test_torn_metrics_line_is_dropped(tmp_path: Path) -> None:
     path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(Exception, match=r"metrics\.jsonl:2: not a JSON line"):
         read_records(path)
+
+
+def test_compiled_model_trains_the_same_and_checkpoints_the_same_keys(local_run, tmp_path: Path) -> None:
+    """`train.compile`: the same run with the model compiled in place gives the same losses, and its checkpoint
+    holds the same weight names as the uncompiled run's (no `_orig_mod.` prefix a plain `torch.compile`
+    wrapper would add), so resume, export and `zero_to_fp32` read it as before."""
+    run, records = local_run
+    files = write_rows(progressions(256), tmp_path / "shards", shards=2)
+    train = TrainConfig(max_steps=10, micro_batch_size=8, zero_stage=0, precision="fp32", checkpoint_every=10,
+                        keep_checkpoints=2, eval_every=100, log_every=5, max_failures=0, compile=True,
+                        lr=ScheduleConfig(kind="cosine", peak=3e-3, warmup_steps=2))
+    model = ModelConfig(arch="llama", n_layers=2, d_model=64, n_heads=4, context=SEQ)
+    spec = LoopSpec(train=train, model=model, vocab_size=VOCAB, seq_len=SEQ, train_files=files,
+                    out_dir=str(tmp_path / "run"), export=False, peak_flops=1e12)
+    run_loop(spec, LocalRuntime(checkpoint_root=str(tmp_path / "run" / "ckpt"), keep=2, device="cpu"))
+    compiled = read_records(tmp_path / "run" / "metrics.jsonl")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in records], abs=2e-3)
+    import torch
+
+    def weight_names(root: Path) -> set[str]:
+        states = root / "ckpt" / "local" / "checkpoint_00000010" / ckpt.TAG / "mp_rank_00_model_states.pt"
+        return set(torch.load(states, map_location="cpu", weights_only=False)["module"])
+
+    assert weight_names(tmp_path / "run") == weight_names(run)
+    assert not [k for k in weight_names(tmp_path / "run") if "_orig_mod" in k]
