@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PROMPT = "The for statement is used to iterate over the elements of a sequence"
+from bench.serve import PROMPT, engine_vs_bare  # noqa: E402  (the checkout's root is on the path first)
 
 
 def build(folder: Path, layers: int, width: int) -> Path:
@@ -135,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-
-    from bench.serve import engine_vs_bare
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here: this bench runs on a GPU machine (--device cpu for a smoke run)")

@@ -74,18 +74,19 @@ def connect(cfg: PipelineConfig, join_running: bool = True, **init_kwargs: Any) 
     _init(address="local", num_cpus=cfg.ray.num_cpus, **kwargs)
 
 
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-               # One machine's HAProxy learns of a leaving replica at once: no 30 s drain before Ctrl-C ends.
-               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2", "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "2"}
-"""What `serve.ingress: haproxy` sets in the environment of a Ray that llmray starts (Serve reads it in
-every process at import: its controller, HAProxy manager and replicas inherit it from the raylet)."""
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+"""What `serve.ingress: haproxy` needs in the environment of every Ray process (Serve reads it at import:
+its controller, HAProxy manager and replicas inherit it from the raylet); a cluster's `ray start` sets it."""
+_LOCAL_DRAIN_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2", "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "2"}
+"""Beside it where llmray starts Ray: one machine's HAProxy learns of a leaving replica at once, so no 30 s
+drain before Ctrl-C ends."""
 
 
 def use_serve_ingress(cfg: PipelineConfig) -> None:
     """Set `serve.ingress`'s Serve settings in this process's environment, before Ray (and Serve) start
     here; what the user's environment already sets wins."""
     if cfg.serve.ingress == "haproxy":
-        for key, value in HAPROXY_ENV.items():
+        for key, value in {**HAPROXY_ENV, **_LOCAL_DRAIN_ENV}.items():
             os.environ.setdefault(key, value)
 
 

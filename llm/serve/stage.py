@@ -96,7 +96,7 @@ def check_ingress(cfg: PipelineConfig) -> None:
         return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
 
     if not ray.get(ha_proxy_on.remote()):
-        env = " ".join(f"{k}={v}" for k, v in HAPROXY_ENV.items() if "DRAINING" not in k)
+        env = " ".join(f"{k}={v}" for k, v in HAPROXY_ENV.items())
         raise ClusterError("metadata.llm.serve.ingress is haproxy, but this Ray was started without it (Serve reads "
                            f"it when Ray starts): start the cluster with {env} in the environment of `ray start` "
                            "on every node, or set serve.ingress: proxy")

@@ -151,7 +151,7 @@ def test_compiled_model_trains_the_same_and_checkpoints_the_same_keys(local_run,
 
     def weight_names(root: Path) -> set[str]:
         states = root / "ckpt" / "local" / "checkpoint_00000010" / ckpt.TAG / "mp_rank_00_model_states.pt"
-        return set(torch.load(states, map_location="cpu", weights_only=False)["module"])
+        return set(torch.load(states, map_location="cpu", weights_only=True)["module"])
 
     assert weight_names(tmp_path / "run") == weight_names(run)
     assert not [k for k in weight_names(tmp_path / "run") if "_orig_mod" in k]
